@@ -1,0 +1,123 @@
+"""Process groups for sequence parallelism: rings of ``sp_size`` consecutive ranks, data parallelism across them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from .sharding import check_layout
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Owns the groups of one rank. The model code never sees it; functions take it as an argument.
+
+    ``group`` is this rank's ring (``sp_size`` consecutive global ranks), ``dp_group`` the ranks that hold the same
+    shard index in the other rings (they see different samples). ``layout`` is how sequences are cut over the ring.
+    """
+
+    group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    sp_size: int
+    sp_rank: int
+    dp_size: int
+    dp_rank: int
+    layout: str = "contiguous"
+
+    @property
+    def world_size(self) -> int:
+        return self.sp_size * self.dp_size
+
+    # DeepSpeed's ``mpu`` protocol (deepspeed/runtime/sequence_parallel/parallel_state_sp.py): ZeRO partitions and
+    # reduces over the sequence-data-parallel group, i.e. every rank of every ring.
+    def get_sequence_parallel_group(self):
+        return self.group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sp_size
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.sp_rank
+
+    def get_sequence_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    # No tensor parallelism: model parallel is the sequence ring, as in DeepSpeed's own parallel_state_sp.
+    get_model_parallel_group = get_sequence_parallel_group
+    get_model_parallel_world_size = get_sequence_parallel_world_size
+    get_model_parallel_rank = get_sequence_parallel_rank
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group from the launcher's environment (torchrun, deepspeed, accelerate).
+
+    Does nothing when it is already initialised. ``backend`` defaults to NCCL with CUDA, else gloo.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError(
+            "torch.distributed is not initialised and RANK/WORLD_SIZE are not set: start the script with torchrun, "
+            "deepspeed or accelerate launch, or call torch.distributed.init_process_group first"
+        )
+    import torch
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+
+
+def init_sequence_parallel(
+    sp_size: int | None = None, *, layout: str = "contiguous", backend: str | None = None
+) -> SequenceParallel:
+    """Split the world into rings of ``sp_size`` consecutive ranks and data-parallel groups across them.
+
+    ``sp_size=None`` puts every rank in one ring. Initialises torch.distributed from the environment if needed.
+    Every rank must call this with the same arguments (group creation is collective).
+    """
+    check_layout(layout)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            if sp_size not in (None, 1):
+                raise ValueError(f"sp_size={sp_size} needs a distributed launch; this is a single process")
+            return SequenceParallel(None, None, 1, 0, 1, 0, layout)
+        init_distributed(backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sp_size = world if sp_size is None else sp_size
+    if not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sp_size must be a positive int, got {sp_size!r}")
+    if sp_size > world or world % sp_size:
+        raise ValueError(
+            f"sp_size={sp_size} must divide the world size {world}: choose a divisor of {world} "
+            f"or launch a multiple of {sp_size} processes"
+        )
+    dp_size = world // sp_size
+    sp_group = dp_group = None
+    for i in range(dp_size):  # every rank creates every group, in the same order
+        g = dist.new_group(list(range(i * sp_size, (i + 1) * sp_size)))
+        if rank // sp_size == i:
+            sp_group = g
+    for j in range(sp_size):
+        g = dist.new_group(list(range(j, world, sp_size)))
+        if rank % sp_size == j:
+            dp_group = g
+    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout)
