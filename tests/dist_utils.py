@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from datetime import timedelta
@@ -27,7 +28,8 @@ def _worker(rank, world_size, port, fn, args, queue, timeout_s):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # plain pickle copies tensors by value: torch's shared-memory handles die with this process
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -54,7 +56,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, pg_tim
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout_s)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:

@@ -1,0 +1,143 @@
+"""Block kernels: dense attention on one (query rows x key rows) sub-block, returning out and the log-sum-exp.
+
+Forward returns ``out`` (B, H, M, D) in the input dtype and ``lse`` (B, H, M) in fp32, so blocks can be merged with
+online softmax. Backward takes the FINAL out and lse of the rows (after all blocks were merged): then each block's
+dq/dk/dv are exact partial sums and blocks add up. A row with no allowed key in a block gets lse = -inf and out = 0.
+
+Masks are built from global positions (segment, causal, window) and the key-padding mask, tile by tile over query
+rows, so no (M x N) mask is materialised for large blocks. Blocks with no row/column constraint pass no mask or a
+broadcast (B, 1, 1, N) padding mask; the causal diagonal block uses the kernel's own causal flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Elements of the float mask built per query tile (B x Mt x N); bounds the kernel's extra memory.
+MASK_TILE_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """Which (query, key) pairs of a block may interact. Positions are global, shape (M,) and (N,)."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    seg: int | None = None  # compare q_pos // seg == k_pos // seg
+    causal: bool = False  # k_pos <= q_pos
+    window: int | None = None  # q_pos - k_pos < window
+    causal_diag: bool = False  # q_pos == k_pos and sorted: the kernel's top-left causal flag is exact
+    key_padding: torch.Tensor | None = None  # (B, N) bool, True = real token
+
+    @property
+    def has_rowcol(self) -> bool:
+        return self.seg is not None or self.window is not None or (self.causal and not self.causal_diag)
+
+    def allowed(self, rows: slice) -> torch.Tensor:
+        """(B or 1, 1, Mt, N) bool for query rows ``rows``."""
+        qp, kp = self.q_pos[rows, None], self.k_pos[None, :]
+        ok = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool, device=qp.device)
+        if self.seg is not None:
+            ok &= (qp // self.seg) == (kp // self.seg)
+        if self.causal:
+            ok &= kp <= qp
+        if self.window is not None:
+            ok &= (qp - kp) < self.window
+        ok = ok[None, None]
+        if self.key_padding is not None:
+            ok = ok & self.key_padding[:, None, None, :]
+        return ok
+
+    def tile_rows(self, batch: int) -> int:
+        n = self.k_pos.shape[0] * (batch if self.key_padding is not None else 1)
+        return max(16, MASK_TILE_ELEMENTS // max(n, 1))
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _simple_mask(mask: BlockMask, dtype: torch.dtype, num_rows: int):
+    """For blocks without row/column constraints: (additive mask or None, is_causal, row_has_key or None)."""
+    kp = mask.key_padding
+    if kp is None:
+        return None, mask.causal_diag, None
+    add = _additive(kp[:, None, None, :], dtype)
+    if mask.causal_diag:  # row i sees keys 0..i: it has one iff a real key is among them
+        row_any = (kp.cumsum(-1) > 0)[:, None, :]
+    else:
+        row_any = kp.any(-1)[:, None, None].expand(-1, 1, num_rows)
+    return add, mask.causal_diag, row_any
+
+
+def _fix_empty_rows(out, lse, row_any):
+    if row_any is None:
+        return out, lse
+    lse = lse.masked_fill(~row_any, float("-inf"))
+    return out.masked_fill(~row_any[..., None], 0.0), lse
+
+
+def _fwd(q, k, v, attn_mask, is_causal, scale):
+    if q.device.type != "cpu":
+        raise NotImplementedError(
+            f"ds_ring has no block kernel for device {q.device.type!r} yet: run on CPU tensors"
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+
+
+def _bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+
+
+def block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, M, D), k/v (B, Hkv, N, D) with Hq % Hkv == 0 -> out (B, Hq, M, D), lse (B, Hq, M) fp32."""
+    M = q.shape[2]
+    if not mask.has_rowcol:
+        add, is_causal, row_any = _simple_mask(mask, q.dtype, M)
+        out, lse = _fwd(q, k, v, add, is_causal, scale)
+        return _fix_empty_rows(out, lse, row_any)
+    outs, lses = [], []
+    t = mask.tile_rows(q.shape[0])
+    for i in range(0, M, t):
+        rows = slice(i, min(i + t, M))
+        allowed = mask.allowed(rows)
+        out, lse = _fwd(q[:, :, rows], k, v, _additive(allowed, q.dtype), False, scale)
+        out, lse = _fix_empty_rows(out, lse, allowed.any(-1))
+        outs.append(out)
+        lses.append(lse)
+    return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
+
+
+def block_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    mask: BlockMask, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial gradients of one block given the rows' final ``out`` and ``lse`` (fp32; +inf for rows with no key).
+
+    Returns dq (B, Hq, M, D) and dk/dv (B, Hkv, N, D), in the input dtype (dk/dv in fp32 when tiled).
+    """
+    M = q.shape[2]
+    if not mask.has_rowcol:
+        add, is_causal, _ = _simple_mask(mask, q.dtype, M)
+        return _bwd(dout, q, k, v, out, lse, add, is_causal, scale)
+    t = mask.tile_rows(q.shape[0])
+    dqs, dk, dv = [], None, None
+    for i in range(0, M, t):
+        rows = slice(i, min(i + t, M))
+        add = _additive(mask.allowed(rows), q.dtype)
+        dq_t, dk_t, dv_t = _bwd(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], add, False,
+                                scale)
+        dqs.append(dq_t)
+        dk = dk_t.float() if dk is None else dk.add_(dk_t)
+        dv = dv_t.float() if dv is None else dv.add_(dv_t)
+    if len(dqs) == 1:
+        return dqs[0], dk_t, dv_t
+    return torch.cat(dqs, 2), dk, dv

@@ -1,0 +1,218 @@
+"""The attention pattern: LongNet segments and dilation, causal, sliding window, and which blocks of work it implies.
+
+Semantics. For pair j = (w_j, r_j) and query head h the offset is o = h % r_j; global position t is selected iff
+(t % w_j) % r_j == o. Query i and key t interact under pair j iff i // w_j == t // w_j and both are selected; with
+``causal`` only t <= i; with ``window`` only i - t < window; a padded key never interacts. Pairs are mixed by their
+softmax denominators, i.e. dense attention with bias log m(i, t), m = number of pairs under which i and t interact.
+
+Work is split into *pieces*: (K/V chunk of one source rank) x (pair j) x (offset class o). A piece gathers its selected
+query rows and key rows into dense sub-blocks, so a rate r costs 1/r^2 of the dense FLOPs. Everything here is integer
+math on shapes and the pattern alone, so every rank derives the same communication schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .sharding import shard_ranges
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A validated attention pattern. ``segment_lengths`` entries of ``None`` mean the whole sequence."""
+
+    segment_lengths: tuple[int | None, ...] = (None,)
+    dilation_rates: tuple[int, ...] = (1,)
+    causal: bool = False
+    window: int | None = None
+
+    @classmethod
+    def make(
+        cls,
+        segment_lengths: Sequence[int | None] | int | None = None,
+        dilation_rates: Sequence[int] | int | None = None,
+        causal: bool = False,
+        window: int | None = None,
+    ) -> "Pattern":
+        """Validate user arguments; raise ValueError naming the argument and the fix."""
+        if isinstance(segment_lengths, int) or segment_lengths is None:
+            segment_lengths = [segment_lengths]
+        if dilation_rates is None:
+            dilation_rates = [1] * len(segment_lengths)
+        elif isinstance(dilation_rates, int):
+            dilation_rates = [dilation_rates]
+        segs, rates = list(segment_lengths), list(dilation_rates)
+        if len(segs) != len(rates):
+            raise ValueError(
+                f"segment_lengths ({len(segs)} entries) and dilation_rates ({len(rates)} entries) must have the same "
+                "length: give one dilation rate per segment length"
+            )
+        if not segs:
+            raise ValueError("segment_lengths is empty: pass None for full attention or at least one length")
+        for w in segs:
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+                raise ValueError(f"segment_lengths must hold positive ints or None, got {w!r}")
+        for r in rates:
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise ValueError(f"dilation_rates must hold positive ints, got {r!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        return cls(tuple(segs), tuple(rates), bool(causal), window)
+
+    @property
+    def is_dense(self) -> bool:
+        return all(w is None for w in self.segment_lengths) and all(r == 1 for r in self.dilation_rates) and (
+            len(self.segment_lengths) == 1
+        )
+
+    def pairs(self, seq_len: int) -> list[tuple[int, int]]:
+        """(w, r) per pair with ``None`` resolved to the sequence length."""
+        return [(seq_len if w is None else w, r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
+
+    def key(self) -> tuple:
+        return (self.segment_lengths, self.dilation_rates, self.causal, self.window)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One dense sub-block of work between the local queries and one source rank's keys.
+
+    ``heads``: the query heads of the offset class, as a slice (start, step) over Hq. ``q_idx``/``k_idx``: local row
+    indices into the query shard / the source's key shard, or ``None`` for all rows. ``q_pos``/``k_pos``: their global
+    positions. ``seg``: the segment length to compare (``None`` when every row pair shares a segment).
+    ``causal_diag``: the piece is exactly the causal diagonal (same rows, sorted): the kernel may use its causal flag.
+    """
+
+    head_start: int
+    head_step: int
+    q_idx: torch.Tensor | None
+    k_idx: torch.Tensor | None
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    seg: int | None
+    causal: bool
+    window: int | None
+    causal_diag: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one rank needs for one (pattern, shape, group, layout): which peers at which step, and the pieces.
+
+    ``steps[s]`` for s = 0..P-1: (recv_from, send_to, pieces). Step 0 is the local chunk. At step s >= 1 rank p
+    sends its own K/V to p + s (if that rank needs it) and receives from p - s (if it needs that chunk). The same
+    predicate is evaluated on both ends, so sends and receives always match.
+    """
+
+    world_size: int
+    rank: int
+    steps: tuple[tuple[int | None, int | None, tuple[Piece, ...]], ...]
+
+    @property
+    def comm_steps(self) -> list[int]:
+        return [s for s, (rf, st, _) in enumerate(self.steps) if s > 0 and (rf is not None or st is not None)]
+
+
+def _selected(pos: torch.Tensor, w: int, r: int, o: int) -> torch.Tensor:
+    return (pos % w) % r == o
+
+
+def _rows_with_partner(
+    pos: torch.Tensor, other: list[tuple[int, int]], w: int, r: int, o: int, causal: bool, window: int | None,
+    is_query: bool,
+) -> torch.Tensor:
+    """Mask of ``pos`` rows that have at least one selected partner among the ``other`` ranges (exact).
+
+    For a query row i the partners are keys t in the same segment, t <= i if causal, i - t < window; for a key row
+    it is the mirror image. Works on ranges, so it costs O(len(pos)) per range.
+    """
+    seg_start = (pos // w) * w
+    seg_end = seg_start + w
+    found = torch.zeros_like(pos, dtype=torch.bool)
+    for a, b in other:
+        lo = torch.clamp(seg_start, min=a)
+        hi = torch.clamp(seg_end, max=b)
+        if is_query:
+            if causal:
+                hi = torch.minimum(hi, pos + 1)
+            if window is not None:
+                lo = torch.maximum(lo, pos - window + 1)
+        else:
+            if causal:
+                lo = torch.maximum(lo, pos)
+            if window is not None:
+                hi = torch.minimum(hi, pos + window)
+        # first position x >= lo in the segment with (x - seg_start) % r == o
+        first = lo + (o - (lo - seg_start)) % r
+        found |= first < hi
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_cached(
+    pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str
+) -> Plan:
+    pattern = Pattern(*pattern_key)
+
+    def _dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    seq_len = local_len * world
+    ranges = [shard_ranges(local_len, world, p, layout) for p in range(world)]
+    pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in ranges]
+    pairs = pattern.pairs(seq_len)
+
+    def pieces(dst: int, src: int) -> tuple[Piece, ...]:
+        out = []
+        for w, r in pairs:
+            for o in range(min(r, num_heads)):
+                qsel = _selected(pos[dst], w, r, o) & _rows_with_partner(
+                    pos[dst], ranges[src], w, r, o, pattern.causal, pattern.window, True
+                )
+                if not bool(qsel.any()):
+                    continue
+                ksel = _selected(pos[src], w, r, o) & _rows_with_partner(
+                    pos[src], ranges[dst], w, r, o, pattern.causal, pattern.window, False
+                )
+                full_q, full_k = bool(qsel.all()), bool(ksel.all())
+                q_idx = None if full_q else qsel.nonzero().squeeze(1)
+                k_idx = None if full_k else ksel.nonzero().squeeze(1)
+                q_pos = pos[dst] if full_q else pos[dst][q_idx]
+                k_pos = pos[src] if full_k else pos[src][k_idx]
+                one_segment = bool((q_pos // w).min() == (k_pos // w).max()) and bool(
+                    (q_pos // w).max() == (k_pos // w).min()
+                )
+                # Drop constraints that cannot bite on this block, so the kernel can skip the mask.
+                causal = pattern.causal and bool(k_pos.max() > q_pos.min())
+                window = pattern.window
+                if window is not None and bool(q_pos.max() - k_pos.min() < window):
+                    window = None
+                seg = None if one_segment else w
+                causal_diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
+                out.append(
+                    Piece(o, r, _dev(q_idx), _dev(k_idx), _dev(q_pos), _dev(k_pos), seg, causal, window, causal_diag)
+                )
+        return tuple(out)
+
+    steps = []
+    for s in range(world):
+        src, dst = (rank - s) % world, (rank + s) % world
+        mine = pieces(rank, src)
+        if s == 0:
+            steps.append((None, None, mine))
+            continue
+        send_to = dst if pieces(dst, rank) else None
+        steps.append((src if mine else None, send_to, mine))
+    return Plan(world, rank, tuple(steps))
+
+
+def make_plan(
+    pattern: Pattern, local_len: int, world_size: int, rank: int, layout: str, num_heads: int,
+    device: torch.device | str = "cpu",
+) -> Plan:
+    """The (cached) plan of ``rank``; identical inputs give identical plans on every rank."""
+    return _plan_cached(pattern.key(), local_len, world_size, rank, layout, num_heads, str(device))

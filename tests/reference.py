@@ -1,0 +1,46 @@
+"""Dense float64 reference built from the definition of the pattern (independent of ds_ring's pieces and plans)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def multiplicity(S, num_heads, segment_lengths, dilation_rates):
+    """m[h, i, t]: number of (w, r) pairs under which query i and key t interact for head h."""
+    if segment_lengths is None:
+        segment_lengths, dilation_rates = [None], [1]
+    if dilation_rates is None:
+        dilation_rates = [1] * len(segment_lengths)
+    t = torch.arange(S)
+    m = torch.zeros(num_heads, S, S, dtype=torch.float64)
+    for w, r in zip(segment_lengths, dilation_rates):
+        w = S if w is None else w
+        same = (t[:, None] // w) == (t[None, :] // w)
+        for h in range(num_heads):
+            sel = (t % w) % r == h % r
+            m[h] += (same & sel[:, None] & sel[None, :]).double()
+    return m
+
+
+def dense_reference(q, k, v, segment_lengths=None, dilation_rates=None, causal=False, key_padding_mask=None,
+                    window=None, scale=None):
+    """q (B, Hq, S, D), k/v (B, Hkv, S, D) full sequences -> (B, Hq, S, D) float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, S, D = q.shape
+    g = H // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scale = D ** -0.5 if scale is None else scale
+    m = multiplicity(S, H, segment_lengths, dilation_rates)[None].expand(B, -1, -1, -1).clone()
+    i = torch.arange(S)
+    if causal:
+        m = m * (i[None, :] <= i[:, None])
+    if window is not None:
+        m = m * ((i[:, None] - i[None, :]) < window)
+    if key_padding_mask is not None:
+        m = m * key_padding_mask[:, None, None, :].double()
+    allowed = m > 0
+    row_any = allowed.any(-1, keepdim=True)
+    s = (q @ k.transpose(-1, -2)) * scale + torch.log(m.clamp(min=1))  # bias log m(i, t)
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~row_any, 0.0)
+    p = torch.softmax(s, -1) * row_any  # a row with no key outputs 0, with zero gradient
+    return p @ v
