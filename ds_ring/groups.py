@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -25,13 +25,27 @@ class SequenceParallel:
     dp_size: int
     dp_rank: int
     layout: str = "contiguous"
+    # A group holding only this rank: DeepSpeed's model-parallel group (see below).
+    self_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def world_size(self) -> int:
         return self.sp_size * self.dp_size
 
-    # DeepSpeed's ``mpu`` protocol (deepspeed/runtime/sequence_parallel/parallel_state_sp.py): ZeRO partitions and
-    # reduces over the sequence-data-parallel group, i.e. every rank of every ring.
+    # DeepSpeed's ``mpu`` protocol, the one of its own sequence parallelism (deepspeed 0.19:
+    # runtime/sequence_parallel/parallel_state_sp.py, utils/groups.py, runtime/engine.py, runtime/zero/*). ZeRO
+    # partitions parameters and reduces gradients over the sequence-data-parallel group (every rank of every ring).
+    # Measured on deepspeed 0.19.8, two things must hold:
+    # - no ``get_data_parallel_group``: ZeRO-3 partitions parameters over it when present, so with it the ring ranks
+    #   kept unreduced per-rank gradients (DeepSpeed's own mpu lacks it for this reason); the batch size then counts
+    #   world_size / sp_size data-parallel ranks, as it should.
+    # - the model-parallel group is this rank alone, not the ring: parameters are replicated over the ring, and with
+    #   the ring as model-parallel group ZeRO-1/2 counted gradient-norm terms only on ring rank 0 (a wrong norm, so
+    #   wrong clipping) and each ring rank looked for its own ``mp_rank_XX`` checkpoint file.
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        """Marker DeepSpeed looks for (``hasattr``) to treat this as a sequence-parallel mpu; groups already exist."""
+        raise RuntimeError("the groups are created by ds_ring.init_sequence_parallel; do not call this")
+
     def get_sequence_parallel_group(self):
         return self.group
 
@@ -50,19 +64,14 @@ class SequenceParallel:
     def get_sequence_data_parallel_rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
-    def get_data_parallel_group(self):
-        return self.dp_group
+    def get_model_parallel_group(self):
+        return self.self_group
 
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp_size
+    def get_model_parallel_world_size(self) -> int:
+        return 1
 
-    def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
-
-    # No tensor parallelism: model parallel is the sequence ring, as in DeepSpeed's own parallel_state_sp.
-    get_model_parallel_group = get_sequence_parallel_group
-    get_model_parallel_world_size = get_sequence_parallel_world_size
-    get_model_parallel_rank = get_sequence_parallel_rank
+    def get_model_parallel_rank(self) -> int:
+        return 0
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -120,4 +129,9 @@ def init_sequence_parallel(
         g = dist.new_group(list(range(j, world, sp_size)))
         if rank % sp_size == j:
             dp_group = g
-    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout)
+    self_group = None
+    for r in range(world):
+        g = dist.new_group([r])
+        if r == rank:
+            self_group = g
+    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout, self_group)
