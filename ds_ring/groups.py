@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -74,10 +75,11 @@ class SequenceParallel:
         return 0
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(backend: str | None = None, timeout: timedelta | float | None = None) -> None:
     """Initialise the default process group from the launcher's environment (torchrun, deepspeed, accelerate).
 
-    Does nothing when it is already initialised. ``backend`` defaults to NCCL with CUDA, else gloo.
+    Does nothing when it is already initialised. ``backend`` defaults to NCCL with CUDA, else gloo. ``timeout``
+    (seconds or timedelta; torch's default when None) bounds how long a collective waits for a dead rank.
     """
     if dist.is_initialized():
         return
@@ -92,11 +94,17 @@ def init_distributed(backend: str | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    if isinstance(timeout, (int, float)):
+        timeout = timedelta(seconds=timeout)
+    dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
 
 
 def init_sequence_parallel(
-    sp_size: int | None = None, *, layout: str = "contiguous", backend: str | None = None
+    sp_size: int | None = None,
+    *,
+    layout: str = "contiguous",
+    backend: str | None = None,
+    timeout: timedelta | float | None = None,
 ) -> SequenceParallel:
     """Split the world into rings of ``sp_size`` consecutive ranks and data-parallel groups across them.
 
@@ -109,12 +117,15 @@ def init_sequence_parallel(
             if sp_size not in (None, 1):
                 raise ValueError(f"sp_size={sp_size} needs a distributed launch; this is a single process")
             return SequenceParallel(None, None, 1, 0, 1, 0, layout)
-        init_distributed(backend)
+        init_distributed(backend, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     sp_size = world if sp_size is None else sp_size
     if not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"sp_size must be a positive int, got {sp_size!r}")
-    if sp_size > world or world % sp_size:
+    if sp_size > world:
+        raise ValueError(f"sp_size={sp_size} is larger than the world size {world}: launch at least {sp_size} "
+                         f"processes (e.g. torchrun --nproc_per_node {sp_size}) or lower sp_size")
+    if world % sp_size:
         raise ValueError(
             f"sp_size={sp_size} must divide the world size {world}: choose a divisor of {world} "
             f"or launch a multiple of {sp_size} processes"

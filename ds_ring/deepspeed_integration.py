@@ -1,0 +1,152 @@
+"""DeepSpeed ZeRO with sequence parallelism: config loading/validation and an ``initialize`` that makes gradients exact.
+
+How DeepSpeed 0.19 reduces gradients when given ds_ring's mpu (measured, see tests/test_deepspeed_exactness.py):
+ZeRO-0/1/2 sum over the ranks of a ring and average over the data-parallel rings; ZeRO-3 (reduce-scatter path)
+averages over all sp_size x dp_size ranks. ``ds_ring.causal_lm_loss`` gives each ring rank its share of the gradient
+(the shares SUM to the ring's gradient), so ZeRO-3 needs the loss multiplied by sp_size before ``engine.backward``.
+``initialize`` does that inside ``engine.backward``; the loss value you log is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .groups import SequenceParallel
+
+__all__ = ["ConfigError", "load_config", "check_config", "check_sequence_length", "gradient_factor", "initialize"]
+
+
+class ConfigError(ValueError):
+    """A DeepSpeed/ds_ring configuration that cannot train correctly; the message names the key and the fix."""
+
+
+def _walk_auto(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk_auto(v, f"{prefix}.{k}" if prefix else k)
+    elif node == "auto":
+        yield prefix
+
+
+def _set(config: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        config = config[p]
+    config[last] = value
+
+
+def load_config(config: str | os.PathLike | dict, fill: dict[str, Any] | None = None) -> dict:
+    """Read a DeepSpeed config (path or dict, copied) and replace its ``"auto"`` values from ``fill``.
+
+    ``fill`` maps dotted keys (``"train_micro_batch_size_per_gpu"``, ``"bf16.enabled"``) to values; keys of ``fill``
+    that the config does not mark ``"auto"`` are ignored (the file wins). Remaining ``"auto"`` values are an error.
+    """
+    if isinstance(config, dict):
+        config = json.loads(json.dumps(config))
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist: pass a path to a JSON file, e.g. "
+                              "ds_config/zero3.json")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {e}") from None
+    fill = fill or {}
+    left = []
+    for key in list(_walk_auto(config)):
+        if key in fill:
+            _set(config, key, fill[key])
+        else:
+            left.append(key)
+    if left:
+        raise ConfigError(f"DeepSpeed config has unfilled \"auto\" values for {left}: give them values in the config "
+                          f"(only {sorted(fill) or 'nothing'} is filled in by this script)")
+    return config
+
+
+def check_config(config: dict, sp: SequenceParallel) -> None:
+    """Raise ``ConfigError`` for configs that would not train, or not train exactly, under sequence parallelism."""
+    left = list(_walk_auto(config))
+    if left:
+        raise ConfigError(f"DeepSpeed config has unfilled \"auto\" values for {left}: use ds_ring.load_config(path, "
+                          "fill={...}) or write the values into the config")
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict) or "stage" not in zero:
+        raise ConfigError("DeepSpeed config is missing zero_optimization.stage: add "
+                          '"zero_optimization": {"stage": 1|2|3} (see ds_config/zero*.json)')
+    if zero["stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
+    if not any(k in config for k in ("train_micro_batch_size_per_gpu", "train_batch_size")):
+        raise ConfigError("DeepSpeed config needs train_micro_batch_size_per_gpu (or train_batch_size): add "
+                          '"train_micro_batch_size_per_gpu": 1')
+    # ZeRO-3 without reduce-scatter reduces small buckets by a SUM over the ring and large ones by an average, so no
+    # single loss factor makes both exact.
+    if zero["stage"] == 3 and sp.sp_size > 1 and not zero.get("reduce_scatter", True):
+        raise ConfigError("zero_optimization.reduce_scatter=false with ZeRO-3 and sp_size > 1 mixes two gradient "
+                          "scalings inside DeepSpeed: remove the key or set it to true")
+    if config.get("sequence_parallel_size", sp.sp_size) != sp.sp_size:
+        raise ConfigError(f"sequence_parallel_size={config['sequence_parallel_size']} in the DeepSpeed config "
+                          f"disagrees with sp_size={sp.sp_size}: remove the key (ds_ring passes its groups as mpu)")
+
+
+def check_sequence_length(seq_len: int, sp: SequenceParallel, *, pad: bool) -> int:
+    """The length every sequence is brought to: ``seq_len`` rounded up to what the layout can shard.
+
+    With ``pad=False`` a length that does not shard is a ``ConfigError``.
+    """
+    parts = sp.sp_size * (2 if sp.layout == "zigzag" else 1)
+    if seq_len % parts == 0:
+        return seq_len
+    if not pad:
+        raise ConfigError(f"sequence length {seq_len} is not a multiple of {parts} (sp_size={sp.sp_size}, "
+                          f"layout={sp.layout!r}) and padding is off: use a length divisible by {parts} or enable "
+                          "padding")
+    return -(-seq_len // parts) * parts
+
+
+def gradient_factor(config: dict, sp: SequenceParallel) -> float:
+    """Loss multiplier that makes DeepSpeed's reduced gradient exact with ``ds_ring.causal_lm_loss`` (see module doc)."""
+    return float(sp.sp_size) if config["zero_optimization"]["stage"] == 3 else 1.0
+
+
+def initialize(
+    model: torch.nn.Module,
+    sp: SequenceParallel,
+    config: str | os.PathLike | dict,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    model_parameters=None,
+    lr_scheduler=None,
+    fill: dict[str, Any] | None = None,
+    **kwargs,
+):
+    """``deepspeed.initialize`` with ds_ring's groups as ``mpu`` and exact gradients for every ZeRO stage.
+
+    Returns DeepSpeed's tuple ``(engine, optimizer, dataloader, lr_scheduler)``. ``engine.backward(loss)`` multiplies
+    ``loss`` by :func:`gradient_factor` before DeepSpeed's backward; pass the loss from ``ds_ring.causal_lm_loss``.
+    Use ``ds_ring.sp_dataloader`` for data (every rank of a ring must see the same samples).
+    """
+    import deepspeed
+
+    config = load_config(config, fill)
+    check_config(config, sp)
+    engine, opt, loader, sched = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model_parameters, lr_scheduler=lr_scheduler,
+        config=config, mpu=sp if sp.sp_size > 1 or sp.dp_size > 1 else None, **kwargs,
+    )
+    factor = gradient_factor(config, sp)
+    if factor != 1.0:
+        ds_backward = engine.backward
+
+        def backward(loss: torch.Tensor, *args, **kw):
+            return ds_backward(loss * factor, *args, **kw)
+
+        engine.backward = backward
+    engine.ds_ring_gradient_factor = factor
+    return engine, opt, loader, sched
