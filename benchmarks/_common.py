@@ -1,0 +1,279 @@
+"""Shared helpers for the ds_ring benchmark scripts: timing, machine description, tables, JSON and plots.
+
+Timing rules (CPU timings are noisy, and other jobs may share the cores):
+  * ``torch.set_num_threads`` is set explicitly by every script (``--threads``) and recorded in the JSON;
+  * candidates that are compared are measured in the same run, interleaved round-robin (the order rotates every
+    repetition), after warm-up runs, and summarised by their median; ratios are ratios of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke run of a few seconds")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the timed process(es)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per candidate before timing")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="q/k/v dtype")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the PNG and JSON go (default: docs/ for the PNG, benchmarks/results/ for the JSON)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return p
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def out_paths(args, name: str) -> tuple[Path, Path]:
+    png_dir = args.out_dir or DOCS
+    json_dir = args.out_dir or RESULTS
+    png_dir.mkdir(parents=True, exist_ok=True)
+    json_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    return png_dir / f"{name}{suffix}.png", json_dir / f"{name}{suffix}.json"
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU model and count, torch version, threads."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Core(s) per socket", "Thread(s) per core", "Vendor ID"):
+                info["lscpu " + key.strip()] = val.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import ds_ring
+
+        info["ds_ring"] = getattr(ds_ring, "__version__", "?")
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "ds_ring"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        info["git"] = rev + ("+dirty(ds_ring)" if dirty else "")
+    except (OSError, subprocess.SubprocessError, ImportError):
+        pass
+    return info
+
+
+def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeat: int) -> dict[str, dict]:
+    """Time every candidate ``repeat`` times, interleaved round-robin, after ``warmup`` untimed rounds.
+
+    Returns {name: {"median": s, "min": s, "samples": [...]}}.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeat):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            samples[n].append(time.perf_counter() - t0)
+    return {n: {"median": statistics.median(s), "min": min(s), "samples": s} for n, s in samples.items()}
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, repeat: int = 5) -> float:
+    """Measured dense matmul FLOP/s (n x n x n, current thread setting): the reference for achieved FLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=c)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_fig(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+# ----- memory on CPU -------------------------------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS counter (Linux ``clear_refs`` 5); returns the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status_bytes("VmHWM")
+
+
+def profiler_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of live torch CPU allocations made while ``fn()`` runs, above those live before.
+
+    Uses the profiler's per-allocation ``[memory]`` instant events (exported trace, ordered by timestamp), i.e. the
+    allocator's own timeline. (Summing ``self_cpu_memory_usage`` of op events sorted by start time undercounts: a
+    parent op's frees are applied at its start, before its children's allocations.)
+    """
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as fh:
+            trace = json.load(fh)
+    mem = sorted((e for e in trace["traceEvents"] if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    live = peak = 0
+    for e in mem:
+        if e["args"].get("Device Type", 0) != 0:  # CPU only
+            continue
+        live += e["args"]["Bytes"]
+        peak = max(peak, live)
+    return peak
+
+
+def lead_measure_peak_bytes(fn: Callable[[], object]) -> int | None:
+    """ds_ring.memory.measure_peak_bytes if present (reported next to ours for comparison)."""
+    try:
+        from ds_ring.memory import measure_peak_bytes
+    except ImportError:
+        return None
+    return measure_peak_bytes(fn)
+
+
+# ----- spawning ranks ------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, threads, fn, payload, queue):
+    import pickle
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    try:
+        if world > 1:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, payload))))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world: int, payload, threads: int = 1, timeout_s: float = 1800) -> list:
+    """Run ``fn(rank, world, payload)`` on ``world`` spawned processes (gloo on 127.0.0.1 when world > 1, each with
+    ``torch.set_num_threads(threads)``); return the results by rank. ``fn`` must be a module-level function."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # children inherit it: freed tensors leave the RSS
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, fn, payload, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out, errors = {}, []
+    try:
+        for _ in range(world):
+            rank, status, data = queue.get(timeout=timeout_s)
+            if status == "ok":
+                out[rank] = pickle.loads(data)
+            else:
+                errors.append(f"rank {rank}:\n{data}")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [out[r] for r in range(world)]

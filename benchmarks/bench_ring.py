@@ -1,0 +1,202 @@
+"""Ring attention at P=2 (two CPU processes over gloo on 127.0.0.1, one thread each) vs the same attention in one
+process with one thread: time per token and peak memory per rank, causal with contiguous vs zigzag, overlap on/off.
+
+Each configuration runs forward + ``torch.autograd.grad`` w.r.t. the local q, k, v. A ring repetition's time is the
+slowest rank's (max over ranks, all-reduced), after a barrier. The one-process baseline is the same op with
+``local=True`` on the whole sequence, in its own spawned process with ``torch.set_num_threads(1)``.
+
+Memory per rank, two ways, in an untimed run: ``peak RSS growth`` (Linux VmHWM after resetting it via
+/proc/self/clear_refs, minus RSS before; malloc's mmap threshold is pinned with MALLOC_MMAP_THRESHOLD_ so freed
+blocks go back to the OS) and ``torch allocations`` (peak of live torch CPU allocations during the call, from the
+torch profiler's per-allocation events, benchmarks/_common.profiler_peak_bytes). Both exclude the inputs q, k, v and the upstream gradient.
+
+    python benchmarks/bench_ring.py                  # S=8192, H=4, D=64
+    python benchmarks/bench_ring.py --seq-len 16384
+    python benchmarks/bench_ring.py --quick
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import _common as C
+
+TARGET = 0.6  # ring P=2 time / one-process time, non-causal and zigzag causal (issue #5)
+
+
+def configs(world: int) -> list[dict]:
+    if world == 1:
+        return [dict(causal=False, layout="contiguous", overlap=True), dict(causal=True, layout="contiguous",
+                                                                            overlap=True)]
+    out = []
+    for causal, layout in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
+        for overlap in (True, False):
+            out.append(dict(causal=causal, layout=layout, overlap=overlap))
+    return out
+
+
+def _inputs(cfg_run, layout, rank, world):
+    import ds_ring
+
+    B, H, S, D = cfg_run["B"], cfg_run["H"], cfg_run["S"], cfg_run["D"]
+    dtype = C.dtype_of(cfg_run["dtype"])
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(B, H, S, D, generator=gen, dtype=dtype) for _ in range(4)]
+    if world == 1:
+        q, k, v, g = full
+    else:
+        q, k, v, g = (ds_ring.shard_sequence(t, 2, layout=layout).contiguous() for t in full)
+    del full
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    return q, k, v, g
+
+
+def _worker(rank, world, cfg_run):
+    import gc
+
+    import ds_ring
+
+    results = []
+    for cfg in configs(world):
+        q, k, v, g = _inputs(cfg_run, cfg["layout"], rank, world)
+
+        def step():
+            o = ds_ring.ring_dilated_attention(q, k, v, causal=cfg["causal"], layout=cfg["layout"],
+                                               local=world == 1, overlap=cfg["overlap"])
+            return torch.autograd.grad(o, (q, k, v), g)
+
+        for _ in range(cfg_run["warmup"]):
+            step()
+        times = []
+        for _ in range(cfg_run["repeat"]):
+            if world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times.append(float(dt))
+        # memory, untimed
+        gc.collect()
+        rss0 = C.reset_peak_rss()
+        step()
+        rss_growth = C.peak_rss() - rss0
+        torch_peak = C.profiler_peak_bytes(step)
+        comm = {}
+        if world > 1:
+            with ds_ring.count_comm() as cc:
+                step()
+            comm = dict(sent_bytes=dict(cc.sent_bytes), recv_bytes=dict(cc.recv_bytes))
+        results.append(dict(cfg, rank=rank, times=times, median=statistics.median(times), rss_growth=rss_growth,
+                            torch_peak=torch_peak, comm=comm))
+        del q, k, v, g
+    return results
+
+
+def spawn(world: int, cfg_run: dict) -> list[list[dict]]:
+    return C.run_ranks(_worker, world, cfg_run, threads=cfg_run["threads"])
+
+
+def main():
+    p = C.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate (one-process, ring) this many times and take the median over rounds")
+    p.set_defaults(repeat=3)
+    args = p.parse_args()
+    if args.quick:
+        args.seq_len, args.repeat, args.warmup = 1024, 1, 1
+    S, P = args.seq_len, args.world_size
+    cfg_run = dict(B=args.batch, H=args.heads, S=S, D=args.head_dim, dtype=args.dtype, threads=args.threads,
+                   warmup=args.warmup, repeat=args.repeat)
+    print(f"S={S} B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}; torch.set_num_threads({args.threads})"
+          f" in every process; P={P} ranks over gloo on 127.0.0.1; {os.cpu_count()} CPUs")
+    singles, rings = [], []
+    for _ in range(args.rounds):
+        singles.append(spawn(1, cfg_run)[0])
+        rings.append(spawn(P, cfg_run))
+
+    def med(vals):
+        return statistics.median(vals)
+
+    base = {}
+    for i, cfg in enumerate(configs(1)):
+        rs = [s[i] for s in singles]
+        base[cfg["causal"]] = dict(time=med([r["median"] for r in rs]), rss=med([r["rss_growth"] for r in rs]),
+                                   torch_peak=med([r["torch_peak"] for r in rs]))
+    rows = []
+    for causal in (False, True):
+        b = base[causal]
+        rows.append(dict(setup="1 process, 1 thread", causal=causal, layout="-", overlap=None, time=b["time"],
+                         ratio=1.0, rss=b["rss"], torch_peak=b["torch_peak"], comm_mb=0.0))
+    for i, cfg in enumerate(configs(P)):
+        per_round = [ring[r][i] for ring in rings for r in range(P)]
+        t = med([ring[0][i]["median"] for ring in rings])  # all ranks report the same all-reduced max
+        rss = max(med([ring[r][i]["rss_growth"] for ring in rings]) for r in range(P))
+        tp = max(med([ring[r][i]["torch_peak"] for ring in rings]) for r in range(P))
+        comm = rings[0][0][i]["comm"]
+        mb = sum(comm.get("sent_bytes", {}).values()) / 2**20
+        rows.append(dict(setup=f"ring P={P}", causal=cfg["causal"], layout=cfg["layout"], overlap=cfg["overlap"],
+                         time=t, ratio=t / base[cfg["causal"]]["time"], rss=rss, torch_peak=tp, comm_mb=mb,
+                         per_rank=per_round))
+
+    def verdict(r):
+        if r["setup"].startswith("1 process"):
+            return ""
+        if not r["overlap"]:
+            return "(overlap off)"
+        if r["causal"] and r["layout"] == "contiguous":
+            return "n/a (no target)"
+        return ("met" if r["ratio"] <= TARGET else "MISSED") + f" (<= {TARGET})"
+
+    headers = ["setup", "causal", "layout", "overlap", "time fwd+bwd (ms)", "us / token", "time / 1-process",
+               "peak RSS growth / rank (MiB)", "torch alloc peak / rank (MiB)", "sent / rank (MiB)", "target"]
+    table = [[r["setup"], "yes" if r["causal"] else "no", r["layout"],
+              "-" if r["overlap"] is None else ("on" if r["overlap"] else "off"), r["time"] * 1e3,
+              r["time"] / S * 1e6, r["ratio"], r["rss"] / 2**20, r["torch_peak"] / 2**20, r["comm_mb"], verdict(r)]
+             for r in rows]
+    md = C.markdown_table(headers, table)
+    print()
+    print(f"Ring P={P} vs one process, S={S}, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
+          f"torch.set_num_threads({args.threads}) per process; median of {args.repeat} runs x {args.rounds} round(s)")
+    print(md)
+    for r in rows:
+        r["verdict"] = verdict(r)
+
+    png, js = C.out_paths(args, "bench_ring")
+    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), cfg=cfg_run, world_size=P, rows=rows,
+                          table_markdown=md))
+    if not args.no_plot:
+        plt = C.pyplot()
+        labels = [f"{r['setup']}\n{'causal' if r['causal'] else 'full'}"
+                  + ("" if r["overlap"] is None else f" {r['layout'][:6]}\noverlap {'on' if r['overlap'] else 'off'}")
+                  for r in rows]
+        colors = ["tab:gray" if r["overlap"] is None else ("tab:blue" if r["overlap"] else "tab:orange")
+                  for r in rows]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        x = range(len(rows))
+        a1.bar(x, [r["time"] / S * 1e6 for r in rows], color=colors)
+        for i, r in enumerate(rows):
+            a1.text(i, r["time"] / S * 1e6, f"{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=7)
+        a1.set_xticks(list(x), labels, fontsize=6)
+        a1.set(ylabel="microseconds per token (fwd+bwd)", title=f"Time per token, S={S} (label: vs 1 process)")
+        a2.bar(x, [r["rss"] / 2**20 for r in rows], color=colors, label="peak RSS growth")
+        a2.plot(list(x), [r["torch_peak"] / 2**20 for r in rows], "k_", ms=18, mew=2, label="torch alloc peak")
+        a2.set_xticks(list(x), labels, fontsize=6)
+        a2.set(ylabel="MiB per rank", title="Peak memory per rank (excl. inputs)")
+        a2.legend(fontsize=7)
+        C.save_fig(fig, png)
+
+
+if __name__ == "__main__":
+    main()
