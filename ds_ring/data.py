@@ -1,0 +1,121 @@
+"""Batches for sequence parallelism: cut a full batch into this rank's shard, and load data per ring.
+
+Every rank of a ring gets the SAME samples (``sp_dataloader`` shards over the data-parallel ranks only) and keeps
+its own slice of the sequence (``shard_batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .groups import SequenceParallel
+from .sharding import shard_sequence
+
+# Per-token keys shard_batch understands, and the value that fills the padding added to make S divisible.
+_TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
+
+
+def _pad_right(x: torch.Tensor, n: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, n), value=value) if n else x
+
+
+def shard_batch(
+    batch: Mapping[str, torch.Tensor], sp: SequenceParallel, *, pad_token_id: int = 0, ignore_index: int = -100
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of a full batch, ready for ``model(**out)``.
+
+    ``batch``: ``input_ids`` (B, S) and optionally ``attention_mask`` (B, S) (1 = real token), ``labels`` (B, S),
+    ``position_ids`` (B, S), ``token_type_ids`` (B, S). Returns, each of shape (B, L) with L = S_pad / sp_size:
+
+    - ``input_ids``, ``attention_mask`` (always present; the input's dtype, int64 0/1 when it was absent),
+      ``token_type_ids`` if given;
+    - ``position_ids``: GLOBAL positions. Default ``arange(S)`` for every row, padding included, which is what an
+      unpatched Hugging Face model uses in ``forward`` when given an attention_mask and no position_ids (left-padded
+      rows therefore start their real tokens at the pad count, exactly as the one-process reference does; note that
+      ``generate`` instead derives positions from the mask's cumsum). Pass ``position_ids`` to override;
+    - ``shift_labels`` (only if ``labels`` is given): the target of each position, shifted BEFORE sharding
+      (``labels[:, 1:]`` then ``ignore_index`` at the end) so a token at a shard boundary keeps its target, and
+      ``ignore_index`` wherever the position or its target is padding. ``labels`` itself is not returned: the
+      model must not shift the local shard again; use ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
+
+    S that does not divide by sp_size (2*sp_size for the zigzag layout) is padded on the right with masked tokens
+    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.layout``.
+    """
+    unknown = set(batch) - set(_TOKEN_KEYS)
+    if unknown:
+        raise ValueError(
+            f"shard_batch: cannot shard keys {sorted(unknown)}; supported per-token keys are {_TOKEN_KEYS}: "
+            f"drop the others from the batch or shard them with ds_ring.shard_sequence"
+        )
+    if "input_ids" not in batch:
+        raise ValueError("shard_batch: the batch needs input_ids of shape (batch, seq)")
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"shard_batch: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    for k in batch:
+        if batch[k].shape != input_ids.shape:
+            raise ValueError(f"shard_batch: {k} has shape {tuple(batch[k].shape)}, expected {tuple(input_ids.shape)}")
+    b, s = input_ids.shape
+    parts = sp.sp_size * (2 if sp.layout == "zigzag" else 1)
+    pad = -s % parts
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    real = mask.bool()
+
+    full = {
+        "input_ids": _pad_right(input_ids, pad, pad_token_id),
+        "attention_mask": _pad_right(mask, pad, 0),
+    }
+    if "token_type_ids" in batch:
+        full["token_type_ids"] = _pad_right(batch["token_type_ids"], pad, 0)
+    if "position_ids" in batch:
+        pos = batch["position_ids"]
+        tail = pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)  # continue each row past its end
+        full["position_ids"] = torch.cat([pos, tail], dim=1)
+    else:
+        full["position_ids"] = torch.arange(s + pad, device=input_ids.device).expand(b, -1)
+    if "labels" in batch:
+        labels = batch["labels"]
+        ignore_col = labels.new_full((b, 1), ignore_index)
+        shifted = torch.cat([labels[:, 1:], ignore_col], dim=1)
+        target_real = torch.cat([real[:, 1:], real.new_zeros(b, 1)], dim=1)
+        shifted = shifted.masked_fill(~(real & target_real), ignore_index)
+        full["shift_labels"] = _pad_right(shifted, pad, ignore_index)
+    return {k: shard_sequence(v, 1, sp.group, sp.layout) for k, v in full.items()}
+
+
+class SPDataLoader(DataLoader):
+    """A DataLoader whose sampler shards over data-parallel ranks; ``set_epoch`` reshuffles."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def sp_dataloader(
+    dataset: Dataset,
+    sp: SequenceParallel,
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+    collate_fn: Callable | None = None,
+    **kw,
+) -> SPDataLoader:
+    """DataLoader over ``dataset`` whose samples are split over the DATA-parallel ranks (``sp.dp_size``,
+    ``sp.dp_rank``) only: all ranks of one ring see the same samples in the same order, different rings see
+    different samples. Call ``set_epoch(epoch)`` each epoch to reshuffle (same order on every rank of a ring).
+    Batches are full sequences; pass each through ``shard_batch``. Extra ``kw`` go to ``DataLoader``.
+    """
+    if "sampler" in kw or "batch_sampler" in kw:
+        raise ValueError("sp_dataloader: the sampler is what shards over data-parallel ranks; do not pass sampler")
+    sampler = DistributedSampler(
+        dataset, num_replicas=sp.dp_size, rank=sp.dp_rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    return SPDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_fn, **kw
+    )

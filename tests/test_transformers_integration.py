@@ -1,0 +1,319 @@
+"""Hugging Face integration: patched tiny models on real gloo ranks against the unpatched model in one process.
+
+Each world size is spawned once (module-scoped fixture); every distributed case runs inside that one spawn.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    BloomConfig,
+    Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import ds_ring
+from ds_ring.sharding import gather_sequence
+from dist_utils import run_distributed
+
+TOL = 1e-4
+VOCAB = 96
+SEQ = 30  # divides neither 4 (P=4 contiguous) nor 8 (P=4 zigzag): shard_batch must pad
+LENGTHS = [SEQ, 19]  # unequal lengths: row 1 is padded
+_DEC = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+)  # fmt: skip
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_DEC),
+    "mistral": lambda: MistralConfig(**_DEC, sliding_window=7),  # window < sequence: the window must bite
+    "qwen2": lambda: Qwen2Config(**_DEC),
+    "qwen3": lambda: Qwen3Config(**_DEC, head_dim=8),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, use_cache=False,
+    ),  # fmt: skip
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, attn_pdrop=0.0, resid_pdrop=0.0,
+        embd_pdrop=0.0, use_cache=False,
+    ),  # fmt: skip
+    "bert": lambda: BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ),  # fmt: skip
+}
+
+
+def build(name: str, seed: int, **kwargs) -> torch.nn.Module:
+    """Same weights in every process for a given seed."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[name]()
+    if name == "bert":
+        return BertForMaskedLM._from_config(cfg, **kwargs)
+    return AutoModelForCausalLM.from_config(cfg, **kwargs)
+
+
+def padded_batch(seed: int, side: str, seq: int = SEQ, lengths: list[int] = LENGTHS) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels (B, seq); row b holds lengths[b] real tokens, padded on ``side``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), seq), generator=g)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    if side == "left":
+        mask = mask.flip(1)
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def reference_shift_labels(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Definition: position i predicts token i+1 when both are real tokens, else -100."""
+    out = torch.full_like(labels, -100)
+    keep = mask[:, :-1].bool() & mask[:, 1:].bool()
+    out[:, :-1] = torch.where(keep, labels[:, 1:], out[:, :-1])
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def reference(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """Unpatched model on the full sequence in this process: logits, loss (mean CE over valid targets), grads."""
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    target = reference_shift_labels(batch["labels"], batch["attention_mask"])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), loss.detach(), grads
+
+
+def ring_run(model: torch.nn.Module, batch: dict[str, torch.Tensor], sp, group=None):
+    """Patched model on this rank's shard: gathered logits (B, S, V), loss, grads summed over the ring."""
+    model.zero_grad()
+    local = ds_ring.shard_batch(batch, sp)
+    out = model(**local)  # shift_labels rides along, as in the documented usage
+    loss = ds_ring.causal_lm_loss(out.logits, local["shift_labels"], sp)
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            grads[n] = p.grad
+    logits = gather_sequence(out.logits.detach(), 1, group, sp.layout)[:, : batch["input_ids"].shape[1]]
+    return logits, loss.detach(), grads
+
+
+def compare(ref, got, mask: torch.Tensor) -> dict[str, float]:
+    (rl, rloss, rg), (gl, gloss, gg) = ref, got
+    real = mask.bool()
+    assert rg.keys() == gg.keys()
+    # Parameter gradients, relative to the largest reference gradient of the same tensor; parameters whose exact
+    # gradient is zero (e.g. key biases, invisible to softmax) are measured against the model's largest gradient.
+    gmax = max(g.abs().max() for g in rg.values())
+    grad = max(((gg[n] - rg[n]).abs().max() / torch.maximum(rg[n].abs().max(), 1e-3 * gmax)).item() for n in rg)
+    return {"logits": rel_err(gl[real], rl[real]), "loss": rel_err(gloss, rloss), "grads": grad}
+
+
+def _equivalence_cases(world: int) -> dict[str, dict[str, float]]:
+    sps = {lay: ds_ring.init_sequence_parallel(world, layout=lay) for lay in ("contiguous", "zigzag")}
+    results = {}
+    for i, name in enumerate(CONFIGS):
+        for side in ("right", "left"):
+            for lay, sp in sps.items():
+                seed = 100 * i + (side == "left") * 10 + (lay == "zigzag")
+                batch = padded_batch(seed, side)
+                model = build(name, seed).train()
+                ref = reference(model, batch)
+                patched = ds_ring.patch(copy.deepcopy(model), sp=sp)
+                got = ring_run(patched, batch, sp, sp.group)
+                r = compare(ref, got, batch["attention_mask"])
+                # Power check: the padding mask changes the real tokens' outputs, so a dropped mask would fail.
+                no_mask = model(input_ids=batch["input_ids"]).logits.detach()
+                r["mask_effect"] = rel_err(no_mask[batch["attention_mask"].bool()], ref[0][batch["attention_mask"].bool()])
+                results[f"{name}/{side}/{lay}"] = r
+    return results
+
+
+def _special_cases(world: int) -> dict[str, object]:
+    res: dict[str, object] = {}
+    sp = ds_ring.init_sequence_parallel(world)  # contiguous over WORLD: what the bare attn_implementation means
+    batch = padded_batch(7, "left")
+
+    # Gradient checkpointing: the ring forward runs again during backward.
+    model = build("llama", 1).train()
+    ref = reference(model, batch)
+    ckpt = ds_ring.patch(copy.deepcopy(model), sp=sp)
+    ckpt.gradient_checkpointing_enable()
+    res["grad_checkpointing"] = compare(ref, ring_run(ckpt, batch, sp), batch["attention_mask"])
+
+    # attn_implementation="ring_dilated" at construction and via set_attn_implementation, no patch call.
+    for name in ("qwen2", "gpt2"):
+        model = build(name, 2).train()
+        ref = reference(model, batch)
+        built = build(name, 2, attn_implementation="ring_dilated").train()
+        res[f"from_config/{name}"] = compare(ref, ring_run(built, batch, sp), batch["attention_mask"])
+        switched = copy.deepcopy(model)
+        switched.set_attn_implementation("ring_dilated")
+        res[f"set_attn_implementation/{name}"] = compare(ref, ring_run(switched, batch, sp), batch["attention_mask"])
+
+    # Forgetting the global position_ids fails loudly (zigzag: every rank's positions differ from arange(L)).
+    zz = ds_ring.init_sequence_parallel(world, layout="zigzag")
+    model = ds_ring.patch(build("llama", 3), sp=zz)
+    local = ds_ring.shard_batch(batch, zz)
+    del local["position_ids"]
+    try:
+        model(**local)
+        res["missing_position_ids"] = "no error"
+    except ValueError as e:
+        res["missing_position_ids"] = str(e)
+
+    # local_attention: every rank runs the full, unsharded sequence exactly, without communication.
+    model = build("mistral", 4).eval()
+    ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    patched = ds_ring.patch(copy.deepcopy(model), sp=sp)
+    with ds_ring.local_attention(patched):
+        out = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    res["local_attention"] = rel_err(out[batch["attention_mask"].bool()], ref_logits[batch["attention_mask"].bool()])
+    return res
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {"equivalence": _equivalence_cases(world), "special": _special_cases(world)}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"P{p}")
+def ring_results(request):
+    results = run_distributed(_worker, request.param)
+    for r in results[1:]:  # every rank computed the same gathered logits, loss and summed grads
+        assert r["equivalence"].keys() == results[0]["equivalence"].keys()
+    return results
+
+
+def test_patched_models_match_unpatched_one_process(ring_results):
+    """Llama, Mistral (window 7 < 30), Qwen2, Qwen3, GPT-NeoX, GPT-2, BERT; right/left padding; both layouts."""
+    bad = {
+        (rank, case): r
+        for rank, res in enumerate(ring_results)
+        for case, r in res["equivalence"].items()
+        if max(r["logits"], r["loss"], r["grads"]) >= TOL
+    }
+    assert not bad, bad
+    assert len(ring_results[0]["equivalence"]) == 7 * 2 * 2
+
+
+def test_padding_reaches_the_op(ring_results):
+    # These cases pass above only because the mask travelled: without it the reference logits change this much.
+    for case, r in ring_results[0]["equivalence"].items():
+        if case.endswith(("left/contiguous", "left/zigzag")) or case.startswith("bert/"):
+            assert r["mask_effect"] > 10 * TOL, (case, r)
+
+
+def test_gradient_checkpointing_and_attn_implementation(ring_results):
+    for res in ring_results:
+        sp = res["special"]
+        for case in ("grad_checkpointing", "from_config/qwen2", "from_config/gpt2",
+                     "set_attn_implementation/qwen2", "set_attn_implementation/gpt2"):  # fmt: skip
+            assert max(sp[case].values()) < TOL, (case, sp[case])
+
+
+def test_missing_global_position_ids_raises(ring_results):
+    for res in ring_results:
+        msg = res["special"]["missing_position_ids"]
+        assert "position_ids" in msg and "shard_batch" in msg, msg
+
+
+def test_local_attention_runs_unsharded_input(ring_results):
+    for res in ring_results:
+        assert res["special"]["local_attention"] < TOL
+
+
+# ---- single process: errors, patch/unpatch, generation ------------------------------------------------------------
+
+
+def _ids(seq: int = 12) -> dict[str, torch.Tensor]:
+    b = padded_batch(0, "left", seq=seq, lengths=[seq, seq - 4])
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def test_softcap_raises_naming_model_and_feature():
+    torch.manual_seed(0)
+    cfg = Gemma2Config(**{**_DEC, "head_dim": 8}, attn_logit_softcapping=50.0)
+    model = ds_ring.patch(AutoModelForCausalLM.from_config(cfg))
+    with pytest.raises(NotImplementedError, match=r"Gemma2Attention.*soft-capping"):
+        model(**_ids())
+
+
+def test_attention_dropout_in_training_raises():
+    torch.manual_seed(0)
+    model = ds_ring.patch(AutoModelForCausalLM.from_config(LlamaConfig(**{**_DEC, "attention_dropout": 0.1})))
+    with pytest.raises(NotImplementedError, match=r"LlamaAttention.*dropout 0.1.*attention_dropout"):
+        model.train()(**_ids())
+    model.eval()(**_ids())  # no dropout at evaluation: fine
+
+
+def test_4d_custom_mask_raises():
+    model = ds_ring.patch(build("llama", 0))
+    mask4d = torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
+    with pytest.raises(NotImplementedError, match=r"LlamaAttention.*4D attention mask"):
+        model(input_ids=_ids()["input_ids"], attention_mask=mask4d)
+
+
+def test_family_without_attention_interface_raises():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(NotImplementedError, match=r"BloomForCausalLM.*AttentionInterface"):
+        ds_ring.patch(model)
+    assert model.config._attn_implementation != "ring_dilated"
+
+
+def test_patch_unpatch_and_generation_single_process():
+    model = build("qwen3", 5).eval()
+    batch = _ids()
+    ref = model(**batch).logits
+    before = model.config._attn_implementation
+    gen_ref = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=True)
+    ds_ring.patch(model)
+    assert model.config._attn_implementation == "ring_dilated"
+    real = batch["attention_mask"].bool()
+    assert rel_err(model(**batch).logits[real], ref[real]) < TOL  # one rank: exact local attention
+    # generate with a KV cache: decoding steps have fewer queries than keys
+    assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=True), gen_ref)
+    ds_ring.unpatch(model)
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, "_ds_ring") for m in model.modules())
+
+
+def test_two_models_keep_their_own_settings():
+    a = ds_ring.patch(build("llama", 0), layout="zigzag", segment_lengths=[4, 8], dilation_rates=[1, 2])
+    b = ds_ring.patch(build("llama", 0), local=True)
+    sa = {m._ds_ring for m in a.modules() if hasattr(m, "_ds_ring")}
+    sb = {m._ds_ring for m in b.modules() if hasattr(m, "_ds_ring")}
+    assert len(sa) == len(sb) == 1 and sa != sb
+    (sa,), (sb,) = sa, sb
+    assert (sa.layout, sa.segment_lengths, sa.dilation_rates, sa.local) == ("zigzag", (4, 8), (1, 2), False)
+    assert (sb.layout, sb.segment_lengths, sb.local) == ("contiguous", None, True)
+
+
+def test_patch_validates_arguments():
+    model = build("llama", 0)
+    with pytest.raises(ValueError, match="dilation_rates"):
+        ds_ring.patch(model, segment_lengths=[4, 8])
+    with pytest.raises(ValueError, match="layout"):
+        ds_ring.patch(model, layout="striped")
+    with pytest.raises(ValueError, match="was not patched"):
+        ds_ring.unpatch(model)
