@@ -235,6 +235,11 @@ def unpatch(model: nn.Module) -> nn.Module:
 def local_attention(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model``'s ring attention treats each rank's input as the whole sequence (exact, no
     communication): for evaluation or ``generate`` on unsharded inputs."""
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"local_attention: {_model_name(model)} uses attn_implementation="
+            f"{model.config._attn_implementation!r}, not {ATTN_IMPLEMENTATION!r}; call ds_ring.patch(model) first"
+        )
     mods = _attention_modules(model)
     saved = [getattr(m, "_ds_ring", None) for m in mods]
     for m, s in zip(mods, saved):

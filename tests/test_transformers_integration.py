@@ -182,6 +182,21 @@ def _special_cases(world: int) -> dict[str, object]:
     except ValueError as e:
         res["missing_position_ids"] = str(e)
 
+    # A dilated pattern over the ring equals the same pattern computed in one process on the whole sequence.
+    pattern = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
+    model = build("llama", 5).eval()
+    whole = ds_ring.patch(copy.deepcopy(model), local=True, **pattern)
+    ref_logits = whole(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    dense_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    res["dilated_vs_dense"] = rel_err(ref_logits[real], dense_logits[real])  # the pattern must matter
+    for lay in ("contiguous", "zigzag"):
+        sp_l = sp if lay == "contiguous" else zz
+        ring = ds_ring.patch(copy.deepcopy(model), sp=sp_l, **pattern)
+        out = ring(**ds_ring.shard_batch(batch, sp_l)).logits
+        out = gather_sequence(out, 1, sp_l.group, lay)[:, : batch["input_ids"].shape[1]]
+        res[f"dilated/{lay}"] = rel_err(out[real], ref_logits[real])
+
     # local_attention: every rank runs the full, unsharded sequence exactly, without communication.
     model = build("mistral", 4).eval()
     ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -235,6 +250,13 @@ def test_missing_global_position_ids_raises(ring_results):
     for res in ring_results:
         msg = res["special"]["missing_position_ids"]
         assert "position_ids" in msg and "shard_batch" in msg, msg
+
+
+def test_dilated_pattern_over_ring_matches_one_process(ring_results):
+    for res in ring_results:
+        sp = res["special"]
+        assert sp["dilated_vs_dense"] > 10 * TOL  # the dilated pattern is not the dense one
+        assert sp["dilated/contiguous"] < TOL and sp["dilated/zigzag"] < TOL, sp
 
 
 def test_local_attention_runs_unsharded_input(ring_results):
@@ -317,3 +339,5 @@ def test_patch_validates_arguments():
         ds_ring.patch(model, layout="striped")
     with pytest.raises(ValueError, match="was not patched"):
         ds_ring.unpatch(model)
+    with pytest.raises(ValueError, match="ds_ring.patch"), ds_ring.local_attention(model):
+        pass
