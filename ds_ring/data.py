@@ -109,6 +109,7 @@ def sp_dataloader(
     """DataLoader over ``dataset`` whose samples are split over the DATA-parallel ranks (``sp.dp_size``,
     ``sp.dp_rank``) only: all ranks of one ring see the same samples in the same order, different rings see
     different samples. Call ``set_epoch(epoch)`` each epoch to reshuffle (same order on every rank of a ring).
+    ``drop_last`` drops both the samples that do not split evenly over the rings and the last incomplete batch.
     Batches are full sequences; pass each through ``shard_batch``. Extra ``kw`` go to ``DataLoader``.
     """
     if "sampler" in kw or "batch_sampler" in kw:

@@ -30,7 +30,8 @@ def expected_index(seq_pad: int, world: int, rank: int, layout: str) -> torch.Te
         n = seq_pad // world
         return torch.arange(rank * n, (rank + 1) * n)
     c = seq_pad // (2 * world)
-    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * world - 1 - rank) * c, (2 * world - rank) * c)])
+    mirror = 2 * world - 1 - rank
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange(mirror * c, (mirror + 1) * c)])
 
 
 def _loss_cases(sp: SequenceParallel) -> dict:

@@ -143,8 +143,9 @@ def _equivalence_cases(world: int) -> dict[str, dict[str, float]]:
                 got = ring_run(patched, batch, sp, sp.group)
                 r = compare(ref, got, batch["attention_mask"])
                 # Power check: the padding mask changes the real tokens' outputs, so a dropped mask would fail.
+                real = batch["attention_mask"].bool()
                 no_mask = model(input_ids=batch["input_ids"]).logits.detach()
-                r["mask_effect"] = rel_err(no_mask[batch["attention_mask"].bool()], ref[0][batch["attention_mask"].bool()])
+                r["mask_effect"] = rel_err(no_mask[real], ref[0][real])
                 results[f"{name}/{side}/{lay}"] = r
     return results
 
