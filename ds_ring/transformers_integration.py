@@ -107,7 +107,7 @@ def ring_dilated_attention_forward(
                 f"{name}: ring attention got {lq} queries for {lk} keys (a KV cache with past tokens); decode on an "
                 f"unsharded input under ds_ring.local_attention(model) or patch(model, local=True)"
             )
-        _check_global_positions(module, kwargs.get("position_ids"), lq, world, rank, s.layout)
+        _check_global_positions(module, kwargs.get("position_ids"), lq, s, world, rank)
         if key_padding_mask is None:
             # flash_attention_mask gives None on a rank whose shard has no padding while another rank's shard may be
             # padded: every rank must hand the ring the same kind of argument.
@@ -129,22 +129,26 @@ def ring_dilated_attention_forward(
 
 
 def _check_global_positions(
-    module: nn.Module, position_ids: torch.Tensor | None, local_len: int, world: int, rank: int, layout: str
+    module: nn.Module, position_ids: torch.Tensor | None, local_len: int, s: RingSettings, world: int, rank: int
 ) -> None:
-    """Fail loudly when a shard runs with the model's default local positions arange(L_local) instead of global ones.
+    """Fail loudly when shards run with the model's default local positions arange(L_local) instead of global ones.
 
-    RoPE and learned position embeddings would silently see wrong positions. Checked once per forward (first layer).
+    RoPE and learned position embeddings would silently see wrong positions. Checked once per forward (first layer),
+    and agreed over the ring so that every rank raises rather than some waiting in the ring for ever.
     """
     if position_ids is None or getattr(module, "layer_idx", 0) not in (0, None):
         return
-    expected = shard_positions(local_len, world, rank, layout, device=position_ids.device)
-    if torch.equal(expected, torch.arange(local_len, device=position_ids.device)):
-        return  # this rank's global positions coincide with the local default: nothing to tell apart
-    if torch.equal(position_ids, torch.arange(local_len, device=position_ids.device).expand_as(position_ids)):
+    default = torch.arange(local_len, device=position_ids.device)
+    expected = shard_positions(local_len, world, rank, s.layout, device=position_ids.device)
+    # A rank whose global positions are not arange(L_local) but that got exactly arange(L_local) got no global ones.
+    wrong = not torch.equal(expected, default) and torch.equal(position_ids, default.expand_as(position_ids))
+    flag = torch.tensor([float(wrong)], device=position_ids.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=s.group)
+    if flag.item():
         raise ValueError(
-            f"{_model_name(module)}: rank {rank} of {world} got position_ids = arange({local_len}), the model's "
-            f"default for an unsharded input, but it holds global positions {expected[0].item()}..; pass the global "
-            f"position_ids returned by ds_ring.shard_batch (layout={layout!r})"
+            f"{_model_name(module)}: shards of the ring (world {world}, layout {s.layout!r}) got position_ids = "
+            f"arange({local_len}), the model's default for an unsharded input, instead of their global positions; "
+            f"pass the position_ids returned by ds_ring.shard_batch"
         )
 
 

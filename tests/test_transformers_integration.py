@@ -172,16 +172,18 @@ def _special_cases(world: int) -> dict[str, object]:
         switched.set_attn_implementation("ring_dilated")
         res[f"set_attn_implementation/{name}"] = compare(ref, ring_run(switched, batch, sp), batch["attention_mask"])
 
-    # Forgetting the global position_ids fails loudly (zigzag: every rank's positions differ from arange(L)).
+    # Forgetting the global position_ids fails loudly on every rank, also on contiguous rank 0 whose positions
+    # happen to be the local default (it must not wait in the ring for the others).
     zz = ds_ring.init_sequence_parallel(world, layout="zigzag")
-    model = ds_ring.patch(build("llama", 3), sp=zz)
-    local = ds_ring.shard_batch(batch, zz)
-    del local["position_ids"]
-    try:
-        model(**local)
-        res["missing_position_ids"] = "no error"
-    except ValueError as e:
-        res["missing_position_ids"] = str(e)
+    for lay, sp_l in (("contiguous", sp), ("zigzag", zz)):
+        model = ds_ring.patch(build("llama", 3), sp=sp_l)
+        local = ds_ring.shard_batch(batch, sp_l)
+        del local["position_ids"]
+        try:
+            model(**local)
+            res[f"missing_position_ids/{lay}"] = "no error"
+        except ValueError as e:
+            res[f"missing_position_ids/{lay}"] = str(e)
 
     # A dilated pattern over the ring equals the same pattern computed in one process on the whole sequence.
     pattern = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
@@ -249,8 +251,9 @@ def test_gradient_checkpointing_and_attn_implementation(ring_results):
 
 def test_missing_global_position_ids_raises(ring_results):
     for res in ring_results:
-        msg = res["special"]["missing_position_ids"]
-        assert "position_ids" in msg and "shard_batch" in msg, msg
+        for lay in ("contiguous", "zigzag"):
+            msg = res["special"][f"missing_position_ids/{lay}"]
+            assert "position_ids" in msg and "shard_batch" in msg, msg
 
 
 def test_dilated_pattern_over_ring_matches_one_process(ring_results):
