@@ -1,0 +1,129 @@
+"""The example under each launcher (deepspeed, accelerate launch, torchrun) on 2 CPU ranks over gloo, against one
+process training the same model on the full sequences with the same data; checkpoint resume through the example."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "train_long_context.py"
+SEQ, STEPS, LR, CLIP = 64, 3, 1e-3, 1.0
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_long_context", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def seed() -> int:
+    return random.randrange(10**6)  # fresh weights and data every run
+
+
+@pytest.fixture(scope="module")
+def reference(seed):
+    """One process, full sequences, unpatched model, torch AdamW + clip_grad_norm_: the loss of every step."""
+    from transformers import AutoModelForCausalLM
+
+    import ds_ring
+    from ds_ring.demo import tiny_llama_config
+
+    ex = load_example()
+    args = ex.parse_args(["--seed", str(seed), "--seq-len", str(SEQ), "--steps", str(STEPS), "--lr", str(LR)])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for _, batch in ex.batches(args, ds_ring.init_sequence_parallel(1), model.config.vocab_size, 0):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model, losses
+
+
+def run(cmd: list[str], timeout: float = 200) -> dict[int, float]:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    losses = {int(s): float(v) for s, v in re.findall(r"^step (\d+) loss ([\d.]+)$", proc.stdout, re.M)}
+    assert "peak memory per rank: rank 0:" in proc.stdout and "rank 1:" in proc.stdout
+    assert proc.stdout.count("done:") == 1  # logs come from rank 0 only
+    return losses
+
+
+def common(seed: int) -> list[str]:
+    return ["--sp-size", "2", "--seq-len", str(SEQ), "--steps", str(STEPS), "--lr", str(LR),
+            "--grad-clip", str(CLIP), "--seed", str(seed), "--log-every", "1"]
+
+
+def check(losses: dict[int, float], ref: list[float], steps=range(1, STEPS + 1)):
+    assert sorted(losses) == list(steps), losses
+    assert [losses[s] for s in steps] == pytest.approx([ref[s - 1] for s in steps], rel=1e-4)
+
+
+def test_deepspeed_launcher_zero3(seed, reference):
+    losses = run(["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                  str(EXAMPLE), "--deepspeed", "ds_config/zero3.json", *common(seed)])
+    check(losses, reference[1])
+
+
+def test_accelerate_launch_zero3_yaml(seed, reference):
+    # The DeepSpeed config comes from the YAML; accelerate must not shard data inside the ring (the losses would differ).
+    losses = run(["accelerate", "launch", "--config_file", "integrations/accelerate/zero3.yaml",
+                  "--main_process_port", str(free_port()), str(EXAMPLE), *common(seed)])
+    check(losses, reference[1])
+
+
+def test_torchrun_zero3_offload_pretrained_and_resume(seed, reference, tmp_path):
+    """torchrun + ZeRO-3 with CPU offload, loading a saved model (from_pretrained under zero.Init); then a run resumed
+    from the step-2 checkpoint must reproduce step 3 of the uninterrupted run."""
+    model_dir, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    from transformers import AutoModelForCausalLM
+
+    from ds_ring.demo import tiny_llama_config
+
+    torch.manual_seed(seed)  # the reference's initial weights
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(model_dir)
+    base = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(EXAMPLE), "--deepspeed", "ds_config/zero3_offload.json", "--model", str(model_dir), *common(seed),
+            "--checkpoint-dir", str(ckpt), "--save-every", "2"]
+    full = run(base)
+    check(full, reference[1])
+    (ckpt / "latest").write_text("step2")
+    resumed = run([*base[:6], str(free_port()), *base[7:], "--resume"])
+    assert resumed == {3: full[3]}
+
+
+def test_shipped_configs_validate():
+    """Every shipped DeepSpeed config loads once its "auto" values are filled and passes ds_ring's checks."""
+    from ds_ring.deepspeed_integration import check_config, load_config
+    from ds_ring.groups import SequenceParallel
+
+    sp = SequenceParallel(None, None, 2, 0, 1, 0)
+    fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "bf16.enabled": False}
+    stages = {}
+    for path in sorted((ROOT / "ds_config").glob("*.json")):
+        cfg = load_config(path, fill)
+        check_config(cfg, sp)
+        stages[path.stem] = cfg["zero_optimization"]["stage"]
+    assert stages == {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+    for yaml in (ROOT / "integrations" / "accelerate").glob("*.yaml"):
+        file = re.search(r"deepspeed_config_file: (\S+)", yaml.read_text())[1]
+        assert (ROOT / file).is_file(), f"{yaml.name} points at a missing {file}"
