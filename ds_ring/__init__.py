@@ -3,10 +3,12 @@ trained with DeepSpeed ZeRO."""
 
 from .attention import ring_dilated_attention
 from .comm import count_comm
-from .groups import SequenceParallel, init_distributed, init_sequence_parallel
-from .sharding import gather_sequence, shard_sequence
 from .data import shard_batch, sp_dataloader
+from .groups import SequenceParallel, init_distributed, init_sequence_parallel
 from .loss import causal_lm_loss
+from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
+from .modules import RingDilatedAttention, RingDilatedMultiheadAttention
+from .sharding import gather_sequence, shard_sequence
 from .transformers_integration import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
 
 __version__ = "0.1.0"

@@ -155,8 +155,11 @@ def ring_backward(
     steps = plan.comm_steps
     nbuf = min(2, len(steps))
     kv_bufs = [[torch.empty_like(t) for t in packet] for _ in range(nbuf)]
-    part_bufs = [[torch.empty_like(dk), torch.empty_like(dv)] for _ in range(nbuf)]  # partials for other ranks
-    home_bufs = [[torch.empty_like(dk), torch.empty_like(dv)] for _ in range(nbuf)]  # partials for our chunk
+    B, Hkv, L, D = k.shape
+    home_flat = torch.empty(2, B * Hkv * ((L + 1) // 2) * D, dtype=torch.float32, device=k.device) if steps else None
+
+    def home(n):  # contiguous landing buffers for an incoming dK/dV part of n key rows
+        return [home_flat[j, : B * Hkv * n * D].view(B, Hkv, n, D) for j in range(2)]
 
     def post_kv(i):
         recv_from, send_to, _ = plan.steps[steps[i]]
@@ -164,32 +167,35 @@ def ring_backward(
 
     pending_kv = post_kv(0) if steps else None
     _backward_pieces(plan.steps[0][2], q, k, v, kpm, out, lse, dout, dq, dk, dv, scale)
-    pending_dkv = None  # (handle, buffers to add, whether anything arrives)
+    pending_dkv = None  # (handle, key rows of the part that arrives or None); one dK/dV exchange in flight
     for i, s in enumerate(steps):
         pending_kv.wait()
         pending_kv = post_kv(i + 1) if i + 1 < len(steps) else None
-        recv_from, send_to, pieces = plan.steps[s]
-        part = part_bufs[i % 2]
-        if recv_from is not None:
-            for t in part:
-                t.zero_()
-            kc, vc, kpmc = _unpack(kv_bufs[i % 2])
-            _backward_pieces(pieces, q, kc, vc, kpmc, out, lse, dout, dq, part[0], part[1], scale)
-        # send the partial home; the rank we sent our K/V to sends back its partial for our chunk
-        handle = comm.exchange("dkv", _DKV_TAG + 8 * s, recv_from, part, send_to, home_bufs[i % 2])
-        if pending_dkv is not None:
-            _add_home(*pending_dkv, dk, dv)
-        pending_dkv = (handle, home_bufs[i % 2], send_to is not None)
+        recv_from, send_to, _ = plan.steps[s]
+        kc, vc, kpmc = _unpack(kv_bufs[i % 2])
+        for j, (lo, hi, pieces) in enumerate(plan.key_parts[s]):
+            part = []  # dK/dV (fp32) of the chunk's key rows [lo, hi), for the chunk's owner
+            if recv_from is not None:
+                part = [torch.zeros(B, Hkv, hi - lo, D, dtype=torch.float32, device=k.device) for _ in range(2)]
+                _backward_pieces(pieces, q, kc[:, :, lo:hi], vc[:, :, lo:hi], None if kpmc is None else
+                                 kpmc[:, lo:hi], out, lse, dout, dq, part[0], part[1], scale)
+            if pending_dkv is not None:  # the previous part travelled while this one was computed
+                _add_home(*pending_dkv, home, dk, dv)
+            # send the part home; the rank we sent our K/V to sends back its part for our chunk
+            handle = comm.exchange("dkv", _DKV_TAG + 8 * s + 2 * j, recv_from, part, send_to, home(hi - lo))
+            pending_dkv = (handle, (lo, hi) if send_to is not None else None)
     if pending_dkv is not None:
-        _add_home(*pending_dkv, dk, dv)
+        _add_home(*pending_dkv, home, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _add_home(handle, bufs, arrived, dk, dv):
+def _add_home(handle, rows, home, dk, dv):
     handle.wait()
-    if arrived:
-        dk.add_(bufs[0])
-        dv.add_(bufs[1])
+    if rows is not None:
+        lo, hi = rows
+        hk, hv = home(hi - lo)
+        dk[:, :, lo:hi].add_(hk)
+        dv[:, :, lo:hi].add_(hv)
 
 
 class _RingDilatedAttention(torch.autograd.Function):

@@ -49,13 +49,15 @@ def count_comm() -> Iterator[CommCounter]:
 
 
 class _Pending:
-    def __init__(self, works):
-        self.works = works
+    """Handle of posted transfers; holds their tensors so no buffer is freed or reused before ``wait``."""
+
+    def __init__(self, works, tensors):
+        self.works, self.tensors = works, tensors
 
     def wait(self) -> None:
         for w in self.works:
             w.wait()
-        self.works = []
+        self.works, self.tensors = [], []
 
 
 class RingComm:
@@ -88,7 +90,7 @@ class RingComm:
         for c in _COUNTERS:
             c.add(kind, send_to, recv_from, sum(t.numel() * t.element_size() for t in send),
                   sum(t.numel() * t.element_size() for t in recv))
-        pending = _Pending(dist.batch_isend_irecv(ops) if ops else [])
+        pending = _Pending(dist.batch_isend_irecv(ops) if ops else [], [op.tensor for op in ops])
         if not self.overlap:
             pending.wait()
         return pending

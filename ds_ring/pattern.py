@@ -99,6 +99,19 @@ class Piece:
     causal_diag: bool
 
 
+def restrict_keys(piece: Piece, lo: int, hi: int) -> Piece | None:
+    """The part of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``."""
+    if piece.k_idx is None:
+        k_idx, k_pos = None, piece.k_pos[lo:hi]
+    else:
+        keep = (piece.k_idx >= lo) & (piece.k_idx < hi)
+        if not bool(keep.any()):
+            return None
+        k_idx, k_pos = piece.k_idx[keep] - lo, piece.k_pos[keep]
+    return Piece(piece.head_start, piece.head_step, piece.q_idx, k_idx, piece.q_pos, k_pos, piece.seg, piece.causal,
+                 piece.window, piece.causal_diag and (lo, hi) == (0, piece.k_pos.shape[0]))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything one rank needs for one (pattern, shape, group, layout): which peers at which step, and the pieces.
@@ -111,6 +124,9 @@ class Plan:
     world_size: int
     rank: int
     steps: tuple[tuple[int | None, int | None, tuple[Piece, ...]], ...]
+    # steps[s]'s pieces cut by source key rows [lo, hi): backward sends each dK/dV part home as soon as it is done,
+    # so one part is in flight while the next is computed and the partial buffers stay a chunk in size for any P
+    key_parts: tuple[tuple[tuple[int, int, tuple[Piece, ...]], ...], ...] = ()
 
     @property
     def comm_steps(self) -> list[int]:
@@ -207,7 +223,13 @@ def _plan_cached(
             continue
         send_to = dst if pieces(dst, rank) else None
         steps.append((src if mine else None, send_to, mine))
-    return Plan(world, rank, tuple(steps))
+    bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
+    key_parts = tuple(
+        tuple((lo, hi, tuple(p for p in (restrict_keys(pc, lo, hi) for pc in pieces) if p is not None))
+              for lo, hi in bounds)
+        for _, _, pieces in steps
+    )
+    return Plan(world, rank, tuple(steps), key_parts)
 
 
 def make_plan(
