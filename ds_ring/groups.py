@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from .sharding import check_layout
@@ -88,8 +89,6 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
             "torch.distributed is not initialised and RANK/WORLD_SIZE are not set: start the script with torchrun, "
             "deepspeed or accelerate launch, or call torch.distributed.init_process_group first"
         )
-    import torch
-
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -97,6 +96,17 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
     if isinstance(timeout, (int, float)):
         timeout = timedelta(seconds=timeout)
     dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
+
+
+def _world_timeout() -> timedelta | None:
+    """The default group's timeout. ``new_group`` does not inherit it (it takes torch's 30-minute default), so a ring
+    whose peer hangs would block that long however short the user's timeout. Read from a private attribute: None
+    (torch's default) if this torch lacks it."""
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    try:
+        return dist.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def init_sequence_parallel(
@@ -109,7 +119,8 @@ def init_sequence_parallel(
     """Split the world into rings of ``sp_size`` consecutive ranks and data-parallel groups across them.
 
     ``sp_size=None`` puts every rank in one ring. Initialises torch.distributed from the environment if needed.
-    Every rank must call this with the same arguments (group creation is collective).
+    Every rank must call this with the same arguments (group creation is collective). The groups get ``timeout``,
+    by default the one the default group was initialised with.
     """
     check_layout(layout)
     if not dist.is_initialized():
@@ -131,18 +142,21 @@ def init_sequence_parallel(
             f"or launch a multiple of {sp_size} processes"
         )
     dp_size = world // sp_size
+    if isinstance(timeout, (int, float)):
+        timeout = timedelta(seconds=timeout)
+    timeout = timeout or _world_timeout()
     sp_group = dp_group = None
     for i in range(dp_size):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(i * sp_size, (i + 1) * sp_size)))
+        g = dist.new_group(list(range(i * sp_size, (i + 1) * sp_size)), timeout=timeout)
         if rank // sp_size == i:
             sp_group = g
     for j in range(sp_size):
-        g = dist.new_group(list(range(j, world, sp_size)))
+        g = dist.new_group(list(range(j, world, sp_size)), timeout=timeout)
         if rank % sp_size == j:
             dp_group = g
     self_group = None
     for r in range(world):
-        g = dist.new_group([r])
+        g = dist.new_group([r], timeout=timeout)
         if r == rank:
             self_group = g
     return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout, self_group)
