@@ -59,7 +59,25 @@ def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
 
 
 def _block_mask(piece: Piece, kpm: torch.Tensor | None) -> BlockMask:
+    if kpm is not None and piece.groups > 1:
+        kpm = kpm.reshape(kpm.shape[0] * piece.groups, -1)
     return BlockMask(piece.q_pos, piece.k_pos, piece.seg, piece.causal, piece.window, piece.causal_diag, kpm)
+
+
+def _fold(t: torch.Tensor, G: int) -> torch.Tensor:
+    """(B, H, G * m, ...) -> (B * G, H, m, ...): one batch entry per segment block."""
+    if G == 1:
+        return t
+    B, H, n = t.shape[:3]
+    return t.reshape(B, H, G, n // G, *t.shape[3:]).transpose(1, 2).reshape(B * G, H, n // G, *t.shape[3:])
+
+
+def _unfold(t: torch.Tensor, G: int) -> torch.Tensor:
+    """Inverse of ``_fold``."""
+    if G == 1:
+        return t
+    BG, H, m = t.shape[:3]
+    return t.reshape(BG // G, G, H, m, *t.shape[3:]).transpose(1, 2).reshape(BG // G, H, G * m, *t.shape[3:])
 
 
 def _merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
@@ -73,7 +91,10 @@ def _merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: to
 def _forward_pieces(pieces, q, k, v, kpm, out_acc, lse_acc, scale):
     for piece in pieces:
         kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
-        out_b, lse_b = block_forward(_rows(q, piece), kp, vp, _block_mask(piece, kpm_p), scale)
+        G = piece.groups
+        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G),
+                                     _block_mask(piece, kpm_p), scale)
+        out_b, lse_b = _unfold(out_b, G), _unfold(lse_b, G)
         oa, la = out_acc[:, piece.head_start :: piece.head_step], lse_acc[:, piece.head_start :: piece.head_step]
         if piece.q_idx is None:
             _merge_(oa, la, out_b, lse_b)
@@ -87,10 +108,12 @@ def _forward_pieces(pieces, q, k, v, kpm, out_acc, lse_acc, scale):
 def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq, dk, dv, scale):
     for piece in pieces:
         kp, vp, kpm_p, head_idx = _piece_kv(piece, q.shape[1], k, v, kpm)
-        dq_b, dk_b, dv_b = block_backward(
-            _rows(dout, piece), _rows(q, piece), kp, vp, _rows(out, piece), _rows(lse, piece),
+        G = piece.groups
+        grads = block_backward(
+            *(_fold(t, G) for t in (_rows(dout, piece), _rows(q, piece), kp, vp, _rows(out, piece), _rows(lse, piece))),
             _block_mask(piece, kpm_p), scale,
         )
+        dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
         dqa = dq[:, piece.head_start :: piece.head_step]
         if piece.q_idx is None:
             dqa.add_(dq_b)

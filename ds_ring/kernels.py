@@ -21,7 +21,11 @@ MASK_TILE_ELEMENTS = 1 << 22
 
 @dataclass(frozen=True)
 class BlockMask:
-    """Which (query, key) pairs of a block may interact. Positions are global, shape (M,) and (N,)."""
+    """Which (query, key) pairs of a block may interact.
+
+    The block may be G blocks batched along the batch dimension (index b * G + g): positions are global, shape
+    (G, M) and (G, N); ``key_padding`` is (B * G, N) bool, True = real token.
+    """
 
     q_pos: torch.Tensor
     k_pos: torch.Tensor
@@ -29,30 +33,30 @@ class BlockMask:
     causal: bool = False  # k_pos <= q_pos
     window: int | None = None  # q_pos - k_pos < window
     causal_diag: bool = False  # q_pos == k_pos and sorted: the kernel's top-left causal flag is exact
-    key_padding: torch.Tensor | None = None  # (B, N) bool, True = real token
+    key_padding: torch.Tensor | None = None
 
     @property
     def has_rowcol(self) -> bool:
         return self.seg is not None or self.window is not None or (self.causal and not self.causal_diag)
 
-    def allowed(self, rows: slice) -> torch.Tensor:
-        """(B or 1, 1, Mt, N) bool for query rows ``rows``."""
-        qp, kp = self.q_pos[rows, None], self.k_pos[None, :]
-        ok = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool, device=qp.device)
+    def allowed(self, rows: slice, batch: int) -> torch.Tensor:
+        """(batch or 1, 1, Mt, N) bool for query rows ``rows``; ``batch`` = B * G."""
+        qp, kp = self.q_pos[:, rows, None], self.k_pos[:, None, :]
+        ok = torch.ones(qp.shape[0], qp.shape[1], kp.shape[2], dtype=torch.bool, device=qp.device)
         if self.seg is not None:
             ok &= (qp // self.seg) == (kp // self.seg)
         if self.causal:
             ok &= kp <= qp
         if self.window is not None:
             ok &= (qp - kp) < self.window
-        ok = ok[None, None]
-        if self.key_padding is not None:
-            ok = ok & self.key_padding[:, None, None, :]
-        return ok
+        G = ok.shape[0]
+        if G == 1 and self.key_padding is None:
+            return ok[:, None]
+        ok = ok.expand(batch // G, *ok.shape).reshape(batch, 1, *ok.shape[1:])
+        return ok if self.key_padding is None else ok & self.key_padding[:, None, None, :]
 
     def tile_rows(self, batch: int) -> int:
-        n = self.k_pos.shape[0] * (batch if self.key_padding is not None else 1)
-        return max(16, MASK_TILE_ELEMENTS // max(n, 1))
+        return max(16, MASK_TILE_ELEMENTS // max(self.k_pos.shape[1] * batch, 1))
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -98,7 +102,10 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
 def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, M, D), k/v (B, Hkv, N, D) with Hq % Hkv == 0 -> out (B, Hq, M, D), lse (B, Hq, M) fp32."""
+    """q (B', Hq, M, D), k/v (B', Hkv, N, D) with Hq % Hkv == 0 -> out (B', Hq, M, D), lse (B', Hq, M) fp32.
+
+    B' = B * G when the mask batches G segment blocks.
+    """
     M = q.shape[2]
     if not mask.has_rowcol:
         add, is_causal, row_any = _simple_mask(mask, q.dtype, M)
@@ -108,7 +115,7 @@ def block_forward(
     t = mask.tile_rows(q.shape[0])
     for i in range(0, M, t):
         rows = slice(i, min(i + t, M))
-        allowed = mask.allowed(rows)
+        allowed = mask.allowed(rows, q.shape[0])
         out, lse = _fwd(q[:, :, rows], k, v, _additive(allowed, q.dtype), False, scale)
         out, lse = _fix_empty_rows(out, lse, allowed.any(-1))
         outs.append(out)
@@ -132,7 +139,7 @@ def block_backward(
     dqs, dk, dv = [], None, None
     for i in range(0, M, t):
         rows = slice(i, min(i + t, M))
-        add = _additive(mask.allowed(rows), q.dtype)
+        add = _additive(mask.allowed(rows, q.shape[0]), q.dtype)
         dq_t, dk_t, dv_t = _bwd(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], add, False,
                                 scale)
         dqs.append(dq_t)

@@ -12,6 +12,7 @@ math on shapes and the pattern alone, so every rank derives the same communicati
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Sequence
@@ -81,10 +82,12 @@ class Pattern:
 class Piece:
     """One dense sub-block of work between the local queries and one source rank's keys.
 
-    ``heads``: the query heads of the offset class, as a slice (start, step) over Hq. ``q_idx``/``k_idx``: local row
-    indices into the query shard / the source's key shard, or ``None`` for all rows. ``q_pos``/``k_pos``: their global
-    positions. ``seg``: the segment length to compare (``None`` when every row pair shares a segment).
-    ``causal_diag``: the piece is exactly the causal diagonal (same rows, sorted): the kernel may use its causal flag.
+    ``head_start``/``head_step``: the query heads of the offset class (a slice over Hq). ``q_idx``/``k_idx``: local
+    row indices into the query shard / the source's key shard (``None`` = all rows), ordered segment by segment.
+    ``groups``: the rows form G equal segments, which the kernel runs as G batched blocks, so a segment never pays
+    for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
+    length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
+    own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
     """
 
     head_start: int
@@ -97,19 +100,44 @@ class Piece:
     causal: bool
     window: int | None
     causal_diag: bool
+    groups: int = 1
 
 
-def restrict_keys(piece: Piece, lo: int, hi: int) -> Piece | None:
-    """The part of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``."""
-    if piece.k_idx is None:
-        k_idx, k_pos = None, piece.k_pos[lo:hi]
-    else:
-        keep = (piece.k_idx >= lo) & (piece.k_idx < hi)
-        if not bool(keep.any()):
-            return None
-        k_idx, k_pos = piece.k_idx[keep] - lo, piece.k_pos[keep]
-    return Piece(piece.head_start, piece.head_step, piece.q_idx, k_idx, piece.q_pos, k_pos, piece.seg, piece.causal,
-                 piece.window, piece.causal_diag and (lo, hi) == (0, piece.k_pos.shape[0]))
+def _piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window) -> Piece:
+    """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask."""
+    causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
+    if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
+        window = None
+    diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
+    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0])
+
+
+def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
+    """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
+
+    Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
+    """
+    G = piece.groups
+    n_k = piece.k_pos.shape[1]
+    k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
+    k_idx = k_idx.view(G, -1)
+    q_idx = None if piece.q_idx is None else piece.q_idx.view(G, -1)
+    inside = (k_idx >= lo) & (k_idx < hi)
+    whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
+    out = []
+    if bool(whole.all()) and piece.k_idx is None:
+        return [Piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos, piece.seg,
+                      piece.causal, piece.window, piece.causal_diag, G)]
+    args = (piece.head_start, piece.head_step)
+    if bool(whole.any()):
+        out.append(_piece(*args, None if q_idx is None else q_idx[whole].reshape(-1),
+                          (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
+                          piece.causal, piece.window))
+    for g in cut.nonzero().flatten().tolist():
+        keep = inside[g]
+        out.append(_piece(*args, None if q_idx is None else q_idx[g], k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
+                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window))
+    return out
 
 
 @dataclass(frozen=True)
@@ -168,15 +196,38 @@ def _rows_with_partner(
     return found
 
 
+# More distinct segment shapes than this in one piece: run it as one masked block instead of many small ones.
+_MAX_SEGMENT_SHAPES = 8
+
+
+def _segment_pieces(o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list[Piece]:
+    """Pieces for the selected rows: segments with the same (query rows, key rows) counts are batched together."""
+    q_rows, k_rows = qsel.nonzero().flatten(), ksel.nonzero().flatten()
+    qp, kp = pos_q[q_rows], pos_k[k_rows]
+    q_seg, q_cnt = torch.unique_consecutive(qp // w, return_counts=True)
+    k_seg, k_cnt = torch.unique_consecutive(kp // w, return_counts=True)
+    args = (pattern.causal, pattern.window)
+    full_q, full_k = bool(qsel.all()), bool(ksel.all())
+    shapes = sorted(set(zip(q_cnt.tolist(), k_cnt.tolist()))) if torch.equal(q_seg, k_seg) else []
+    if len(q_seg) == 1 and shapes or not shapes or len(shapes) > _MAX_SEGMENT_SHAPES:
+        seg = None if len(q_seg) == 1 and shapes else w
+        return [_piece(o, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg, *args)]
+    out = []
+    q_of = torch.repeat_interleave(torch.arange(len(q_seg)), q_cnt)  # segment index of each selected row
+    k_of = torch.repeat_interleave(torch.arange(len(k_seg)), k_cnt)
+    for nq, nk in shapes:
+        chosen = ((q_cnt == nq) & (k_cnt == nk)).nonzero().flatten()
+        qm, km = torch.isin(q_of, chosen), torch.isin(k_of, chosen)
+        G = len(chosen)
+        out.append(_piece(o, r, q_rows[qm], k_rows[km], qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _plan_cached(
     pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str
 ) -> Plan:
     pattern = Pattern(*pattern_key)
-
-    def _dev(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device)
-
     seq_len = local_len * world
     ranges = [shard_ranges(local_len, world, p, layout) for p in range(world)]
     pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in ranges]
@@ -194,24 +245,7 @@ def _plan_cached(
                 ksel = _selected(pos[src], w, r, o) & _rows_with_partner(
                     pos[src], ranges[dst], w, r, o, pattern.causal, pattern.window, False
                 )
-                full_q, full_k = bool(qsel.all()), bool(ksel.all())
-                q_idx = None if full_q else qsel.nonzero().squeeze(1)
-                k_idx = None if full_k else ksel.nonzero().squeeze(1)
-                q_pos = pos[dst] if full_q else pos[dst][q_idx]
-                k_pos = pos[src] if full_k else pos[src][k_idx]
-                one_segment = bool((q_pos // w).min() == (k_pos // w).max()) and bool(
-                    (q_pos // w).max() == (k_pos // w).min()
-                )
-                # Drop constraints that cannot bite on this block, so the kernel can skip the mask.
-                causal = pattern.causal and bool(k_pos.max() > q_pos.min())
-                window = pattern.window
-                if window is not None and bool(q_pos.max() - k_pos.min() < window):
-                    window = None
-                seg = None if one_segment else w
-                causal_diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
-                out.append(
-                    Piece(o, r, _dev(q_idx), _dev(k_idx), _dev(q_pos), _dev(k_pos), seg, causal, window, causal_diag)
-                )
+                out += _segment_pieces(o, r, w, qsel, ksel, pos[dst], pos[src], pattern)
         return tuple(out)
 
     steps = []
@@ -225,11 +259,20 @@ def _plan_cached(
         steps.append((src if mine else None, send_to, mine))
     bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
     key_parts = tuple(
-        tuple((lo, hi, tuple(p for p in (restrict_keys(pc, lo, hi) for pc in pieces) if p is not None))
-              for lo, hi in bounds)
+        tuple((lo, hi, tuple(p for pc in pieces for p in restrict_keys(pc, lo, hi))) for lo, hi in bounds)
         for _, _, pieces in steps
     )
-    return Plan(world, rank, tuple(steps), key_parts)
+    return _to_device(Plan(world, rank, tuple(steps), key_parts), device)
+
+
+def _to_device(plan: Plan, device: str) -> Plan:
+    def move(pc: Piece) -> Piece:
+        return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
+                                          if getattr(pc, f) is not None})
+
+    steps = tuple((rf, st, tuple(map(move, pcs))) for rf, st, pcs in plan.steps)
+    parts = tuple(tuple((lo, hi, tuple(map(move, pcs))) for lo, hi, pcs in kp) for kp in plan.key_parts)
+    return Plan(plan.world_size, plan.rank, steps, parts)
 
 
 def make_plan(
