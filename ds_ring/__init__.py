@@ -4,6 +4,8 @@ trained with DeepSpeed ZeRO."""
 from .attention import ring_dilated_attention
 from .comm import count_comm
 from .data import shard_batch, sp_dataloader
+from .deepspeed_integration import ConfigError, load_config
+from .deepspeed_integration import initialize as deepspeed_initialize
 from .groups import SequenceParallel, init_distributed, init_sequence_parallel
 from .loss import causal_lm_loss
 from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
