@@ -1,0 +1,109 @@
+"""Communication follows the pattern: bytes and peers counted on real ranks; empty blocks cost no compute."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_utils import run_distributed
+
+import ds_ring
+from ds_ring.pattern import Pattern, make_plan
+
+B, H, HKV, D, L = 2, 4, 2, 8, 16
+P = 4
+
+
+def _traffic(rank, world, cases):
+    out = []
+    for kw in cases:
+        q = torch.randn(B, H, L, D, requires_grad=True)
+        k = torch.randn(B, HKV, L, D, requires_grad=True)
+        v = torch.randn(B, HKV, L, D, requires_grad=True)
+        kpm = torch.rand(B, L) > 0.2
+        with ds_ring.count_comm() as fwd:
+            o = ds_ring.ring_dilated_attention(q, k, v, key_padding_mask=kpm, **kw)
+        with ds_ring.count_comm() as bwd:
+            o.backward(torch.randn_like(o))
+        out.append((fwd, bwd))
+    return out
+
+
+CASES = [
+    dict(),  # dense
+    dict(causal=True),  # causal, contiguous: only earlier ranks
+    dict(segment_lengths=[L], dilation_rates=[1]),  # segments inside one shard: no communication
+    dict(segment_lengths=[2 * L], dilation_rates=[1]),  # groups of 2 ranks
+    dict(segment_lengths=[24], dilation_rates=[1]),  # segments crossing shards at odd places
+    dict(causal=True, window=5),  # sliding window shorter than a shard: the previous rank only
+]
+
+
+def test_bytes_and_peers_follow_the_pattern():
+    res = run_distributed(_traffic, P, CASES)
+    kv_packet = 2 * B * HKV * L * D * 4 + B * L  # fp32 k and v, uint8 mask
+    dkv_chunk = 2 * B * HKV * L * D * 4  # fp32 dK/dV partial for one chunk
+
+    everyone = set(range(P))
+    for rank in range(P):
+        fwd, bwd = res[rank][0]  # dense: P-1 chunks out and in, each dK/dV partial home once
+        assert fwd.peers == everyone - {rank}
+        assert fwd.sent_bytes == {"kv": (P - 1) * kv_packet} and fwd.recv_bytes == {"kv": (P - 1) * kv_packet}
+        assert bwd.sent_bytes == {"kv": (P - 1) * kv_packet, "dkv": (P - 1) * dkv_chunk}
+        assert bwd.recv_bytes == {"kv": (P - 1) * kv_packet, "dkv": (P - 1) * dkv_chunk}
+
+        fwd, bwd = res[rank][1]  # causal: chunks go to later ranks only, partials come back from them
+        later, earlier = P - 1 - rank, rank
+        assert fwd.sent_bytes.get("kv", 0) == later * kv_packet
+        assert fwd.recv_bytes.get("kv", 0) == earlier * kv_packet
+        assert bwd.sent_bytes.get("dkv", 0) == earlier * dkv_chunk
+        assert bwd.recv_bytes.get("dkv", 0) == later * dkv_chunk
+
+        fwd, bwd = res[rank][2]  # segment == shard: no traffic at all
+        assert not fwd.sent_bytes and not fwd.recv_bytes and not bwd.sent_bytes and not bwd.recv_bytes
+
+        fwd, bwd = res[rank][3]  # segment of two shards: only the partner
+        assert fwd.peers == {rank ^ 1}
+        assert fwd.sent_bytes == {"kv": kv_packet} and bwd.sent_bytes == {"kv": kv_packet, "dkv": dkv_chunk}
+
+    # w = 24 over shards of 16: segments [0,24) [24,48) [48,64) -> 0-1, 1-2, rank 3 alone
+    expected = {0: {1}, 1: {0, 2}, 2: {1}, 3: set()}
+    for rank, peers in expected.items():
+        fwd, _ = res[rank][4]
+        assert fwd.peers == peers, (rank, fwd.peers)
+        assert fwd.sent_bytes.get("kv", 0) == len(peers) * kv_packet
+
+    for rank in range(P):  # window 5 < shard: receive from rank-1 only, send to rank+1 only
+        fwd, bwd = res[rank][5]
+        assert fwd.recv_bytes.get("kv", 0) == (kv_packet if rank > 0 else 0)
+        assert fwd.sent_bytes.get("kv", 0) == (kv_packet if rank < P - 1 else 0)
+        assert bwd.sent_bytes.get("dkv", 0) == (dkv_chunk if rank > 0 else 0)
+
+
+def _work(plan):
+    """Query-key pairs the kernels are asked to compute, per step, summed over heads of each piece."""
+    per_step = []
+    for _, _, pieces in plan.steps:
+        per_step.append(sum(pc.q_pos.numel() * pc.k_pos.shape[1] * len(range(pc.head_start, H, pc.head_step))
+                            for pc in pieces))
+    return per_step
+
+
+def test_empty_blocks_cost_no_compute():
+    S = P * L
+    for rank in range(P):
+        # causal contiguous: nothing from later ranks, and blocks from earlier ranks need no mask
+        plan = make_plan(Pattern.make(causal=True), L, P, rank, "contiguous", H)
+        for s, (recv_from, _, pieces) in enumerate(plan.steps[1:], start=1):
+            src = (rank - s) % P
+            assert (len(pieces) == 0) == (src > rank)
+            assert (recv_from is None) == (src > rank)
+            assert all(not pc.causal and pc.seg is None for pc in pieces)
+        # zigzag causal: every rank has the same amount of work
+        zz = sum(_work(make_plan(Pattern.make(causal=True), L, P, rank, "zigzag", H)))
+        assert zz == sum(_work(make_plan(Pattern.make(causal=True), L, P, 0, "zigzag", H)))
+    # segments shorter than a shard: each segment only computes against itself (L * w pairs per head, not L * L)
+    plan = make_plan(Pattern.make([4], [1]), L, P, 0, "contiguous", H)
+    assert _work(plan) == [H * L * 4] + [0] * (P - 1)
+    # dilation r: every head reads 1/r of the rows of each segment, so 1/r^2 of the pairs
+    plan = make_plan(Pattern.make([S], [4]), L, P, 0, "contiguous", H)
+    assert sum(_work(plan)) == H * (L // 4) * (S // 4)
