@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO 1/2/3/3+offload under SP=2 against one process training the same tiny Llama on full sequences.
+"""DeepSpeed ZeRO 1/2/3/3+offload under SP=2 (and ZeRO-2/3 under DP=2 x SP=2) against one process training the
+same tiny Llama on full sequences.
 
 One spawn of 2 real gloo ranks runs every stage (DeepSpeed import and startup cost seconds). Each case compares the
 reduced gradients after the first step (gradient_clipping off), DeepSpeed's global gradient norm, and the losses of a
@@ -47,19 +48,22 @@ def make_batches(seed: int, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def reference(batches, seed: int):
-    """One process, full sequences, eager attention: first-step gradients and per-step losses."""
+def reference(batches_per_ring, seed: int):
+    """One process, full sequences, eager attention: first-step gradients and each ring's per-step losses.
+
+    With several data-parallel rings the objective is the mean of the rings' losses (what data parallelism averages).
+    """
     model = build_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, grads = [], None
-    for i, b in enumerate(batches):
-        loss = model(**b).loss  # HF shifts labels and averages over valid targets
-        loss.backward()
+    for i, step_batches in enumerate(zip(*batches_per_ring)):
+        ring_losses = [model(**b).loss for b in step_batches]  # HF shifts labels and averages over valid targets
+        (sum(ring_losses) / len(ring_losses)).backward()
         if i == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
+        losses.append([x.item() for x in ring_losses])
     return grads, losses
 
 
@@ -121,13 +125,34 @@ def _worker(rank, world, batches, seed, ckpt_dir):
     return out
 
 
+def _worker_dp(rank, world, batches_per_ring, seed):
+    """DP=2 x SP=2: ring r trains on batches_per_ring[r]."""
+    import ds_ring
+
+    sp = ds_ring.init_sequence_parallel(2)
+    out = {}
+    for name in ("zero2", "zero3"):
+        zero, layout = CASES[name]
+        losses, grads, norm = _train(dataclasses.replace(sp, layout=layout), zero, batches_per_ring[sp.dp_rank], seed,
+                                     grads_at=0)
+        out[name] = (losses, grads if rank == 0 else None, norm)
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     seed = int(torch.randint(0, 10**6, ()).item())  # fresh inputs and weights every run
     batches = make_batches(seed, STEPS + 1)
-    ref = reference(batches, seed)
+    grads, losses = reference([batches], seed)
     dist_out = run_distributed(_worker, 2, batches, seed, str(tmp_path_factory.mktemp("ckpt")), timeout_s=400)
-    return ref, dist_out
+    return (grads, [l[0] for l in losses]), dist_out
+
+
+@pytest.fixture(scope="module")
+def runs_dp(runs):
+    seed = int(torch.randint(0, 10**6, ()).item())
+    per_ring = [make_batches(seed, 2), make_batches(seed + 1, 2)]
+    return reference(per_ring, seed), run_distributed(_worker_dp, 4, per_ring, seed, timeout_s=400)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -140,6 +165,20 @@ def test_zero_stage_matches_single_process(runs, case):
     ref_norm = math.sqrt(sum((g.double() ** 2).sum().item() for g in ref_grads.values()))
     assert norm == pytest.approx(ref_norm, rel=1e-4), f"{case}: DeepSpeed grad norm {norm} vs {ref_norm}"
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["zero2", "zero3"])
+def test_dp2_x_sp2_matches_single_process(runs_dp, case):
+    """4 ranks, 2 rings of 2: gradients are summed over each ring and averaged over the rings, like one process
+    averaging the two rings' losses."""
+    (ref_grads, ref_losses), outs = runs_dp
+    _, grads, norm = outs[0][case]
+    worst = max(((torch.from_numpy(grads[n]) - g).norm() / g.norm()).item() for n, g in ref_grads.items())
+    assert worst < 1e-4, f"{case}: worst relative gradient error {worst:.2e}"
+    ref_norm = math.sqrt(sum((g.double() ** 2).sum().item() for g in ref_grads.values()))
+    assert norm == pytest.approx(ref_norm, rel=1e-4)
+    for rank, ring in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert outs[rank][case][0] == pytest.approx([l[ring] for l in ref_losses], rel=1e-4, abs=1e-5)
 
 
 def test_checkpoint_resume_is_exact(runs):
