@@ -34,17 +34,17 @@ def seed() -> int:
     return random.randrange(10**6)  # fresh weights and data every run
 
 
-@pytest.fixture(scope="module")
-def reference(seed):
-    """One process, full sequences, unpatched model, torch AdamW + clip_grad_norm_: the loss of every step."""
+def reference_losses(argv: list[str], seed: int) -> list[float]:
+    """One process, full sequences, unpatched model, torch AdamW + clip_grad_norm_: the loss of every step of the
+    example run with ``argv`` (its own data pipeline, on a single-rank "ring")."""
     from transformers import AutoModelForCausalLM
 
     import ds_ring
     from ds_ring.demo import tiny_llama_config
 
     ex = load_example()
-    args = ex.parse_args(["--seed", str(seed), "--seq-len", str(SEQ), "--steps", str(STEPS), "--lr", str(LR)])
-    torch.manual_seed(seed)
+    args = ex.parse_args(argv)
+    torch.manual_seed(seed)  # the example's initial weights (and those saved for --model)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="eager")
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
@@ -55,7 +55,12 @@ def reference(seed):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return model, losses
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(seed) -> list[float]:
+    return reference_losses(common(seed), seed)
 
 
 def run(cmd: list[str], timeout: float = 200) -> dict[int, float]:
@@ -80,31 +85,46 @@ def check(losses: dict[int, float], ref: list[float], steps=range(1, STEPS + 1))
 def test_deepspeed_launcher_zero3(seed, reference):
     losses = run(["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                   str(EXAMPLE), "--deepspeed", "ds_config/zero3.json", *common(seed)])
-    check(losses, reference[1])
+    check(losses, reference)
 
 
 def test_accelerate_launch_zero3_yaml(seed, reference):
     # The DeepSpeed config comes from the YAML; accelerate must not shard data inside the ring (the losses would differ).
     losses = run(["accelerate", "launch", "--config_file", "integrations/accelerate/zero3.yaml",
                   "--main_process_port", str(free_port()), str(EXAMPLE), *common(seed)])
-    check(losses, reference[1])
+    check(losses, reference)
 
 
-def test_torchrun_zero3_offload_pretrained_and_resume(seed, reference, tmp_path):
-    """torchrun + ZeRO-3 with CPU offload, loading a saved model (from_pretrained under zero.Init); then a run resumed
-    from the step-2 checkpoint must reproduce step 3 of the uninterrupted run."""
-    model_dir, ckpt = tmp_path / "model", tmp_path / "ckpt"
-    from transformers import AutoModelForCausalLM
+def save_tiny_model_with_tokenizer(path: Path, seed: int) -> None:
+    """The example's initial weights plus a word-level tokenizer ("w<id>" -> id), all offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from ds_ring.demo import tiny_llama_config
 
-    torch.manual_seed(seed)  # the reference's initial weights
-    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(model_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config())
+    model.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(model.config.vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0").save_pretrained(path)
+
+
+def test_torchrun_zero3_offload_pretrained_text_and_resume(seed, tmp_path):
+    """torchrun + ZeRO-3 with CPU offload, a saved model and tokenizer (from_pretrained under zero.Init) and a text
+    file through sp_dataloader; then a run resumed from the step-2 checkpoint (it skips the consumed batches) must
+    reproduce step 3 of the uninterrupted run."""
+    model_dir, ckpt, text = tmp_path / "model", tmp_path / "ckpt", tmp_path / "train.txt"
+    save_tiny_model_with_tokenizer(model_dir, seed)
+    rng = random.Random(seed)
+    text.write_text(" ".join(f"w{rng.randrange(1, 128)}" for _ in range(3 * SEQ + 7)))  # 3 chunks: one epoch
+    argv = [*common(seed), "--model", str(model_dir), "--data", str(text)]
+    ref = reference_losses(argv, seed)
     base = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(EXAMPLE), "--deepspeed", "ds_config/zero3_offload.json", "--model", str(model_dir), *common(seed),
+            str(EXAMPLE), "--deepspeed", "ds_config/zero3_offload.json", *argv,
             "--checkpoint-dir", str(ckpt), "--save-every", "2"]
     full = run(base)
-    check(full, reference[1])
+    check(full, ref)
     (ckpt / "latest").write_text("step2")
     resumed = run([*base[:6], str(free_port()), *base[7:], "--resume"])
     assert resumed == {3: full[3]}
