@@ -111,7 +111,7 @@ def check_sequence_length(seq_len: int, sp: SequenceParallel, *, pad: bool) -> i
 
 
 def gradient_factor(config: dict, sp: SequenceParallel) -> float:
-    """Loss multiplier that makes DeepSpeed's reduced gradient exact with ``ds_ring.causal_lm_loss`` (see module doc)."""
+    """Loss multiplier making DeepSpeed's reduced gradient exact with ``ds_ring.causal_lm_loss`` (see module doc)."""
     return float(sp.sp_size) if config["zero_optimization"]["stage"] == 3 else 1.0
 
 

@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="hub id or local path (default: ds_ring's tiny Llama config)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     p.add_argument("--deepspeed", default=None,
-                   help="DeepSpeed config JSON (default: accelerate's deepspeed_config_file, else ds_config/zero3.json)")
+                   help="DeepSpeed config JSON (default: accelerate's deepspeed_config_file, else "
+                   "ds_config/zero3.json)")
     p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel ring (default: all)")
     p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"], help="sequence layout on a ring")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (split over the ring)")

@@ -1,4 +1,5 @@
-"""`ds-ring demo`, short: the installed console script (`ds-ring`) spawns 2 CPU ranks, checks ring == dense, trains with ZeRO-3."""
+"""`ds-ring demo`, short: the installed console script (`ds-ring`) spawns 2 CPU ranks, checks ring == dense attention
+and trains with ZeRO-3."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,7 +88,7 @@ def test_deepspeed_launcher_zero3(seed, reference):
 
 
 def test_accelerate_launch_zero3_yaml(seed, reference):
-    # The DeepSpeed config comes from the YAML; accelerate must not shard data inside the ring (the losses would differ).
+    # The DeepSpeed config comes from the YAML; accelerate must not shard data inside a ring (losses would differ).
     losses = run(["accelerate", "launch", "--config_file", "integrations/accelerate/zero3.yaml",
                   "--main_process_port", str(free_port()), str(EXAMPLE), *common(seed)])
     check(losses, reference)
