@@ -139,6 +139,7 @@ def main():
             ax.plot(Ps, [base["torch_peak"] / P / 2**20 for P in Ps], color="gray", lw=0.8, label="P=1 peak / P")
         ax.set(xscale="log", yscale="log", xlabel="ranks P (fixed S)", ylabel="MiB per rank",
                title=f"Per-rank memory, S={S}, H={args.heads}, D={args.head_dim}, {args.dtype}")
+        ax.minorticks_off()
         ax.set_xticks(Ps, [str(P) for P in Ps])
         ax.legend(fontsize=7)
         C.save_fig(fig, png)
