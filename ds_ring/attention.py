@@ -80,22 +80,51 @@ def _unfold(t: torch.Tensor, G: int) -> torch.Tensor:
     return t.reshape(BG // G, G, H, m, *t.shape[3:]).transpose(1, 2).reshape(BG // G, H, G * m, *t.shape[3:])
 
 
-def _merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-    """Online-softmax merge of a block into fp32 accumulators, in place; rows still at -inf stay 0."""
-    new = torch.logaddexp(lse, lse_b)
-    ref = new.masked_fill(new == float("-inf"), 0.0)
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_b.float() * torch.exp(lse_b - ref).unsqueeze(-1))
-    lse.copy_(new)
+def _covers_all(piece: Piece) -> bool:
+    return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1
 
 
-def _forward_pieces(pieces, q, k, v, kpm, out_acc, lse_acc, scale):
-    for piece in pieces:
-        kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
-        G = piece.groups
-        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G),
-                                     _block_mask(piece, kpm_p), scale)
-        out_b, lse_b = _unfold(out_b, G), _unfold(lse_b, G)
-        oa, la = out_acc[:, piece.head_start :: piece.head_step], lse_acc[:, piece.head_start :: piece.head_step]
+class _Sum:
+    """Running sum over (B, H, L, ...) rows. It adopts a first term that covers every row as it is (no zero fill and
+    no extra pass, so one block costs what the kernel costs) and turns fp32 once a second term arrives."""
+
+    def __init__(self, shape, device, t: torch.Tensor | None = None):
+        self.shape, self.device, self.t = tuple(shape), device, t
+
+    def fp32(self) -> torch.Tensor:
+        if self.t is None:
+            self.t = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        elif self.t.dtype != torch.float32:
+            self.t = self.t.float()
+        return self.t
+
+    def add(self, g: torch.Tensor, head_start: int = 0, head_step: int = 1, idx: torch.Tensor | None = None):
+        if self.t is None and head_start == 0 and head_step == 1 and idx is None:
+            self.t = g
+            return
+        view = self.fp32()[:, head_start::head_step]
+        view.add_(g) if idx is None else view.index_add_(2, idx, g.float())
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=dtype, device=self.device) if self.t is None else self.t.to(dtype)
+
+
+class _Softmax:
+    """Running (out, lse) of the rows, merged block by block with online softmax in fp32."""
+
+    def __init__(self, q: torch.Tensor):
+        self.q, self.out, self.lse = q, None, None
+
+    def add(self, piece: Piece, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        if self.out is None and _covers_all(piece):
+            self.out, self.lse = out_b, lse_b
+            return
+        if self.out is None:
+            self.out = torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
+            self.lse = torch.full(self.q.shape[:3], float("-inf"), dtype=torch.float32, device=self.q.device)
+        elif self.out.dtype != torch.float32:
+            self.out = self.out.float()
+        oa, la = self.out[:, piece.head_start :: piece.head_step], self.lse[:, piece.head_start :: piece.head_step]
         if piece.q_idx is None:
             _merge_(oa, la, out_b, lse_b)
         else:
@@ -104,8 +133,31 @@ def _forward_pieces(pieces, q, k, v, kpm, out_acc, lse_acc, scale):
             oa.index_copy_(2, piece.q_idx, o_cur)
             la.index_copy_(2, piece.q_idx, l_cur)
 
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.q
+        if self.out is None:  # no block at all: every row attends to nothing
+            return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
+        return self.out.to(q.dtype), self.lse
 
-def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq, dk, dv, scale):
+
+def _merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Online-softmax merge of a block into fp32 accumulators, in place; rows still at -inf stay 0."""
+    new = torch.logaddexp(lse, lse_b)
+    ref = new.masked_fill(new == float("-inf"), 0.0)
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_b.float() * torch.exp(lse_b - ref).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def _forward_pieces(pieces, q, k, v, kpm, acc: _Softmax, scale):
+    for piece in pieces:
+        kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
+        G = piece.groups
+        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G),
+                                     _block_mask(piece, kpm_p), scale)
+        acc.add(piece, _unfold(out_b, G), _unfold(lse_b, G))
+
+
+def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _Sum, dk: _Sum, dv: _Sum, scale):
     for piece in pieces:
         kp, vp, kpm_p, head_idx = _piece_kv(piece, q.shape[1], k, v, kpm)
         G = piece.groups
@@ -114,19 +166,12 @@ def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq, dk, dv, scale):
             _block_mask(piece, kpm_p), scale,
         )
         dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
-        dqa = dq[:, piece.head_start :: piece.head_step]
-        if piece.q_idx is None:
-            dqa.add_(dq_b)
-        else:
-            dqa.index_add_(2, piece.q_idx, dq_b.float())
+        dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx)
         for acc, g in ((dk, dk_b), (dv, dv_b)):
             if head_idx is not None:  # fold query-head copies back onto their kv heads
-                g = torch.zeros(acc.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=acc.dtype,
-                                device=acc.device).index_add_(1, head_idx, g.float())
-            if piece.k_idx is None:
-                acc.add_(g)
-            else:
-                acc.index_add_(2, piece.k_idx, g.float())
+                g = torch.zeros(acc.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=torch.float32,
+                                device=g.device).index_add_(1, head_idx, g.float())
+            acc.add(g, idx=piece.k_idx)
 
 
 def _packet(k, v, kpm):
@@ -142,9 +187,7 @@ def ring_forward(
     comm: RingComm | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan: out (B, Hq, L, D) in q's dtype and lse (B, Hq, L) fp32 (-inf for rows with no key)."""
-    B, H, L, D = q.shape
-    out_acc = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
-    lse_acc = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = _Softmax(q)
     packet = _packet(k, v, kpm)
     steps = plan.comm_steps
     bufs = [[torch.empty_like(t) for t in packet] for _ in range(min(2, len(steps)))]
@@ -154,15 +197,15 @@ def ring_forward(
         return comm.exchange("kv", _KV_TAG + 8 * steps[i], send_to, packet, recv_from, bufs[i % 2])
 
     pending = post(0) if steps else None  # first transfer overlaps the local block
-    _forward_pieces(plan.steps[0][2], q, k, v, kpm, out_acc, lse_acc, scale)
+    _forward_pieces(plan.steps[0][2], q, k, v, kpm, acc, scale)
     for i, s in enumerate(steps):
         pending.wait()
         pending = post(i + 1) if i + 1 < len(steps) else None
         recv_from, _, pieces = plan.steps[s]
         if recv_from is not None:
             kc, vc, kpmc = _unpack(bufs[i % 2])
-            _forward_pieces(pieces, q, kc, vc, kpmc, out_acc, lse_acc, scale)
-    return out_acc.to(q.dtype), lse_acc
+            _forward_pieces(pieces, q, kc, vc, kpmc, acc, scale)
+    return acc.result()
 
 
 def ring_backward(
@@ -170,10 +213,10 @@ def ring_backward(
     out: torch.Tensor, lse: torch.Tensor, plan: Plan, comm: RingComm | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the local shards: dq (B, Hq, L, D), dk/dv (B, Hkv, L, D) in the inputs' dtypes."""
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # rows with no key: p = exp(s - inf) = 0
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros_like(dk)
+    # A row with no key has every key masked in every block, so p = 0 whatever its lse: use a finite one (0), as
+    # some kernels compute s - lse before masking and -inf - (-inf) would be NaN.
+    lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    dq, dk, dv = _Sum(q.shape, q.device), _Sum(k.shape, k.device), _Sum(k.shape, k.device)
     packet = _packet(k, v, kpm)
     steps = plan.comm_steps
     nbuf = min(2, len(steps))
@@ -201,7 +244,8 @@ def ring_backward(
             if recv_from is not None:
                 part = [torch.zeros(B, Hkv, hi - lo, D, dtype=torch.float32, device=k.device) for _ in range(2)]
                 _backward_pieces(pieces, q, kc[:, :, lo:hi], vc[:, :, lo:hi], None if kpmc is None else
-                                 kpmc[:, lo:hi], out, lse, dout, dq, part[0], part[1], scale)
+                                 kpmc[:, lo:hi], out, lse, dout, dq, *(_Sum(t.shape, t.device, t) for t in part),
+                                 scale)
             if pending_dkv is not None:  # the previous part travelled while this one was computed
                 _add_home(*pending_dkv, home, dk, dv)
             # send the part home; the rank we sent our K/V to sends back its part for our chunk
@@ -209,7 +253,7 @@ def ring_backward(
             pending_dkv = (handle, (lo, hi) if send_to is not None else None)
     if pending_dkv is not None:
         _add_home(*pending_dkv, home, dk, dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)
 
 
 def _add_home(handle, rows, home, dk, dv):
@@ -217,8 +261,8 @@ def _add_home(handle, rows, home, dk, dv):
     if rows is not None:
         lo, hi = rows
         hk, hv = home(hi - lo)
-        dk[:, :, lo:hi].add_(hk)
-        dv[:, :, lo:hi].add_(hv)
+        dk.fp32()[:, :, lo:hi].add_(hk)
+        dv.fp32()[:, :, lo:hi].add_(hv)
 
 
 class _RingDilatedAttention(torch.autograd.Function):

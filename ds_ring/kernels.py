@@ -84,19 +84,81 @@ def _fix_empty_rows(out, lse, row_any):
 
 
 def _fwd(q, k, v, attn_mask, is_causal, scale):
+    if q.device.type == "cuda":
+        return _cuda_fwd(q, k, v, attn_mask, is_causal, scale)
     if q.device.type != "cpu":
-        raise NotImplementedError(
-            f"ds_ring has no block kernel for device {q.device.type!r} yet: run on CPU tensors"
-        )
+        raise NotImplementedError(f"ds_ring has no block kernel for device {q.device.type!r}: use CPU or CUDA")
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
 
 
 def _bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
+    if q.device.type == "cuda":
+        return _cuda_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
+
+
+# CUDA: PyTorch's flash kernel (fp16/bf16, no mask) or its memory-efficient kernel (any float dtype, additive bias).
+# Both return the log-sum-exp and take the final out/lse in backward. Neither groups query heads, so K/V are expanded
+# here, after communication (they travel with Hkv heads).
+
+
+def _use_flash(q, attn_mask) -> bool:
+    return attn_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+
+
+def _expand_kv(q, k, v):
+    g = q.shape[1] // k.shape[1]
+    return (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+
+
+def _cuda_bias(attn_mask, q, k):
+    """The efficient kernel wants a (B, H, M, N) bias whose rows start 16-element aligned: pad N, then view."""
+    if attn_mask is None:
+        return None
+    n = attn_mask.shape[-1]
+    padded = attn_mask.new_zeros(*attn_mask.shape[:-1], -(-n // 16) * 16)
+    padded[..., :n] = attn_mask
+    return padded[..., :n].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _cuda_fwd(q, k, v, attn_mask, is_causal, scale):
+    k, v = _expand_kv(q, k, v)
+    if _use_flash(q, attn_mask):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        return out, lse
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, _cuda_bias(attn_mask, q, k), True, 0.0, is_causal, scale=scale
+    )[:2]
+    return out, lse[..., : q.shape[2]]
+
+
+def _cuda_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
+    hkv = k.shape[1]
+    k, v = _expand_kv(q, k, v)
+    if _use_flash(q, attn_mask):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, is_causal, None, None,
+            scale=scale,
+        )
+    else:
+        pad = -(-q.shape[2] // 32) * 32 - q.shape[2]  # the kernel's lse rows are padded to 32
+        lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        # The kernel's bf16/fp16 backward reads its inputs in the (B, M, H, D) memory layout that its forward
+        # produces; plain (B, H, M, D)-contiguous tensors gave wrong dq/dk on an H100 (benchmarks/gpu_check.py).
+        dout, q, k, v, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, q, k, v, out))
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, _cuda_bias(attn_mask, q, k), out, lse, seed, seed, 0.0, [True, True, True, False],
+            is_causal, scale=scale,
+        )
+    if dk.shape[1] != hkv:  # fold the expanded heads back onto their kv head
+        dk = dk.view(dk.shape[0], hkv, -1, *dk.shape[2:]).sum(2)
+        dv = dv.view(dv.shape[0], hkv, -1, *dv.shape[2:]).sum(2)
+    return dq, dk, dv
 
 
 def block_forward(
@@ -127,7 +189,7 @@ def block_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: BlockMask, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial gradients of one block given the rows' final ``out`` and ``lse`` (fp32; +inf for rows with no key).
+    """Partial gradients of one block given the rows' final ``out`` and ``lse`` (fp32, finite).
 
     Returns dq (B, Hq, M, D) and dk/dv (B, Hkv, N, D), in the input dtype (dk/dv in fp32 when tiled).
     """

@@ -39,12 +39,16 @@ def _peaks(B, Hq, Hkv, L, D, e, has_mask, comm_buffers):
     M = B * L if has_mask else 0
     kv = comm_buffers * (2 * K * e + M)  # K/V (+ mask) receive buffers
     saved = (Q + 2 * K) * e + M + Q * e + 4 * R  # q, k, v, mask, out, lse
-    # fp32 accumulators, receive buffers, the kernel, and the merge's temporaries
-    fwd = 4 * Q + 4 * R + M + kv + _KERNEL_FWD * Q + (0 if e == 4 else 4 * Q) + 4 * Q + 12 * R
-    # out and lse from forward, fp32 dq/dk/dv, receive buffers, then the local block (all keys) ...
-    held = Q * e + 8 * R + 4 * Q + 8 * K + kv
-    bwd = held + _KERNEL_BWD * Q + (4 * K if comm_buffers else 0)
-    if comm_buffers:  # ... and ring steps: dK/dV halves (one computed, one travelling, one arriving), fp32
+    ring = comm_buffers > 0
+    # One rank keeps the kernel's own outputs; a ring merges blocks into fp32 accumulators (plus the merge's
+    # temporaries) and receives K/V into buffers.
+    fwd = _KERNEL_FWD * Q
+    if ring:
+        fwd += 4 * Q + 4 * R + M + kv + (0 if e == 4 else 4 * Q) + 4 * Q + 12 * R
+    # out and lse from forward, fp32 dq/dk/dv (ring only), receive buffers, then the local block (all keys) ...
+    held = Q * e + 8 * R + kv + (4 * Q + 8 * K if ring else 0)
+    bwd = held + _KERNEL_BWD * Q + (4 * K if ring else 0)
+    if ring:  # ... and ring steps: dK/dV halves (one computed, one travelling, one arriving), fp32
         bwd = max(bwd, held + _KERNEL_BWD_HALF_KEYS * Q + 12 * K)
     return saved, int(fwd), int(bwd)
 
