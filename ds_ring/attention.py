@@ -80,30 +80,37 @@ def _unfold(t: torch.Tensor, G: int) -> torch.Tensor:
     return t.reshape(BG // G, G, H, m, *t.shape[3:]).transpose(1, 2).reshape(BG // G, H, G * m, *t.shape[3:])
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _covers_all(piece: Piece) -> bool:
     return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1
 
 
 class _Sum:
     """Running sum over (B, H, L, ...) rows. It adopts a first term that covers every row as it is (no zero fill and
-    no extra pass, so one block costs what the kernel costs) and turns fp32 once a second term arrives."""
+    no extra pass, so one block costs what the kernel costs) and turns to the accumulation dtype (fp32, fp64 for
+    fp64 inputs) once a second term arrives."""
 
-    def __init__(self, shape, device, t: torch.Tensor | None = None):
-        self.shape, self.device, self.t = tuple(shape), device, t
+    def __init__(self, shape, like: torch.Tensor):
+        self.shape, self.device, self.dtype, self.t = tuple(shape), like.device, _acc_dtype(like.dtype), None
 
-    def fp32(self) -> torch.Tensor:
+    def acc(self) -> torch.Tensor:
+        """The sum in the accumulation dtype, materialised."""
         if self.t is None:
-            self.t = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-        elif self.t.dtype != torch.float32:
-            self.t = self.t.float()
+            self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        elif self.t.dtype != self.dtype:
+            self.t = self.t.to(self.dtype)
         return self.t
 
     def add(self, g: torch.Tensor, head_start: int = 0, head_step: int = 1, idx: torch.Tensor | None = None):
         if self.t is None and head_start == 0 and head_step == 1 and idx is None:
             self.t = g
             return
-        view = self.fp32()[:, head_start::head_step]
-        view.add_(g) if idx is None else view.index_add_(2, idx, g.float())
+        view = self.acc()[:, head_start::head_step]
+        view.add_(g) if idx is None else view.index_add_(2, idx, g.to(view.dtype))
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=dtype, device=self.device) if self.t is None else self.t.to(dtype)
@@ -119,11 +126,12 @@ class _Softmax:
         if self.out is None and _covers_all(piece):
             self.out, self.lse = out_b, lse_b
             return
+        dt = _acc_dtype(self.q.dtype)
         if self.out is None:
-            self.out = torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
-            self.lse = torch.full(self.q.shape[:3], float("-inf"), dtype=torch.float32, device=self.q.device)
-        elif self.out.dtype != torch.float32:
-            self.out = self.out.float()
+            self.out = torch.zeros(self.q.shape, dtype=dt, device=self.q.device)
+            self.lse = torch.full(self.q.shape[:3], float("-inf"), dtype=dt, device=self.q.device)
+        else:
+            self.out, self.lse = self.out.to(dt), self.lse.to(dt)
         oa, la = self.out[:, piece.head_start :: piece.head_step], self.lse[:, piece.head_start :: piece.head_step]
         if piece.q_idx is None:
             _merge_(oa, la, out_b, lse_b)
@@ -144,7 +152,7 @@ def _merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: to
     """Online-softmax merge of a block into fp32 accumulators, in place; rows still at -inf stay 0."""
     new = torch.logaddexp(lse, lse_b)
     ref = new.masked_fill(new == float("-inf"), 0.0)
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_b.float() * torch.exp(lse_b - ref).unsqueeze(-1))
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_b.to(out.dtype) * torch.exp(lse_b - ref).unsqueeze(-1))
     lse.copy_(new)
 
 
@@ -169,8 +177,9 @@ def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _Sum, dk: _Sum, d
         dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx)
         for acc, g in ((dk, dk_b), (dv, dv_b)):
             if head_idx is not None:  # fold query-head copies back onto their kv heads
-                g = torch.zeros(acc.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=torch.float32,
-                                device=g.device).index_add_(1, head_idx, g.float())
+                dt = _acc_dtype(g.dtype)
+                g = torch.zeros(acc.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=dt,
+                                device=g.device).index_add_(1, head_idx, g.to(dt))
             acc.add(g, idx=piece.k_idx)
 
 
@@ -216,13 +225,14 @@ def ring_backward(
     # A row with no key has every key masked in every block, so p = 0 whatever its lse: use a finite one (0), as
     # some kernels compute s - lse before masking and -inf - (-inf) would be NaN.
     lse = lse.masked_fill(lse == float("-inf"), 0.0)
-    dq, dk, dv = _Sum(q.shape, q.device), _Sum(k.shape, k.device), _Sum(k.shape, k.device)
+    dq, dk, dv = _Sum(q.shape, q), _Sum(k.shape, k), _Sum(k.shape, k)
     packet = _packet(k, v, kpm)
     steps = plan.comm_steps
     nbuf = min(2, len(steps))
     kv_bufs = [[torch.empty_like(t) for t in packet] for _ in range(nbuf)]
     B, Hkv, L, D = k.shape
-    home_flat = torch.empty(2, B * Hkv * ((L + 1) // 2) * D, dtype=torch.float32, device=k.device) if steps else None
+    home_flat = torch.empty(2, B * Hkv * ((L + 1) // 2) * D, dtype=_acc_dtype(k.dtype), device=k.device) if steps \
+        else None
 
     def home(n):  # contiguous landing buffers for an incoming dK/dV part of n key rows
         return [home_flat[j, : B * Hkv * n * D].view(B, Hkv, n, D) for j in range(2)]
@@ -242,10 +252,10 @@ def ring_backward(
         for j, (lo, hi, pieces) in enumerate(plan.key_parts[s]):
             part = []  # dK/dV (fp32) of the chunk's key rows [lo, hi), for the chunk's owner
             if recv_from is not None:
-                part = [torch.zeros(B, Hkv, hi - lo, D, dtype=torch.float32, device=k.device) for _ in range(2)]
+                sums = [_Sum((B, Hkv, hi - lo, D), k) for _ in range(2)]  # adopts a whole-block grad
                 _backward_pieces(pieces, q, kc[:, :, lo:hi], vc[:, :, lo:hi], None if kpmc is None else
-                                 kpmc[:, lo:hi], out, lse, dout, dq, *(_Sum(t.shape, t.device, t) for t in part),
-                                 scale)
+                                 kpmc[:, lo:hi], out, lse, dout, dq, *sums, scale)
+                part = [t.acc().contiguous() for t in sums]
             if pending_dkv is not None:  # the previous part travelled while this one was computed
                 _add_home(*pending_dkv, home, dk, dv)
             # send the part home; the rank we sent our K/V to sends back its part for our chunk
@@ -261,8 +271,8 @@ def _add_home(handle, rows, home, dk, dv):
     if rows is not None:
         lo, hi = rows
         hk, hv = home(hi - lo)
-        dk.fp32()[:, :, lo:hi].add_(hk)
-        dv.fp32()[:, :, lo:hi].add_(hv)
+        dk.acc()[:, :, lo:hi].add_(hk)
+        dv.acc()[:, :, lo:hi].add_(hv)
 
 
 class _RingDilatedAttention(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""The ``ds-ring`` command. Subcommands: ``demo``."""
+"""The ``ds-ring`` command. Subcommands: ``demo`` (the main job) and ``bench`` (quick benchmarks)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
+
+    from . import bench
+
+    # listed here for --help; main() hands its arguments to ds_ring.bench's own parser
+    p = sub.add_parser("bench", help="quick run of every benchmark under benchmarks/, tables printed "
+                       "(`ds-ring bench --help` for options)", add_help=False)
+    p.set_defaults(func=lambda a: bench.main([]))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
-    args.func(args)
-    return 0
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def _fwd(q, k, v, attn_mask, is_causal, scale):
 def _bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
     if q.device.type == "cuda":
         return _cuda_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale)
+    lse = lse.to(torch.promote_types(q.dtype, torch.float32))  # the CPU kernel's lse is fp64 for fp64 inputs
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
@@ -205,8 +206,9 @@ def block_backward(
         dq_t, dk_t, dv_t = _bwd(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], add, False,
                                 scale)
         dqs.append(dq_t)
-        dk = dk_t.float() if dk is None else dk.add_(dk_t)
-        dv = dv_t.float() if dv is None else dv.add_(dv_t)
+        acc = torch.promote_types(dk_t.dtype, torch.float32)
+        dk = dk_t.to(acc) if dk is None else dk.add_(dk_t)
+        dv = dv_t.to(acc) if dv is None else dv.add_(dv_t)
     if len(dqs) == 1:
         return dqs[0], dk_t, dv_t
     return torch.cat(dqs, 2), dk, dv

@@ -139,3 +139,21 @@ def test_single_process_is_sdpa():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         out = ds_ring.ring_dilated_attention(q, k, v, causal=causal)
         assert _rel(out, ref.double()) < 1e-6
+
+
+def test_float64_forward_and_backward():
+    """float64 inputs run the whole path in float64 (a regression: the backward once mixed in float32)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(2, h, 40, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+    kpm = torch.rand(2, 40, generator=g) > 0.3
+    for kw in (dict(), dict(causal=True, key_padding_mask=kpm), dict(segment_lengths=[8, 20], dilation_rates=[1, 2])):
+        ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+        out = ds_ring.ring_dilated_attention(ql, kl, vl, **kw)
+        out.backward(do)
+        qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+        ref = dense_reference(qd, kd, vd, kw.get("segment_lengths"), kw.get("dilation_rates"), kw.get("causal", False),
+                              kw.get("key_padding_mask"))
+        ref.backward(do)
+        assert out.dtype == torch.float64
+        for a, b in ((out, ref), (ql.grad, qd.grad), (kl.grad, kd.grad), (vl.grad, vd.grad)):
+            assert _rel(a, b.detach()) < 1e-10
