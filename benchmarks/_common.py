@@ -178,102 +178,12 @@ def peak_rss() -> int:
     return _status_bytes("VmHWM")
 
 
-def profiler_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of live torch CPU allocations made while ``fn()`` runs, above those live before.
-
-    Uses the profiler's per-allocation ``[memory]`` instant events (exported trace, ordered by timestamp), i.e. the
-    allocator's own timeline. (Summing ``self_cpu_memory_usage`` of op events sorted by start time undercounts: a
-    parent op's frees are applied at its start, before its children's allocations.)
-    """
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        with open(f.name) as fh:
-            trace = json.load(fh)
-    mem = sorted((e for e in trace["traceEvents"] if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    live = peak = 0
-    for e in mem:
-        if e["args"].get("Device Type", 0) != 0:  # CPU only
-            continue
-        live += e["args"]["Bytes"]
-        peak = max(peak, live)
-    return peak
-
-
-def lead_measure_peak_bytes(fn: Callable[[], object]) -> int | None:
-    """ds_ring.memory.measure_peak_bytes if present (reported next to ours for comparison)."""
-    try:
-        from ds_ring.memory import measure_peak_bytes
-    except ImportError:
-        return None
-    return measure_peak_bytes(fn)
-
-
 # ----- spawning ranks ------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, threads, fn, payload, queue):
-    import pickle
-    import traceback
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(threads)
-    try:
-        if world > 1:
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
-        queue.put((rank, "ok", pickle.dumps(fn(rank, world, payload))))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def run_ranks(fn: Callable, world: int, payload, threads: int = 1, timeout_s: float = 1800) -> list:
     """Run ``fn(rank, world, payload)`` on ``world`` spawned processes (gloo on 127.0.0.1 when world > 1, each with
     ``torch.set_num_threads(threads)``); return the results by rank. ``fn`` must be a module-level function."""
-    import pickle
-
-    import torch.multiprocessing as mp
+    from ds_ring.launch import spawn_local
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # children inherit it: freed tensors leave the RSS
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, fn, payload, queue), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out, errors = {}, []
-    try:
-        for _ in range(world):
-            rank, status, data = queue.get(timeout=timeout_s)
-            if status == "ok":
-                out[rank] = pickle.loads(data)
-            else:
-                errors.append(f"rank {rank}:\n{data}")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [out[r] for r in range(world)]
+    return spawn_local(fn, world, payload, threads=threads, init_gloo=world > 1, timeout_s=timeout_s)

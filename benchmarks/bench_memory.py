@@ -3,8 +3,7 @@ for P = 1, 2, 4 at a fixed global sequence length (strong scaling).
 
 Per rank, excluding the caller's q, k, v and upstream gradient (as the estimate does):
   * measured peak: peak of live torch CPU allocations during forward + autograd.grad, from the torch profiler's
-    per-allocation events (benchmarks/_common.profiler_peak_bytes); compared with ``memory_estimate(...).peak_bytes``
-    (ds_ring.memory.measure_peak_bytes is printed next to it);
+    per-allocation events (ds_ring.memory.measure_peak_bytes); compared with ``memory_estimate(...).peak_bytes``;
   * saved: bytes autograd keeps between forward and backward (saved-tensor hooks, unique storages, inputs included
     as the op saves them); compared with ``memory_estimate(...).saved_bytes``;
   * peak RSS growth: Linux VmHWM (reset through /proc/self/clear_refs) minus RSS before, malloc's mmap threshold
@@ -37,6 +36,7 @@ def _estimate_fn():
 
 def _worker(rank, world, cfg):
     import ds_ring
+    from ds_ring.memory import measure_peak_bytes
 
     B, H, S, D, causal = cfg["B"], cfg["H"], cfg["S"], cfg["D"], cfg["causal"]
     dtype = C.dtype_of(cfg["dtype"])
@@ -58,8 +58,7 @@ def _worker(rank, world, cfg):
     rss0 = C.reset_peak_rss()
     step()
     rss_growth = C.peak_rss() - rss0
-    torch_peak = C.profiler_peak_bytes(step)
-    lead_peak = C.lead_measure_peak_bytes(step)
+    torch_peak = measure_peak_bytes(step)
 
     storages = {}
 
@@ -72,7 +71,7 @@ def _worker(rank, world, cfg):
         o = ds_ring.ring_dilated_attention(q, k, v, causal=causal, local=world == 1)
     saved = sum(storages.values())
     torch.autograd.grad(o, (q, k, v), g)
-    return dict(rank=rank, rss_growth=rss_growth, torch_peak=torch_peak, saved=saved, lead_measure=lead_peak)
+    return dict(rank=rank, rss_growth=rss_growth, torch_peak=torch_peak, saved=saved)
 
 
 def main():
@@ -100,7 +99,7 @@ def main():
         worst = max(res, key=lambda r: r["torch_peak"])
         row = dict(P=P, torch_peak=worst["torch_peak"], saved=max(r["saved"] for r in res),
                    rss_growth=max(r["rss_growth"] for r in res),
-                   lead_measure=max((r["lead_measure"] or 0) for r in res), est_peak=est.peak_bytes, est_saved=est.saved_bytes,
+                   est_peak=est.peak_bytes, est_saved=est.saved_bytes,
                    est_reduction=est.memory_reduction_factor, per_rank=res)
         rows.append(row)
         print(f"P={P}: torch peak {row['torch_peak'] / 2**20:.1f} MiB (estimate {est.peak_bytes / 2**20:.1f}), "
@@ -112,11 +111,10 @@ def main():
 
     headers = ["P", "measured peak (MiB)", "estimate peak (MiB)", "measured / estimate", "measured saved (MiB)",
                "estimate saved (MiB)", "saved meas/est", "peak RSS growth (MiB)", "reduction vs P=1 (measured)",
-               "memory_reduction_factor (estimate)", "ds_ring.memory.measure_peak_bytes (MiB)"]
+               "memory_reduction_factor (estimate)"]
     table = [[r["P"], r["torch_peak"] / 2**20, r["est_peak"] / 2**20, r["torch_peak"] / r["est_peak"],
               r["saved"] / 2**20, r["est_saved"] / 2**20, r["saved"] / r["est_saved"], r["rss_growth"] / 2**20,
-              "-" if r["measured_reduction"] is None else r["measured_reduction"], r["est_reduction"],
-              r["lead_measure"] / 2**20]
+              "-" if r["measured_reduction"] is None else r["measured_reduction"], r["est_reduction"]]
              for r in rows]
     md = C.markdown_table(headers, table)
     print()

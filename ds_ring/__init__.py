@@ -14,3 +14,10 @@ from .sharding import gather_sequence, shard_sequence
 from .transformers_integration import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "MemoryEstimate", "RingDilatedAttention", "RingDilatedMultiheadAttention", "SequenceParallel",
+    "causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence", "init_distributed",
+    "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes", "memory_estimate", "patch",
+    "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "unpatch",
+]

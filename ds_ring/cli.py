@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small Llama on 2 local CPU ranks with ZeRO-3 and ring attention",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
+    p.set_defaults(func=_run_demo)
 
     from . import bench
 
@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(`ds-ring bench --help` for options)", add_help=False)
     p.set_defaults(func=lambda a: bench.main([]))
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    demo.run(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,18 +60,10 @@ def tiny_llama_config():
         return AutoConfig.from_pretrained(str(p))
 
 
-def _rank_main(rank: int, args: argparse.Namespace, port: int, queue) -> None:
+def _rank_main(rank: int, world: int, args: argparse.Namespace) -> dict:
     # DeepSpeed calls torch.distributed APIs that torch 2.13 deprecates: one FutureWarning per call, per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.ranks))
-    torch.set_num_threads(1)
-    try:
-        queue.put((rank, "ok", _train(rank, args)))
-    except BaseException as e:  # the parent reports it; the other ranks then fail on the broken ring
-        import traceback
-
-        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    return _train(rank, args)
 
 
 def _quiet_libraries(rank: int) -> None:
@@ -219,10 +211,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Spawn ``args.ranks`` local ranks on 127.0.0.1 and return their results; raise if any rank failed."""
-    import queue as queue_mod
-    import socket
-
-    import torch.multiprocessing as mp
+    from .launch import spawn_local
 
     if args.ranks < 1:
         raise SystemExit("--ranks must be >= 1")
@@ -230,35 +219,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.seq_len % parts:
         raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {parts} (ranks x {parts // args.ranks} "
                          f"for layout {args.layout}): try {-(-args.seq_len // parts) * parts}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the demo runs on CPU ranks; skips DeepSpeed's device probe
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, args, port, queue), daemon=True) for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        while len(results) + len(errors) < args.ranks:
-            try:
-                rank, status, payload = queue.get(timeout=5)
-            except queue_mod.Empty:  # check that no rank died without reporting
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise SystemExit(f"ds-ring demo: rank(s) {dead} died (exit codes "
-                                     f"{[procs[i].exitcode for i in dead]})") from None
-                continue
-            if status == "ok":
-                results[rank] = payload
-            else:
-                errors.append(f"rank {rank}: {payload}")
-    finally:
-        for p in procs:
-            p.join(timeout=30 if not errors else 5)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise SystemExit("ds-ring demo failed:\n" + "\n".join(errors))
-    return [results[r] for r in range(args.ranks)]
+    try:  # each rank makes its own process group (ds_ring.init_sequence_parallel, gloo, args.timeout)
+        return spawn_local(_rank_main, args.ranks, args, init_gloo=False, timeout_s=args.timeout + 3600)
+    except RuntimeError as e:
+        raise SystemExit(f"ds-ring demo failed:\n{e}") from None

@@ -1,0 +1,88 @@
+"""Start local ranks: spawned processes that rendezvous on 127.0.0.1. The demo, the tests and the benchmarks use it;
+real jobs use torchrun, deepspeed or accelerate launch."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_mod
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, threads, init_gloo, pg_timeout_s, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    try:
+        if init_gloo:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s))
+        # plain pickle copies tensors by value: torch's shared-memory handles would die with this process
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
+    except BaseException:  # every failure goes to the parent, which raises it
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_local(
+    fn: Callable, world_size: int, *args, threads: int = 1, init_gloo: bool = True, timeout_s: float = 1800.0,
+    pg_timeout_s: float = 600.0,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
+
+    Each process gets the launcher variables (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, ...), ``threads`` torch
+    threads and, with ``init_gloo``, a gloo process group. ``fn`` must be a module-level function. Raises
+    RuntimeError with every failed rank's traceback, when a rank dies without reporting, or after ``timeout_s``.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(r, world_size, port, threads, init_gloo, pg_timeout_s, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) + len(errors) < world_size:
+            try:
+                rank, status, payload = queue.get(timeout=5)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"rank(s) {dead} died without reporting (exit codes "
+                                  f"{[procs[r].exitcode for r in dead]})")
+                    break
+                if time.monotonic() > deadline:
+                    errors.append(f"no result from every rank within {timeout_s:.0f}s")
+                    break
+                continue
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
