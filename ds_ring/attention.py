@@ -188,7 +188,14 @@ def _packet(k, v, kpm):
 
 
 def _unpack(bufs):
-    return bufs[0], bufs[1], (bufs[2].bool() if len(bufs) > 2 else None)
+    return bufs[0], bufs[1], _mask_or_none(bufs[2].bool() if len(bufs) > 2 else None)
+
+
+def _mask_or_none(kpm: torch.Tensor | None) -> torch.Tensor | None:
+    """A chunk with no padded key needs no mask: its blocks keep the unmasked (faster) kernel path.
+
+    The mask still travels with the chunk (every rank sends the same packet); only its use is skipped."""
+    return None if kpm is None or bool(kpm.all()) else kpm
 
 
 def ring_forward(
@@ -206,7 +213,7 @@ def ring_forward(
         return comm.exchange("kv", _KV_TAG + 8 * steps[i], send_to, packet, recv_from, bufs[i % 2])
 
     pending = post(0) if steps else None  # first transfer overlaps the local block
-    _forward_pieces(plan.steps[0][2], q, k, v, kpm, acc, scale)
+    _forward_pieces(plan.steps[0][2], q, k, v, _mask_or_none(kpm), acc, scale)
     for i, s in enumerate(steps):
         pending.wait()
         pending = post(i + 1) if i + 1 < len(steps) else None
@@ -242,7 +249,7 @@ def ring_backward(
         return comm.exchange("kv", _KV_TAG + 8 * steps[i], send_to, packet, recv_from, kv_bufs[i % 2])
 
     pending_kv = post_kv(0) if steps else None
-    _backward_pieces(plan.steps[0][2], q, k, v, kpm, out, lse, dout, dq, dk, dv, scale)
+    _backward_pieces(plan.steps[0][2], q, k, v, _mask_or_none(kpm), out, lse, dout, dq, dk, dv, scale)
     pending_dkv = None  # (handle, key rows of the part that arrives or None); one dK/dV exchange in flight
     for i, s in enumerate(steps):
         pending_kv.wait()
