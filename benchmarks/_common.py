@@ -178,6 +178,20 @@ def peak_rss() -> int:
     return _status_bytes("VmHWM")
 
 
+def sharded_inputs(cfg: dict, world: int, layout: str = "contiguous"):
+    """q, k, v (requiring grad) and an upstream gradient g, (B, H, S/world, D) each: this rank's shards of fixed
+    random full tensors (every rank draws the same ones)."""
+    import ds_ring
+
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(cfg["B"], cfg["H"], cfg["S"], cfg["D"], generator=gen, dtype=dtype_of(cfg["dtype"]))
+            for _ in range(4)]
+    if world > 1:
+        full = [ds_ring.shard_sequence(t, 2, layout=layout) for t in full]
+    q, k, v, g = full
+    return q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), g
+
+
 # ----- spawning ranks ------------------------------------------------------------------------------------------
 
 def run_ranks(fn: Callable, world: int, payload, threads: int = 1, timeout_s: float = 1800) -> list:

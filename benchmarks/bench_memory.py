@@ -38,16 +38,8 @@ def _worker(rank, world, cfg):
     import ds_ring
     from ds_ring.memory import measure_peak_bytes
 
-    B, H, S, D, causal = cfg["B"], cfg["H"], cfg["S"], cfg["D"], cfg["causal"]
-    dtype = C.dtype_of(cfg["dtype"])
-    gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(B, H, S, D, generator=gen, dtype=dtype) for _ in range(4)]
-    if world == 1:
-        q, k, v, g = full
-    else:
-        q, k, v, g = (ds_ring.shard_sequence(t, 2).contiguous() for t in full)
-    del full
-    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    causal = cfg["causal"]
+    q, k, v, g = C.sharded_inputs(cfg, world)
 
     def step():
         o = ds_ring.ring_dilated_attention(q, k, v, causal=causal, local=world == 1)

@@ -40,22 +40,6 @@ def configs(world: int) -> list[dict]:
     return out
 
 
-def _inputs(cfg_run, layout, rank, world):
-    import ds_ring
-
-    B, H, S, D = cfg_run["B"], cfg_run["H"], cfg_run["S"], cfg_run["D"]
-    dtype = C.dtype_of(cfg_run["dtype"])
-    gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(B, H, S, D, generator=gen, dtype=dtype) for _ in range(4)]
-    if world == 1:
-        q, k, v, g = full
-    else:
-        q, k, v, g = (ds_ring.shard_sequence(t, 2, layout=layout).contiguous() for t in full)
-    del full
-    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-    return q, k, v, g
-
-
 def _worker(rank, world, cfg_run):
     import gc
 
@@ -64,7 +48,7 @@ def _worker(rank, world, cfg_run):
 
     results = []
     for cfg in configs(world):
-        q, k, v, g = _inputs(cfg_run, cfg["layout"], rank, world)
+        q, k, v, g = C.sharded_inputs(cfg_run, world, cfg["layout"])
 
         def step():
             o = ds_ring.ring_dilated_attention(q, k, v, causal=cfg["causal"], layout=cfg["layout"],
