@@ -107,3 +107,27 @@ def test_empty_blocks_cost_no_compute():
     # dilation r: every head reads 1/r of the rows of each segment, so 1/r^2 of the pairs
     plan = make_plan(Pattern.make([S], [4]), L, P, 0, "contiguous", H)
     assert sum(_work(plan)) == H * (L // 4) * (S // 4)
+
+
+def _gather_job(rank, world):
+    from ds_ring.sharding import shard_positions
+
+    out = []
+    for layout in ("contiguous", "zigzag"):
+        for dim in (1, 2):
+            gen = torch.Generator().manual_seed(3)
+            full = torch.randn(2, 8 * world, 8 * world, 3, generator=gen)
+            weight = torch.randn(full.shape, generator=gen)
+            local = ds_ring.shard_sequence(full, dim, layout=layout).requires_grad_()
+            gathered = ds_ring.gather_sequence(local, dim, layout=layout)
+            (gathered * weight).sum().backward()  # every rank computes the same loss from the gathered tensor
+            idx = shard_positions(local.shape[dim], world, rank, layout)
+            out.append((torch.equal(gathered, full), torch.allclose(local.grad, world * weight.index_select(dim, idx))))
+    return out
+
+
+def test_shard_and_gather_round_trip_and_gradient():
+    """gather_sequence(shard_sequence(x)) == x in both layouts; its backward sums every rank's gradient (the
+    adjoint of all-gather), so a loss computed on every rank counts world_size times."""
+    for rank_result in run_distributed(_gather_job, 3):
+        assert all(same and grad_ok for same, grad_ok in rank_result), rank_result
