@@ -4,7 +4,8 @@ Forward: each rank keeps its shards of Q, K, V. At step s it receives the K/V ch
 p - s, posted before the previous step's compute so the transfer overlaps with it, runs the plan's pieces against it
 and merges them into fp32 accumulators with online softmax (running log-sum-exp).
 Backward: a custom autograd.Function that saves only the local q, k, v, mask, out and the final lse (all O(S/P)),
-rotates K/V again with the same schedule and sends each dK/dV partial (fp32) home to the chunk's owner.
+rotates K/V again with the same schedule and sends each dK/dV partial (fp32) home to the chunk's owner, in two
+halves of the chunk's keys so that one half travels while the next is computed.
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, plan: Plan,
     comm: RingComm | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the plan: out (B, Hq, L, D) in q's dtype and lse (B, Hq, L) fp32 (-inf for rows with no key)."""
+    """Run the plan: out (B, Hq, L, D) in q's dtype and lse (B, Hq, L) in fp32 (fp64 for fp64 inputs), -inf for
+    rows with no key."""
     acc = _Softmax(q)
     packet = _packet(k, v, kpm)
     steps = plan.comm_steps
