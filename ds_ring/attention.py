@@ -41,9 +41,16 @@ def _kv_heads(num_q: int, num_kv: int, start: int, step: int) -> tuple[int, ...]
     return tuple(kv)
 
 
+@functools.lru_cache(maxsize=256)
+def _kv_head_index(num_q: int, num_kv: int, start: int, step: int, device: str) -> torch.Tensor | None:
+    """``_kv_heads`` as an index tensor on ``device``, made once: a host-to-device copy per call would stall the
+    CUDA stream once per piece."""
+    heads = _kv_heads(num_q, num_kv, start, step)
+    return None if heads is None else torch.tensor(heads, device=device)
+
+
 def _piece_kv(piece: Piece, num_q: int, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None):
-    heads = _kv_heads(num_q, k.shape[1], piece.head_start, piece.head_step)
-    head_idx = None if heads is None else torch.tensor(heads, device=k.device)
+    head_idx = _kv_head_index(num_q, k.shape[1], piece.head_start, piece.head_step, str(k.device))
     if head_idx is not None:
         k, v = k.index_select(1, head_idx), v.index_select(1, head_idx)
     if piece.k_idx is not None:

@@ -118,10 +118,11 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
     """
     G = piece.groups
-    n_k = piece.k_pos.shape[1]
+    n_k = piece.k_pos.numel()
     k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
     k_idx = k_idx.view(G, -1)
-    q_idx = None if piece.q_idx is None else piece.q_idx.view(G, -1)
+    q_all = piece.q_idx if piece.q_idx is not None else torch.arange(piece.q_pos.numel(), device=piece.q_pos.device)
+    q_idx = q_all.view(G, -1)
     inside = (k_idx >= lo) & (k_idx < hi)
     whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
     out = []
@@ -130,12 +131,14 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
                       piece.causal, piece.window, piece.causal_diag, G)]
     args = (piece.head_start, piece.head_step)
     if bool(whole.any()):
-        out.append(_piece(*args, None if q_idx is None else q_idx[whole].reshape(-1),
+        every_row = piece.q_idx is None and bool(whole.all())
+        out.append(_piece(*args, None if every_row else q_idx[whole].reshape(-1),
                           (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
                           piece.causal, piece.window))
     for g in cut.nonzero().flatten().tolist():
         keep = inside[g]
-        out.append(_piece(*args, None if q_idx is None else q_idx[g], k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
+        q_rows = None if piece.q_idx is None and G == 1 else q_idx[g]
+        out.append(_piece(*args, q_rows, k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
                           piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window))
     return out
 
@@ -219,7 +222,10 @@ def _segment_pieces(o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list
         chosen = ((q_cnt == nq) & (k_cnt == nk)).nonzero().flatten()
         qm, km = torch.isin(q_of, chosen), torch.isin(k_of, chosen)
         G = len(chosen)
-        out.append(_piece(o, r, q_rows[qm], k_rows[km], qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
+        # all rows of the shard, in order: no gather, and the piece's result can stand as the accumulator
+        q_idx = None if full_q and bool(qm.all()) else q_rows[qm]
+        k_idx = None if full_k and bool(km.all()) else k_rows[km]
+        out.append(_piece(o, r, q_idx, k_idx, qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
     return out
 
 
