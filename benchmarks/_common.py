@@ -130,7 +130,18 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def print_table(title: str, headers: list[str], rows: list[list]) -> str:
+    """Print ``title`` and the markdown table; return the table."""
+    md = markdown_table(headers, rows)
+    print()
+    print(title)
+    print(md)
+    return md
+
+
 def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` with the command line and the machine that produced it."""
+    payload = dict(command=command_line(), machine=machine(), **payload)
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 

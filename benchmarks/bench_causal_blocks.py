@@ -53,7 +53,7 @@ def main():
           f"{args.repeat} interleaved runs")
     print(md)
     _, js = C.out_paths(args, "bench_causal_blocks")
-    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), rows=rows, table_markdown=md))
+    C.write_json(js, dict(rows=rows, table_markdown=md))
 
 
 if __name__ == "__main__":

@@ -171,16 +171,13 @@ def main():
                "target"]
     table = [[r["S"], "yes" if r["causal"] else "no", r["pattern"], r["f"], r["work_f"], r["time_s"] * 1e3,
               r["ratio"], r["ratio_over_f"], verdict(r)] for r in rows]
-    md = C.markdown_table(headers, table)
-    print()
-    print(f"Dilated vs dense, fwd+bwd, local=True, B={B}, H={H}, D={D}, {args.dtype}, torch.set_num_threads("
-          f"{args.threads}); median of {args.repeat} interleaved runs")
-    print(md)
+    md = C.print_table(f"Dilated vs dense, fwd+bwd, local=True, B={B}, H={H}, D={D}, {args.dtype}, torch.set_num_threads("
+          f"{args.threads}); median of {args.repeat} interleaved runs", headers, table)
     for r in rows:
         r["verdict"] = verdict(r)
 
     png, js = C.out_paths(args, "bench_dilated")
-    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), threads=args.threads, dtype=args.dtype,
+    C.write_json(js, dict(threads=args.threads, dtype=args.dtype,
                           B=B, H=H, D=D, rows=rows, table_markdown=md))
     if not args.no_plot:
         plot(rows, args.seq_lens, causals, H, D, png)

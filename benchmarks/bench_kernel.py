@@ -142,14 +142,11 @@ def main():
         headers.append("fwd-only ratio")
         for t, r in zip(table, rows):
             t.append(r["fwd_ratio"])
-    md = C.markdown_table(headers, table)
-    print()
-    print(f"Block kernel fwd+bwd, B={args.batch}, H={args.heads}, {args.dtype}, torch.set_num_threads("
-          f"{args.threads}); median of {args.repeat} interleaved runs (matmul {n}^3 timed in the same rounds)")
-    print(md)
+    md = C.print_table(f"Block kernel fwd+bwd, B={args.batch}, H={args.heads}, {args.dtype}, torch.set_num_threads("
+          f"{args.threads}); median of {args.repeat} interleaved runs (matmul {n}^3 timed in the same rounds)", headers, table)
 
     png, js = C.out_paths(args, "bench_kernel")
-    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), threads=args.threads, dtype=args.dtype,
+    C.write_json(js, dict(threads=args.threads, dtype=args.dtype,
                           target=TARGET, rows=rows, table_markdown=md))
     if not args.no_plot:
         plot(rows, args.head_dims, causals, args.seq_lens, n, png)

@@ -108,14 +108,11 @@ def main():
               r["saved"] / 2**20, r["est_saved"] / 2**20, r["saved"] / r["est_saved"], r["rss_growth"] / 2**20,
               "-" if r["measured_reduction"] is None else r["measured_reduction"], r["est_reduction"]]
              for r in rows]
-    md = C.markdown_table(headers, table)
-    print()
-    print(f"Per-rank memory, forward+backward, S={S}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
-          f"{args.dtype}, causal={args.causal}; worst rank")
-    print(md)
+    md = C.print_table(f"Per-rank memory, forward+backward, S={S}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
+          f"{args.dtype}, causal={args.causal}; worst rank", headers, table)
 
     png, js = C.out_paths(args, "bench_memory")
-    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), cfg=cfg, rows=rows, table_markdown=md))
+    C.write_json(js, dict(cfg=cfg, rows=rows, table_markdown=md))
     if not args.no_plot:
         plt = C.pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4.3))

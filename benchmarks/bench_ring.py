@@ -164,17 +164,14 @@ def main():
               "-" if r["overlap"] is None else ("on" if r["overlap"] else "off"), r["time"] * 1e3, r["best"] * 1e3,
               r["time"] / S * 1e6, r["ratio"], r["best_ratio"], r["cpu_ratio"], r["rss"] / 2**20,
               r["torch_peak"] / 2**20, r["comm_mb"], verdict(r)] for r in rows]
-    md = C.markdown_table(headers, table)
-    print()
-    print(f"Ring P={P} vs one process, S={S}, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
+    md = C.print_table(f"Ring P={P} vs one process, S={S}, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
           f"torch.set_num_threads({args.threads}) per process; {args.repeat} runs x {args.rounds} alternating round(s):"
-          " median and best (min) of all runs; CPU time = slowest rank's process_time, median")
-    print(md)
+          " median and best (min) of all runs; CPU time = slowest rank's process_time, median", headers, table)
     for r in rows:
         r["verdict"] = verdict(r)
 
     png, js = C.out_paths(args, "bench_ring")
-    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), cfg=cfg_run, world_size=P, rows=rows,
+    C.write_json(js, dict(cfg=cfg_run, world_size=P, rows=rows,
                           table_markdown=md))
     if not args.no_plot:
         plt = C.pyplot()

@@ -487,7 +487,7 @@ def main():
     print(f"\n(whole run {elapsed:.0f} s)")
 
     png, js = C.out_paths(args, "bench_ulysses" + args.suffix)
-    C.write_json(js, dict(command=C.command_line(), machine=C.machine(), cfg=cfg, cap_bytes=cap, fits=fits,
+    C.write_json(js, dict(cfg=cfg, cap_bytes=cap, fits=fits,
                           rows=rows, first_loss_agree=ok, table_markdown=md, cap_table_markdown=cap_md,
                           profile_table_markdown=prof_md, kernels=kernels,
                           elapsed_s=elapsed))
