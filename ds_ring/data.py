@@ -36,10 +36,12 @@ def shard_batch(
       unpatched Hugging Face model uses in ``forward`` when given an attention_mask and no position_ids (left-padded
       rows therefore start their real tokens at the pad count, exactly as the one-process reference does; note that
       ``generate`` instead derives positions from the mask's cumsum). Pass ``position_ids`` to override;
-    - ``shift_labels`` (only if ``labels`` is given): the target of each position, shifted BEFORE sharding
-      (``labels[:, 1:]`` then ``ignore_index`` at the end) so a token at a shard boundary keeps its target, and
-      ``ignore_index`` wherever the position or its target is padding. ``labels`` itself is not returned: the
-      model must not shift the local shard again; use ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
+    - ``shift_labels`` (only if ``labels`` is given): the target of each position, shifted BEFORE sharding so a
+      token at a shard boundary keeps its target. Exactly transformers' ``ForCausalLMLoss`` rule: the target of
+      position i is ``labels[:, i + 1]``, ``ignore_index`` at the last position, and nothing else: the user's labels
+      decide what is ignored (collators put -100 on padding), so the loss under SP is the unpatched model's
+      ``labels=`` loss. ``labels`` itself is not returned: the model must not shift the local shard again; use
+      ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
 
     S that does not divide by sp_size (2*sp_size for the zigzag layout) is padded on the right with masked tokens
     (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.layout``.
@@ -64,7 +66,6 @@ def shard_batch(
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
-    real = mask.bool()
 
     full = {
         "input_ids": _pad_right(input_ids, pad, pad_token_id),
@@ -80,10 +81,7 @@ def shard_batch(
         full["position_ids"] = torch.arange(s + pad, device=input_ids.device).expand(b, -1)
     if "labels" in batch:
         labels = batch["labels"]
-        ignore_col = labels.new_full((b, 1), ignore_index)
-        shifted = torch.cat([labels[:, 1:], ignore_col], dim=1)
-        target_real = torch.cat([real[:, 1:], real.new_zeros(b, 1)], dim=1)
-        shifted = shifted.masked_fill(~(real & target_real), ignore_index)
+        shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
         full["shift_labels"] = _pad_right(shifted, pad, ignore_index)
     return {k: shard_sequence(v, 1, sp.group, sp.layout) for k, v in full.items()}
 

@@ -83,12 +83,10 @@ def results():
     return run_distributed(_worker, WORLD)
 
 
-def reference_shift_labels(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Definition: position i predicts labels[i+1] when positions i and i+1 are both real tokens, else -100."""
-    out = torch.full_like(labels, -100)
-    keep = mask[:, :-1].bool() & mask[:, 1:].bool()
-    out[:, :-1] = torch.where(keep, labels[:, 1:], out[:, :-1])
-    return out
+def reference_shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """transformers' ForCausalLMLoss: position i predicts labels[i+1], the last position nothing. Nothing else is
+    ignored: full_batch's labels are real tokens even on padding, and the user's labels decide."""
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
 
 
 @pytest.mark.parametrize("size,layout", [(2, "contiguous"), (2, "zigzag"), (4, "contiguous"), (4, "zigzag")])
@@ -99,7 +97,7 @@ def test_shard_batch_pads_and_shards_consistently(results, size, layout):
     pad = seq_pad - SEQ
     ids = F.pad(batch["input_ids"], (0, pad), value=0)
     mask = F.pad(batch["attention_mask"], (0, pad), value=0)
-    shift = F.pad(reference_shift_labels(batch["labels"], batch["attention_mask"]), (0, pad), value=-100)
+    shift = F.pad(reference_shift_labels(batch["labels"]), (0, pad), value=-100)
     seen_real = 0
     for res in results:
         sp_rank, local = res["shard"][(size, layout)]

@@ -79,12 +79,9 @@ def padded_batch(seed: int, side: str, seq: int = SEQ, lengths: list[int] = LENG
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def reference_shift_labels(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Definition: position i predicts token i+1 when both are real tokens, else -100."""
-    out = torch.full_like(labels, -100)
-    keep = mask[:, :-1].bool() & mask[:, 1:].bool()
-    out[:, :-1] = torch.where(keep, labels[:, 1:], out[:, :-1])
-    return out
+def reference_shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """transformers' ForCausalLMLoss rule: position i predicts labels[i+1]; -100 at the end, nothing else."""
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,9 +91,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def reference(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """Unpatched model on the full sequence in this process: logits, loss (mean CE over valid targets), grads."""
     model.zero_grad()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    target = reference_shift_labels(batch["labels"], batch["attention_mask"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    if isinstance(model, BertForMaskedLM):  # not a causal LM: the same next-token objective, written out
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = reference_shift_labels(batch["labels"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    else:  # the model's own labels= loss (transformers' ForCausalLMLoss), on a left-padded row too
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        logits, loss = out.logits, out.loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads
