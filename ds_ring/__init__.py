@@ -1,12 +1,14 @@
 """ds_ring: exact ring attention and LongNet dilated attention over sequence-parallel ranks, for Hugging Face models
 trained with DeepSpeed ZeRO."""
 
+from .agreement import RingFacts
 from .attention import ring_dilated_attention
 from .comm import count_comm
 from .data import shard_batch, sp_dataloader
 from .deepspeed_integration import ConfigError, load_config
 from .deepspeed_integration import initialize as deepspeed_initialize
 from .groups import SequenceParallel, init_distributed, init_sequence_parallel
+from .layouts import LAYOUTS, Layout, get_layout
 from .loss import causal_lm_loss
 from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
 from .modules import RingDilatedAttention, RingDilatedMultiheadAttention
@@ -16,8 +18,9 @@ from .transformers_integration import local_attention, patch, unpatch  # registe
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "MemoryEstimate", "RingDilatedAttention", "RingDilatedMultiheadAttention", "SequenceParallel",
-    "causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence", "init_distributed",
+    "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "RingDilatedAttention", "RingDilatedMultiheadAttention",
+    "RingFacts", "SequenceParallel", "causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence",
+    "get_layout", "init_distributed",
     "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes", "memory_estimate", "patch",
     "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "unpatch",
 ]

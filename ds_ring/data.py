@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .groups import SequenceParallel
+from .layouts import get_layout
 from .sharding import shard_sequence
 
 # Per-token keys shard_batch understands, and the value that fills the padding added to make S divisible.
@@ -61,8 +62,7 @@ def shard_batch(
         if batch[k].shape != input_ids.shape:
             raise ValueError(f"shard_batch: {k} has shape {tuple(batch[k].shape)}, expected {tuple(input_ids.shape)}")
     b, s = input_ids.shape
-    parts = sp.sp_size * (2 if sp.layout == "zigzag" else 1)
-    pad = -s % parts
+    pad = get_layout(sp.layout).padded_length(s, sp.sp_size) - s
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .groups import SequenceParallel
+from .layouts import get_layout
 
 __all__ = ["ConfigError", "load_config", "check_config", "check_sequence_length", "gradient_factor", "initialize"]
 
@@ -100,14 +101,12 @@ def check_sequence_length(seq_len: int, sp: SequenceParallel, *, pad: bool) -> i
 
     With ``pad=False`` a length that does not shard is a ``ConfigError``.
     """
-    parts = sp.sp_size * (2 if sp.layout == "zigzag" else 1)
-    if seq_len % parts == 0:
-        return seq_len
-    if not pad:
-        raise ConfigError(f"sequence length {seq_len} is not a multiple of {parts} (sp_size={sp.sp_size}, "
-                          f"layout={sp.layout!r}) and padding is off: use a length divisible by {parts} or enable "
+    lay = get_layout(sp.layout)
+    err = lay.seq_len_error(seq_len, sp.sp_size)
+    if err and not pad:
+        raise ConfigError(f"{err}; padding is off: use a length divisible by {lay.divisor(sp.sp_size)} or enable "
                           "padding")
-    return -(-seq_len // parts) * parts
+    return lay.padded_length(seq_len, sp.sp_size)
 
 
 def gradient_factor(config: dict, sp: SequenceParallel) -> float:

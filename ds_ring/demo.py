@@ -19,6 +19,8 @@ from importlib import resources
 
 import torch
 
+from .layouts import LAYOUTS, get_layout
+
 BOS, MARK, KEY0, NUM_KEYS, FILLER0 = 1, 3, 4, 16, 32
 
 
@@ -200,7 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=250, help="training steps (default 250)")
     p.add_argument("--pattern", default="dense",
                    help="'dense' (exact ring attention, default) or LongNet 'SEGMENTS:RATES', e.g. '64,256:1,4'")
-    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"], help="sequence layout on the ring")
+    p.add_argument("--layout", default="zigzag", choices=list(LAYOUTS), help="sequence layout on the ring")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--key-len", type=int, default=1, help="passkey length in tokens (default 1)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -215,10 +217,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     if args.ranks < 1:
         raise SystemExit("--ranks must be >= 1")
-    parts = args.ranks * (2 if args.layout == "zigzag" else 1)
-    if args.seq_len % parts:
-        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {parts} (ranks x {parts // args.ranks} "
-                         f"for layout {args.layout}): try {-(-args.seq_len // parts) * parts}")
+    lay = get_layout(args.layout)
+    if lay.seq_len_error(args.seq_len, args.ranks):
+        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {lay.divisor(args.ranks)} (layout "
+                         f"{lay.name} over {args.ranks} ranks): try {lay.padded_length(args.seq_len, args.ranks)}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the demo runs on CPU ranks; skips DeepSpeed's device probe
     try:  # each rank makes its own process group (ds_ring.init_sequence_parallel, gloo, args.timeout)
         return spawn_local(_rank_main, args.ranks, args, init_gloo=False, timeout_s=args.timeout + 3600)

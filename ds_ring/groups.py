@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .sharding import check_layout
+from .layouts import get_layout
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def init_sequence_parallel(
     Every rank must call this with the same arguments (group creation is collective). The groups get ``timeout``,
     by default the one the default group was initialised with.
     """
-    check_layout(layout)
+    layout = get_layout(layout).name
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             if sp_size not in (None, 1):

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .sharding import shard_ranges
+from .layouts import get_layout
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,6 @@ class Pattern:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
             raise ValueError(f"window must be a positive int or None, got {window!r}")
         return cls(tuple(segs), tuple(rates), bool(causal), window)
-
-    @property
-    def is_dense(self) -> bool:
-        return all(w is None for w in self.segment_lengths) and all(r == 1 for r in self.dilation_rates) and (
-            len(self.segment_lengths) == 1
-        )
 
     def pairs(self, seq_len: int) -> list[tuple[int, int]]:
         """(w, r) per pair with ``None`` resolved to the sequence length."""
@@ -127,8 +121,7 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
     out = []
     if bool(whole.all()) and piece.k_idx is None:
-        return [Piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos, piece.seg,
-                      piece.causal, piece.window, piece.causal_diag, G)]
+        return [piece]
     args = (piece.head_start, piece.head_step)
     if bool(whole.any()):
         every_row = piece.q_idx is None and bool(whole.all())
@@ -144,24 +137,45 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything one rank needs for one (pattern, shape, group, layout): which peers at which step, and the pieces.
+class KeyPart:
+    """A step's pieces restricted to the source's key rows [lo, hi), indexed from ``lo``. The backward sends each
+    part's dK/dV home as soon as it is done, so one part travels while the next is computed and the partial buffers
+    stay a chunk in size for any P."""
 
-    ``steps[s]`` for s = 0..P-1: (recv_from, send_to, pieces). Step 0 is the local chunk. At step s >= 1 rank p
-    sends its own K/V to p + s (if that rank needs it) and receives from p - s (if it needs that chunk). The same
-    predicate is evaluated on both ends, so sends and receives always match.
+    lo: int
+    hi: int
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Step ``index`` of one rank's ring. At step s >= 1 rank p receives the K/V chunk of rank p - s and sends its own
+    to rank p + s, each only where the receiver has a non-empty piece: the same predicate is evaluated on both ends,
+    so sends and receives always pair up. Step 0 is the local chunk (``source`` = the rank itself, no traffic).
+
+    ``source``: the rank whose chunk this rank computes against, None if it needs nothing from it. ``dest``: the rank
+    this rank sends its own K/V to (and whose dK/dV partial for them comes back), None if that rank needs nothing.
     """
+
+    index: int
+    source: int | None
+    dest: int | None
+    pieces: tuple[Piece, ...]
+    key_parts: tuple[KeyPart, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one rank needs for one (pattern, shape, group, layout): which peers at which step, and the pieces."""
 
     world_size: int
     rank: int
-    steps: tuple[tuple[int | None, int | None, tuple[Piece, ...]], ...]
-    # steps[s]'s pieces cut by source key rows [lo, hi): backward sends each dK/dV part home as soon as it is done,
-    # so one part is in flight while the next is computed and the partial buffers stay a chunk in size for any P
-    key_parts: tuple[tuple[tuple[int, int, tuple[Piece, ...]], ...], ...] = ()
+    steps: tuple[Step, ...]
 
     @property
-    def comm_steps(self) -> list[int]:
-        return [s for s, (rf, st, _) in enumerate(self.steps) if s > 0 and (rf is not None or st is not None)]
+    def comm_steps(self) -> tuple[Step, ...]:
+        """The steps >= 1 with traffic in either direction, in ring order (every rank walks the same indices)."""
+        return tuple(st for st in self.steps[1:] if st.source is not None or st.dest is not None)
 
 
 def _selected(pos: torch.Tensor, w: int, r: int, o: int) -> torch.Tensor:
@@ -231,59 +245,68 @@ def _segment_pieces(o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list
 
 @functools.lru_cache(maxsize=64)
 def _plan_cached(
-    pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str
+    pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str, q_len: int
 ) -> Plan:
     pattern = Pattern(*pattern_key)
+    lay = get_layout(layout)
     seq_len = local_len * world
-    ranges = [shard_ranges(local_len, world, p, layout) for p in range(world)]
-    pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in ranges]
+    k_ranges = [lay.ranges(local_len, world, p) for p in range(world)]
+    # queries are the last q_len positions of the keys (decoding with a cache, world 1): aligned bottom-right
+    q_ranges = k_ranges if q_len == local_len else [[(local_len - q_len, local_len)]]
+    k_pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in k_ranges]
+    q_pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in q_ranges]
     pairs = pattern.pairs(seq_len)
 
     def pieces(dst: int, src: int) -> tuple[Piece, ...]:
         out = []
         for w, r in pairs:
             for o in range(min(r, num_heads)):
-                qsel = _selected(pos[dst], w, r, o) & _rows_with_partner(
-                    pos[dst], ranges[src], w, r, o, pattern.causal, pattern.window, True
+                qsel = _selected(q_pos[dst], w, r, o) & _rows_with_partner(
+                    q_pos[dst], k_ranges[src], w, r, o, pattern.causal, pattern.window, True
                 )
                 if not bool(qsel.any()):
                     continue
-                ksel = _selected(pos[src], w, r, o) & _rows_with_partner(
-                    pos[src], ranges[dst], w, r, o, pattern.causal, pattern.window, False
+                ksel = _selected(k_pos[src], w, r, o) & _rows_with_partner(
+                    k_pos[src], q_ranges[dst], w, r, o, pattern.causal, pattern.window, False
                 )
-                out += _segment_pieces(o, r, w, qsel, ksel, pos[dst], pos[src], pattern)
+                out += _segment_pieces(o, r, w, qsel, ksel, q_pos[dst], k_pos[src], pattern)
         return tuple(out)
 
-    steps = []
-    for s in range(world):
+    bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
+
+    def step(s: int, source: int | None, dest: int | None, mine: tuple[Piece, ...]) -> Step:
+        parts = tuple(KeyPart(lo, hi, tuple(p for pc in mine for p in restrict_keys(pc, lo, hi))) for lo, hi in bounds)
+        return _to_device(Step(s, source, dest, mine, parts), device)
+
+    steps = [step(0, rank, None, pieces(rank, rank))]
+    for s in range(1, world):
         src, dst = (rank - s) % world, (rank + s) % world
         mine = pieces(rank, src)
-        if s == 0:
-            steps.append((None, None, mine))
-            continue
-        send_to = dst if pieces(dst, rank) else None
-        steps.append((src if mine else None, send_to, mine))
-    bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
-    key_parts = tuple(
-        tuple((lo, hi, tuple(p for pc in pieces for p in restrict_keys(pc, lo, hi))) for lo, hi in bounds)
-        for _, _, pieces in steps
-    )
-    return _to_device(Plan(world, rank, tuple(steps), key_parts), device)
+        steps.append(step(s, src if mine else None, dst if pieces(dst, rank) else None, mine))
+    return Plan(world, rank, tuple(steps))
 
 
-def _to_device(plan: Plan, device: str) -> Plan:
+def _to_device(st: Step, device: str) -> Step:
     def move(pc: Piece) -> Piece:
         return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
                                           if getattr(pc, f) is not None})
 
-    steps = tuple((rf, st, tuple(map(move, pcs))) for rf, st, pcs in plan.steps)
-    parts = tuple(tuple((lo, hi, tuple(map(move, pcs))) for lo, hi, pcs in kp) for kp in plan.key_parts)
-    return Plan(plan.world_size, plan.rank, steps, parts)
+    parts = tuple(dataclasses.replace(kp, pieces=tuple(map(move, kp.pieces))) for kp in st.key_parts)
+    return dataclasses.replace(st, pieces=tuple(map(move, st.pieces)), key_parts=parts)
 
 
 def make_plan(
     pattern: Pattern, local_len: int, world_size: int, rank: int, layout: str, num_heads: int,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", q_len: int | None = None,
 ) -> Plan:
-    """The (cached) plan of ``rank``; identical inputs give identical plans on every rank."""
-    return _plan_cached(pattern.key(), local_len, world_size, rank, layout, num_heads, str(device))
+    """The (cached) plan of ``rank``; identical inputs give identical plans on every rank.
+
+    ``local_len`` is the key shard length; ``q_len`` (default ``local_len``) may be shorter on a single rank only:
+    the queries are then the last ``q_len`` positions (decoding with a KV cache), so a step costs O(q_len x keys).
+    """
+    q_len = local_len if q_len is None else q_len
+    if q_len != local_len and (world_size != 1 or not 0 < q_len < local_len):
+        raise ValueError(f"make_plan: {q_len} queries for {local_len} keys: fewer queries than keys only on one "
+                         "rank, as the keys' last positions")
+    return _plan_cached(pattern.key(), local_len, world_size, rank, get_layout(layout).name, num_heads, str(device),
+                        q_len)

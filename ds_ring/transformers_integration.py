@@ -1,17 +1,21 @@
 """Hugging Face integration: ring-dilated attention as a transformers attention implementation.
 
 ``import ds_ring`` registers the name ``"ring_dilated"`` with ``transformers.AttentionInterface`` (the attention
-function) and with ``transformers.masking_utils.AttentionMaskInterface`` (the mask builder). The mask entry is
-``flash_attention_mask``: it hands the attention function this rank's 2D key-padding mask (B, L_local), or None when
-nothing is padded. Without a mask entry transformers would pass ``attention_mask=None`` and padding would be lost.
+function) and with ``transformers.masking_utils.AttentionMaskInterface`` (the mask builder, which hands the attention
+function this rank's 2D key-padding mask (B, L_local) or None). Without a mask entry transformers would pass
+``attention_mask=None`` and padding would be lost.
 
 Each rank feeds the model its own shard of input_ids / attention_mask and the GLOBAL position_ids
 (``ds_ring.shard_batch`` makes all three). K/V and the padding mask travel around the ring inside
 ``ds_ring.attention.ring_dilated_attention``.
 
-Settings (group, layout, dilated pattern, local mode) live on each attention module as ``module._ds_ring``, so two
-models in one process can use different patterns. A model switched with ``attn_implementation="ring_dilated"`` and
-no ``patch`` call uses the defaults: dense pattern over the WORLD group, contiguous layout.
+``patch`` puts the settings (group, layout, dilated pattern, local mode) on the model's modules as ``_ds_ring``, so
+two models in one process can use different patterns, and installs a forward pre-hook that runs the ring's
+agreement ONCE per model forward (shapes, options, global positions, which shards are padded) and passes its facts to
+every attention layer through the forward's keyword arguments (``ds_ring_facts``), which transformers hands down to
+the attention function and gradient checkpointing replays. A model switched with ``attn_implementation=
+"ring_dilated"`` and no ``patch`` call uses the defaults (dense pattern over the WORLD group, contiguous layout) and
+agrees once per layer.
 """
 
 from __future__ import annotations
@@ -19,19 +23,23 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import AttentionMaskInterface
 
+from .agreement import RingFacts, agree, code
 from .attention import ring_dilated_attention
 from .groups import SequenceParallel
-from .sharding import check_layout, group_size_rank, shard_positions
+from .layouts import get_layout
+from .sharding import group_size_rank
 
 ATTN_IMPLEMENTATION = "ring_dilated"
+FACTS_KWARG = "ds_ring_facts"  # the forward kwarg that carries the agreement down to the attention layers
 
 # kwargs that change the attention result in ways the ring op does not implement.
 _UNSUPPORTED_KWARGS = {
@@ -53,12 +61,25 @@ class RingSettings:
     dilation_rates: tuple[int, ...] | None = None
     local: bool = False  # True: the rank's tensors are the whole sequence (unsharded eval/generation)
 
+    def __deepcopy__(self, memo):  # immutable, and process groups are handles: a copied model shares its ring
+        return self
+
 
 _DEFAULT = RingSettings()
 
 
 def _model_name(module: nn.Module) -> str:
     return type(module).__name__
+
+
+def ring_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+              mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """The mask builder for "ring_dilated": the 2D key-padding mask (B, kv_length) bool, or None without one.
+
+    Unlike transformers' ``flash_attention_mask`` it does not test ``mask.all()`` (a host sync per mask): which
+    shards are padded is decided once per forward by the agreement.
+    """
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
 
 
 def ring_dilated_attention_forward(
@@ -75,7 +96,8 @@ def ring_dilated_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function. q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> ((B, L, Hq, D), None).
 
-    ``attention_mask`` is the 2D key-padding mask from ``flash_attention_mask`` (True/1 = real token) or None.
+    ``attention_mask`` is the 2D key-padding mask from ``ring_mask`` (True = real token) or None. Lk > L only in
+    local mode (decoding with a KV cache: the queries are the keys' last positions).
     """
     s: RingSettings = getattr(module, "_ds_ring", _DEFAULT)
     name = _model_name(module)
@@ -97,82 +119,119 @@ def ring_dilated_attention_forward(
         )
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
-    world, rank = group_size_rank(s.group)
-    local = s.local or world == 1
-    lq, lk = query.shape[2], key.shape[2]
-
-    if not local:
-        if lq != lk:
-            raise NotImplementedError(
-                f"{name}: ring attention got {lq} queries for {lk} keys (a KV cache with past tokens); decode on an "
-                f"unsharded input under ds_ring.local_attention(model) or patch(model, local=True)"
-            )
-        _check_global_positions(module, kwargs.get("position_ids"), lq, s, world, rank)
-        if key_padding_mask is None:
-            # flash_attention_mask gives None on a rank whose shard has no padding while another rank's shard may be
-            # padded: every rank must hand the ring the same kind of argument.
-            key_padding_mask = torch.ones(key.shape[0], lk, dtype=torch.bool, device=key.device)
-    elif lq != lk:
-        if lq > lk:
-            raise ValueError(f"{name}: {lq} queries for {lk} keys; queries must be the last positions of the keys")
-        # Decoding with a KV cache: the queries are the last lq positions of the key sequence. Pad the queries at
-        # the front so the op sees one whole sequence (exact for every pattern; costs lk x lk work per step).
-        query = torch.nn.functional.pad(query, (0, 0, lk - lq, 0))
-
+    facts: RingFacts | None = kwargs.get(FACTS_KWARG)
+    local = s.local or group_size_rank(s.group)[0] == 1
+    if not local and query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            f"{name}: ring attention got {query.shape[2]} queries for {key.shape[2]} keys (a KV cache with past "
+            f"tokens); decode on an unsharded input under ds_ring.local_attention(model) or patch(model, local=True)"
+        )
+    if not local and facts is None and key_padding_mask is None:
+        # Agreed per call (no pre-hook): every rank must hand the op the same kind of argument, and ring_mask gives
+        # None on a rank without a 2D mask. (With the forward's facts, a rank without padding may pass None.)
+        key_padding_mask = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
     out = ring_dilated_attention(
         query, key, value,
         segment_lengths=s.segment_lengths, dilation_rates=s.dilation_rates, causal=causal,
         key_padding_mask=key_padding_mask, window=sliding_window, scale=scaling,
-        group=s.group, layout=s.layout, local=local,
+        group=s.group, layout=s.layout, local=local, facts=facts,
     )  # fmt: skip
-    return out[:, :, lk - lq :].transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
 
 
-def _check_global_positions(
-    module: nn.Module, position_ids: torch.Tensor | None, local_len: int, s: RingSettings, world: int, rank: int
-) -> None:
-    """Fail loudly when shards run with the model's default local positions arange(L_local) instead of global ones.
+def _forward_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = kwargs.get("input_ids", args[0] if args else None)
+    return kwargs.get("inputs_embeds") if x is None else x
 
-    RoPE and learned position embeddings would silently see wrong positions. Checked once per forward (first layer),
-    and agreed over the ring so that every rank raises rather than some waiting in the ring for ever.
-    """
-    if position_ids is None or getattr(module, "layer_idx", 0) not in (0, None):
-        return
-    default = torch.arange(local_len, device=position_ids.device)
-    expected = shard_positions(local_len, world, rank, s.layout, device=position_ids.device)
-    # A rank whose global positions are not arange(L_local) but that got exactly arange(L_local) got no global ones.
-    wrong = not torch.equal(expected, default) and torch.equal(position_ids, default.expand_as(position_ids))
-    flag = torch.tensor([float(wrong)], device=position_ids.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=s.group)
-    if flag.item():
+
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a patched model: decide the ring's facts once for the whole forward (one collective, one
+    host sync) and pass them to every attention layer as the ``ds_ring_facts`` keyword argument."""
+    s: RingSettings = model._ds_ring
+    x = _forward_input(args, kwargs)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or FACTS_KWARG in kwargs:
+        return None
+    B, L = x.shape[:2]
+    mask = kwargs.get("attention_mask")
+    world, rank = group_size_rank(s.group)
+    if s.local or world == 1:
+        two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        # with a KV cache the keys are the mask's columns (past + new tokens)
+        facts = RingFacts(1, B, mask.shape[1] if two_d else L, (two_d and not bool(mask.all()),))
+    else:
+        facts = _agree_forward(model, s, x, B, L, mask, kwargs.get("position_ids"), world, rank)
+    kwargs[FACTS_KWARG] = facts
+    return args, kwargs
+
+
+def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, world: int, rank: int) -> RingFacts:
+    """The ring's agreement for one model forward: equal shapes, model and settings on every rank; which shards are
+    padded; and whether a shard runs with the model's default local positions arange(L) instead of global ones
+    (RoPE and learned position embeddings would silently see wrong positions)."""
+    name = _model_name(model)
+    errs = []
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L)):
+        errs.append(f"attention_mask must be this rank's (batch, local_len) = {(B, L)} 0/1 key-padding mask, got "
+                    f"{tuple(getattr(mask, 'shape', ()))}")
+    lay = get_layout(s.layout)
+    err = lay.local_len_error(L, world)
+    if err:
+        errs.append(err)
+    # A rank whose global positions are not arange(L) but that got arange(L) (or nothing: the model then uses
+    # arange(L)) got no global positions. Flags are computed on the device and read with the agreement.
+    wrong: int | torch.Tensor = 0
+    if not err and lay.ranges(L, world, rank) != [(0, L)]:
+        wrong = 1 if position_ids is None else (position_ids == torch.arange(L, device=position_ids.device)).all()
+    padded = (mask == 0).any() if isinstance(mask, torch.Tensor) and not errs else 0
+    param = next(model.parameters(), None)
+    dtype = (str(getattr(param, "dtype", None)), torch.is_autocast_enabled(x.device.type))
+    rows = agree(s.group, who=f"{name} under ring_dilated attention", errors=errs,
+                 same={"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
+                       "parameter dtype / autocast": dtype},
+                 mine={"padded": padded, "default position_ids": wrong}, device=x.device)
+    wrong_ranks = [r for r, row in enumerate(rows) if row["default position_ids"]]
+    if wrong_ranks:
         raise ValueError(
-            f"{_model_name(module)}: shards of the ring (world {world}, layout {s.layout!r}) got position_ids = "
-            f"arange({local_len}), the model's default for an unsharded input, instead of their global positions; "
+            f"{name}: shards of the ring (world {world}, layout {s.layout!r}) got position_ids = arange({L}), the "
+            f"model's default for an unsharded input, instead of their global positions (rank(s) {wrong_ranks}); "
             f"pass the position_ids returned by ds_ring.shard_batch"
         )
+    return RingFacts(world, B, L, tuple(bool(row["padded"]) for row in rows))
 
 
-def _routes_through_interface(cls: type) -> bool:
-    # The attention classes that honour attn_implementation look the function up in ALL_ATTENTION_FUNCTIONS.
-    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
-    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+def _fingerprint(model: nn.Module, s: RingSettings) -> int:
+    """Equal on two ranks iff they run the same model class, config and ring settings: then every layer's shapes and
+    options agree too, which is what lets the layers skip their own agreement."""
+    return code((type(model).__name__, model.config.to_json_string(use_diff=False), s.layout, s.segment_lengths,
+                 s.dilation_rates))
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that dispatch through transformers' AttentionInterface; error if the model has none."""
-    mods = [m for m in model.modules() if _routes_through_interface(type(m))]
-    if not mods:
+def _check_supported(model: nn.Module) -> None:
+    """transformers' own answer to "can this model take a registered attention function?", and what the ring op
+    does not implement."""
+    supported = getattr(type(model), "is_backend_compatible", None)
+    if supported is None or not supported():
         raise NotImplementedError(
             f"{_model_name(model)}: its attention does not dispatch through transformers.AttentionInterface "
-            f"(no module reads ALL_ATTENTION_FUNCTIONS), so ring_dilated attention cannot be plugged in; use a model "
-            f"family that supports attn_implementation (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, BERT, ...)"
+            f"({_model_name(model)}.is_backend_compatible() is not True), so ring_dilated attention cannot be plugged "
+            f"in; use a model family that supports attn_implementation (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, "
+            f"BERT, ...)"
         )
-    for m in mods:
+    for m in model.modules():
         if getattr(m, "is_cross_attention", False):
             raise NotImplementedError(
                 f"{_model_name(model)}: cross-attention ({_model_name(m)}) is not supported by ring_dilated attention"
             )
-    return mods
+
+
+def _set_settings(model: nn.Module, settings: RingSettings | None) -> None:
+    # On every module: the attention function only sees the module it runs for, and reading the setting from that
+    # module needs no list of which classes are attention modules.
+    for m in model.modules():
+        if settings is None:
+            m.__dict__.pop("_ds_ring", None)
+        else:
+            m._ds_ring = settings
 
 
 def patch(
@@ -198,8 +257,7 @@ def patch(
         if layout is not None and layout != sp.layout:
             raise ValueError(f"patch: layout={layout!r} disagrees with sp.layout={sp.layout!r}; pass one of them")
         group, layout = sp.group, sp.layout
-    layout = layout or "contiguous"
-    check_layout(layout)
+    layout = get_layout(layout or "contiguous").name
     if (segment_lengths is None) != (dilation_rates is None):
         raise ValueError("patch: give both segment_lengths and dilation_rates (or neither for the dense pattern)")
     if segment_lengths is not None and len(segment_lengths) != len(dilation_rates):
@@ -207,7 +265,7 @@ def patch(
             f"patch: segment_lengths {list(segment_lengths)} and dilation_rates {list(dilation_rates)} must have "
             f"the same length"
         )
-    mods = _attention_modules(model)
+    _check_supported(model)
     settings = RingSettings(
         group=group,
         layout=layout,
@@ -218,8 +276,11 @@ def patch(
     if not hasattr(model, "_ds_ring_previous_attn"):
         model._ds_ring_previous_attn = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    for m in mods:
-        m._ds_ring = settings
+    _set_settings(model, settings)
+    model._ds_ring_fingerprint = _fingerprint(model, settings)
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    if takes_kwargs and not hasattr(model, "_ds_ring_hook"):  # else each layer agrees for itself
+        model._ds_ring_hook = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     return model
 
 
@@ -228,10 +289,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not hasattr(model, "_ds_ring_previous_attn"):
         raise ValueError(f"unpatch: {_model_name(model)} was not patched with ds_ring.patch")
     model.set_attn_implementation(model._ds_ring_previous_attn)
-    del model._ds_ring_previous_attn
-    for m in model.modules():
-        if hasattr(m, "_ds_ring"):
-            del m._ds_ring
+    del model._ds_ring_previous_attn, model._ds_ring_fingerprint
+    if hasattr(model, "_ds_ring_hook"):
+        model._ds_ring_hook.remove()
+        del model._ds_ring_hook
+    _set_settings(model, None)
     return model
 
 
@@ -244,24 +306,19 @@ def local_attention(model: nn.Module) -> Iterator[nn.Module]:
             f"local_attention: {_model_name(model)} uses attn_implementation="
             f"{model.config._attn_implementation!r}, not {ATTN_IMPLEMENTATION!r}; call ds_ring.patch(model) first"
         )
-    mods = _attention_modules(model)
-    saved = [getattr(m, "_ds_ring", None) for m in mods]
-    for m, s in zip(mods, saved):
-        m._ds_ring = replace(s or _DEFAULT, local=True)
+    _check_supported(model)
+    saved = getattr(model, "_ds_ring", None)
+    _set_settings(model, dataclasses.replace(saved or _DEFAULT, local=True))
     try:
         yield model
     finally:
-        for m, s in zip(mods, saved):
-            if s is None:
-                del m._ds_ring
-            else:
-                m._ds_ring = s
+        _set_settings(model, saved)
 
 
 def register() -> None:
     """Register "ring_dilated" with transformers' attention and mask dispatch (done by ``import ds_ring``)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, ring_dilated_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ring_mask)
 
 
 register()

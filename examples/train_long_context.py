@@ -36,6 +36,7 @@ from ds_ring.data import shard_batch, sp_dataloader
 from ds_ring.deepspeed_integration import ConfigError, check_config, check_sequence_length, load_config
 from ds_ring.deepspeed_integration import initialize as ds_initialize
 from ds_ring.demo import passkey_batch, parse_pattern, tiny_llama_config
+from ds_ring.layouts import LAYOUTS
 from ds_ring.loss import causal_lm_loss
 from ds_ring.transformers_integration import patch
 
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DeepSpeed config JSON (default: accelerate's deepspeed_config_file, else "
                    "ds_config/zero3.json)")
     p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel ring (default: all)")
-    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"], help="sequence layout on a ring")
+    p.add_argument("--layout", default="zigzag", choices=list(LAYOUTS), help="sequence layout on a ring")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (split over the ring)")
     p.add_argument("--no-pad", action="store_true", help="refuse sequence lengths the ring cannot shard evenly")
     p.add_argument("--pattern", default="dense", help="'dense' (exact) or LongNet 'SEGMENTS:RATES', e.g. '256,512:1,2'")

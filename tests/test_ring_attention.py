@@ -110,12 +110,12 @@ def _check(world, results, cases):
 
 
 def _assemble(pieces, world, layout):
-    from ds_ring.sharding import shard_positions
+    from ds_ring.layouts import get_layout
 
     L = pieces[0].shape[2]
     out = torch.empty(pieces[0].shape[0], pieces[0].shape[1], L * world, pieces[0].shape[3])
     for r, p in enumerate(pieces):
-        out[:, :, shard_positions(L, world, r, layout)] = p
+        out[:, :, get_layout(layout).positions(L, world, r)] = p
     return out
 
 

@@ -38,10 +38,32 @@ CASES = [
 ]
 
 
+def _plan_bytes(kw: dict, rank: int, kv_packet: int) -> dict[str, dict[str, int]]:
+    """The bytes rank's plan implies: a K/V packet per step with a destination (received: per step with a source);
+    in backward the same again plus a dK/dV part (fp32, its key rows) home per key part."""
+    plan = make_plan(Pattern.make(kw.get("segment_lengths"), kw.get("dilation_rates"), kw.get("causal", False),
+                                  kw.get("window")), L, P, rank, "contiguous", H)
+    row = 2 * B * HKV * D * 4
+    sent = {"kv": sum(kv_packet for st in plan.steps[1:] if st.dest is not None)}
+    recv = {"kv": sum(kv_packet for st in plan.steps[1:] if st.source is not None)}
+    dkv_sent = sum(row * (kp.hi - kp.lo) for st in plan.steps[1:] if st.source is not None for kp in st.key_parts)
+    dkv_recv = sum(row * (kp.hi - kp.lo) for st in plan.steps[1:] if st.dest is not None for kp in st.key_parts)
+    drop = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
+    return {"fwd_sent": drop(sent), "fwd_recv": drop(recv), "bwd_sent": drop({**sent, "dkv": dkv_sent}),
+            "bwd_recv": drop({**recv, "dkv": dkv_recv})}
+
+
 def test_bytes_and_peers_follow_the_pattern():
     res = run_distributed(_traffic, P, CASES)
     kv_packet = 2 * B * HKV * L * D * 4 + B * L  # fp32 k and v, uint8 mask
     dkv_chunk = 2 * B * HKV * L * D * 4  # fp32 dK/dV partial for one chunk
+
+    for rank in range(P):  # what travelled is exactly what the plan implies, for every pattern
+        for kw, (fwd, bwd) in zip(CASES, res[rank]):
+            want = _plan_bytes(kw, rank, kv_packet)
+            got = {"fwd_sent": fwd.sent_bytes, "fwd_recv": fwd.recv_bytes, "bwd_sent": bwd.sent_bytes,
+                   "bwd_recv": bwd.recv_bytes}
+            assert got == want, (rank, kw, got, want)
 
     everyone = set(range(P))
     for rank in range(P):
@@ -82,9 +104,9 @@ def test_bytes_and_peers_follow_the_pattern():
 def _work(plan):
     """Query-key pairs the kernels are asked to compute, per step, summed over heads of each piece."""
     per_step = []
-    for _, _, pieces in plan.steps:
+    for st in plan.steps:
         per_step.append(sum(pc.q_pos.numel() * pc.k_pos.shape[1] * len(range(pc.head_start, H, pc.head_step))
-                            for pc in pieces))
+                            for pc in st.pieces))
     return per_step
 
 
@@ -93,11 +115,11 @@ def test_empty_blocks_cost_no_compute():
     for rank in range(P):
         # causal contiguous: nothing from later ranks, and blocks from earlier ranks need no mask
         plan = make_plan(Pattern.make(causal=True), L, P, rank, "contiguous", H)
-        for s, (recv_from, _, pieces) in enumerate(plan.steps[1:], start=1):
+        for s, st in enumerate(plan.steps[1:], start=1):
             src = (rank - s) % P
-            assert (len(pieces) == 0) == (src > rank)
-            assert (recv_from is None) == (src > rank)
-            assert all(not pc.causal and pc.seg is None for pc in pieces)
+            assert (len(st.pieces) == 0) == (src > rank)
+            assert (st.source is None) == (src > rank)
+            assert all(not pc.causal and pc.seg is None for pc in st.pieces)
         # zigzag causal: every rank has the same amount of work
         zz = sum(_work(make_plan(Pattern.make(causal=True), L, P, rank, "zigzag", H)))
         assert zz == sum(_work(make_plan(Pattern.make(causal=True), L, P, 0, "zigzag", H)))
@@ -110,7 +132,7 @@ def test_empty_blocks_cost_no_compute():
 
 
 def _gather_job(rank, world):
-    from ds_ring.sharding import shard_positions
+    from ds_ring.layouts import get_layout
 
     out = []
     for layout in ("contiguous", "zigzag"):
@@ -121,7 +143,7 @@ def _gather_job(rank, world):
             local = ds_ring.shard_sequence(full, dim, layout=layout).requires_grad_()
             gathered = ds_ring.gather_sequence(local, dim, layout=layout)
             (gathered * weight).sum().backward()  # every rank computes the same loss from the gathered tensor
-            idx = shard_positions(local.shape[dim], world, rank, layout)
+            idx = get_layout(layout).positions(local.shape[dim], world, rank)
             out.append((torch.equal(gathered, full), torch.allclose(local.grad, world * weight.index_select(dim, idx))))
     return out
 

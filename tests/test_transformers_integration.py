@@ -6,11 +6,13 @@ Each world size is spawned once (module-scoped fixture); every distributed case 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -201,6 +203,32 @@ def _special_cases(world: int) -> dict[str, object]:
         out = gather_sequence(out, 1, sp_l.group, lay)[:, : batch["input_ids"].shape[1]]
         res[f"dilated/{lay}"] = rel_err(out[real], ref_logits[real])
 
+    # The ring's agreement runs once per model forward whatever the depth (its facts reach every layer through the
+    # forward's kwargs), none in backward; host reads per forward do not grow with depth either.
+    for layers in (1, 3):
+        torch.manual_seed(9)
+        model = ds_ring.patch(AutoModelForCausalLM.from_config(LlamaConfig(**{**_DEC, "num_hidden_layers": layers})),
+                              sp=zz)
+        local = ds_ring.shard_batch(batch, zz)
+        labels = local.pop("shift_labels")
+        with ds_ring.count_comm() as fwd, _HostReads() as reads:
+            logits = model(**local).logits
+        loss = ds_ring.causal_lm_loss(logits, labels, zz)
+        with ds_ring.count_comm() as bwd:
+            loss.backward()
+        res[f"per_forward/{layers}"] = (dict(fwd.collectives), dict(bwd.collectives), sum(reads.count.values()))
+
+    # A rank whose shard differs raises the same error as every other rank, at the forward's agreement.
+    model = ds_ring.patch(build("llama", 3), sp=zz)
+    local = ds_ring.shard_batch(batch, zz)
+    if dist.get_rank() == 1:
+        local = {k: v[:, :-2] for k, v in local.items()}
+    try:
+        model(**local)
+        res["shape_differs"] = "no error"
+    except ValueError as e:
+        res["shape_differs"] = str(e)
+
     # local_attention: every rank runs the full, unsharded sequence exactly, without communication.
     model = build("mistral", 4).eval()
     ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -209,6 +237,19 @@ def _special_cases(world: int) -> dict[str, object]:
         out = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     res["local_attention"] = rel_err(out[batch["attention_mask"].bool()], ref_logits[batch["attention_mask"].bool()])
     return res
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts tensor -> host reads (each a sync on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("item", "tolist", "__bool__", "equal", "nonzero"):
+            self.count[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -255,6 +296,15 @@ def test_missing_global_position_ids_raises(ring_results):
         for lay in ("contiguous", "zigzag"):
             msg = res["special"][f"missing_position_ids/{lay}"]
             assert "position_ids" in msg and "shard_batch" in msg, msg
+
+
+def test_one_agreement_per_forward_and_a_shape_mismatch_fails_everywhere(ring_results):
+    for res in ring_results:
+        sp = res["special"]
+        (f1, b1, reads1), (f3, b3, reads3) = sp["per_forward/1"], sp["per_forward/3"]
+        assert f1 == f3 == {"agreement": 1} and b1 == b3 == {}, (f1, f3, b1, b3)
+        assert reads1 == reads3, (reads1, reads3)  # host reads do not grow with the number of layers
+        assert "local_len differs" in sp["shape_differs"], sp["shape_differs"]
 
 
 def test_dilated_pattern_over_ring_matches_one_process(ring_results):

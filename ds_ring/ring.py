@@ -1,0 +1,329 @@
+"""The ring engine: one loop for every pattern and layout, forward and backward, under a thin autograd shell.
+
+Forward: each rank keeps its shards of Q, K, V. At step s it receives the K/V chunk (and key-padding mask) of rank
+p - s, posted before the previous step's compute so the transfer overlaps with it, runs the plan's pieces against it
+and merges them into fp32 accumulators with online softmax (running log-sum-exp).
+Backward: saves only the local q, k, v, mask, out and the final lse (all O(S/P)), rotates K/V again with the same
+schedule and sends each dK/dV partial (fp32) home to the chunk's owner, in two halves of the chunk's keys so that one
+half travels while the next is computed.
+
+Everything about the other ranks (which chunks carry padding) comes from the agreement (``RingFacts``), decided
+before the loop: the loop itself makes no host sync. The front door (attention.py) validates and plans.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .agreement import RingFacts
+from .comm import RingComm
+from .kernels import BlockMask, block_backward, block_forward
+from .pattern import KeyPart, Piece, Plan, Step
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_heads(num_q: int, num_kv: int, start: int, step: int) -> tuple[int, ...] | None:
+    """KV heads read by query heads start::step, one per query head or one per group; None = all, in order.
+
+    Returns the heads to gather from k/v such that the kernel's own GQA grouping (query head i reads kv head
+    i // (Hq' / Hkv')) is right, so K/V are expanded only where the dilation breaks the grouping.
+    """
+    group = num_q // num_kv
+    kv = [h // group for h in range(start, num_q, step)]
+    uniq = sorted(set(kv))
+    reps = len(kv) // len(uniq)
+    if kv == [u for u in uniq for _ in range(reps)]:
+        return None if uniq == list(range(num_kv)) else tuple(uniq)
+    return tuple(kv)
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_head_index(num_q: int, num_kv: int, start: int, step: int, device: str) -> torch.Tensor | None:
+    """``_kv_heads`` as an index tensor on ``device``, made once: a host-to-device copy per call would stall the
+    CUDA stream once per piece."""
+    heads = _kv_heads(num_q, num_kv, start, step)
+    return None if heads is None else torch.tensor(heads, device=device)
+
+
+def _piece_kv(piece: Piece, num_q: int, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None):
+    head_idx = _kv_head_index(num_q, k.shape[1], piece.head_start, piece.head_step, str(k.device))
+    if head_idx is not None:
+        k, v = k.index_select(1, head_idx), v.index_select(1, head_idx)
+    if piece.k_idx is not None:
+        k, v = k.index_select(2, piece.k_idx), v.index_select(2, piece.k_idx)
+        if kpm is not None:
+            kpm = kpm.index_select(1, piece.k_idx)
+    return k, v, kpm, head_idx
+
+
+def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The piece's query heads and rows of a (B, Hq, L, ...) tensor."""
+    t = t[:, piece.head_start :: piece.head_step]
+    return t if piece.q_idx is None else t.index_select(2, piece.q_idx)
+
+
+def _block_mask(piece: Piece, kpm: torch.Tensor | None) -> BlockMask:
+    if kpm is not None and piece.groups > 1:
+        kpm = kpm.reshape(kpm.shape[0] * piece.groups, -1)
+    return BlockMask(piece.q_pos, piece.k_pos, piece.seg, piece.causal, piece.window, piece.causal_diag, kpm)
+
+
+def _fold(t: torch.Tensor, G: int) -> torch.Tensor:
+    """(B, H, G * m, ...) -> (B * G, H, m, ...): one batch entry per segment block."""
+    if G == 1:
+        return t
+    B, H, n = t.shape[:3]
+    return t.reshape(B, H, G, n // G, *t.shape[3:]).transpose(1, 2).reshape(B * G, H, n // G, *t.shape[3:])
+
+
+def _unfold(t: torch.Tensor, G: int) -> torch.Tensor:
+    """Inverse of ``_fold``."""
+    if G == 1:
+        return t
+    BG, H, m = t.shape[:3]
+    return t.reshape(BG // G, G, H, m, *t.shape[3:]).transpose(1, 2).reshape(BG // G, H, G * m, *t.shape[3:])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _covers_all(piece: Piece) -> bool:
+    return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1
+
+
+class _Sum:
+    """Running sum over (B, H, L, ...) rows. It adopts a first term that covers every row as it is (no zero fill and
+    no extra pass, so one block costs what the kernel costs) and turns to the accumulation dtype (fp32, fp64 for
+    fp64 inputs) once a second term arrives."""
+
+    def __init__(self, shape, like: torch.Tensor):
+        self.shape, self.device, self.dtype, self.t = tuple(shape), like.device, _acc_dtype(like.dtype), None
+
+    def acc(self) -> torch.Tensor:
+        """The sum in the accumulation dtype, materialised."""
+        if self.t is None:
+            self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        elif self.t.dtype != self.dtype:
+            self.t = self.t.to(self.dtype)
+        return self.t
+
+    def add(self, g: torch.Tensor, head_start: int = 0, head_step: int = 1, idx: torch.Tensor | None = None):
+        if self.t is None and head_start == 0 and head_step == 1 and idx is None:
+            self.t = g
+            return
+        view = self.acc()[:, head_start::head_step]
+        view.add_(g) if idx is None else view.index_add_(2, idx, g.to(view.dtype))
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=dtype, device=self.device) if self.t is None else self.t.to(dtype)
+
+
+class _Softmax:
+    """Running (out, lse) of the rows, merged block by block with online softmax in fp32."""
+
+    def __init__(self, q: torch.Tensor):
+        self.q, self.out, self.lse = q, None, None
+
+    def add(self, piece: Piece, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        if self.out is None and _covers_all(piece):
+            self.out, self.lse = out_b, lse_b
+            return
+        dt = _acc_dtype(self.q.dtype)
+        if self.out is None:
+            self.out = torch.zeros(self.q.shape, dtype=dt, device=self.q.device)
+            self.lse = torch.full(self.q.shape[:3], float("-inf"), dtype=dt, device=self.q.device)
+        else:
+            self.out, self.lse = self.out.to(dt), self.lse.to(dt)
+        oa, la = self.out[:, piece.head_start :: piece.head_step], self.lse[:, piece.head_start :: piece.head_step]
+        if piece.q_idx is None:
+            _merge_(oa, la, out_b, lse_b)
+        else:
+            o_cur, l_cur = oa.index_select(2, piece.q_idx), la.index_select(2, piece.q_idx)
+            _merge_(o_cur, l_cur, out_b, lse_b)
+            oa.index_copy_(2, piece.q_idx, o_cur)
+            la.index_copy_(2, piece.q_idx, l_cur)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.q
+        if self.out is None:  # no block at all: every row attends to nothing
+            return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
+        return self.out.to(q.dtype), self.lse
+
+
+def _merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Online-softmax merge of a block into fp32 accumulators, in place; rows still at -inf stay 0."""
+    new = torch.logaddexp(lse, lse_b)
+    ref = new.masked_fill(new == float("-inf"), 0.0)
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_b.to(out.dtype) * torch.exp(lse_b - ref).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def _forward_pieces(pieces, q, k, v, kpm, acc: _Softmax, scale):
+    for piece in pieces:
+        kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
+        G = piece.groups
+        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G),
+                                     _block_mask(piece, kpm_p), scale)
+        acc.add(piece, _unfold(out_b, G), _unfold(lse_b, G))
+
+
+def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _Sum, dk: _Sum, dv: _Sum, scale):
+    for piece in pieces:
+        kp, vp, kpm_p, head_idx = _piece_kv(piece, q.shape[1], k, v, kpm)
+        G = piece.groups
+        grads = block_backward(
+            *(_fold(t, G) for t in (_rows(dout, piece), _rows(q, piece), kp, vp, _rows(out, piece), _rows(lse, piece))),
+            _block_mask(piece, kpm_p), scale,
+        )
+        dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
+        dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx)
+        for acc, g in ((dk, dk_b), (dv, dv_b)):
+            if head_idx is not None:  # fold query-head copies back onto their kv heads
+                dt = _acc_dtype(g.dtype)
+                g = torch.zeros(acc.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=dt,
+                                device=g.device).index_add_(1, head_idx, g.to(dt))
+            acc.add(g, idx=piece.k_idx)
+
+
+def _rotate(
+    plan: Plan, comm: RingComm | None, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, facts: RingFacts
+) -> Iterator[tuple[Step, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yield (step, k, v, key-padding mask or None) for the local chunk, then for every step with traffic.
+
+    The next transfer is posted before the current chunk is yielded, so it travels while the caller computes; a
+    chunk's buffers are reused two steps later, after the caller moved on. The mask travels when any rank of the
+    ring is padded (the packets of every rank have the same shape) and is used only for chunks that are padded.
+    """
+    packet = [k, v]
+    if facts.any_padded:
+        packet.append(torch.ones(k.shape[0], k.shape[2], dtype=torch.uint8, device=k.device) if kpm is None
+                      else kpm.to(torch.uint8))
+    steps = plan.comm_steps
+    bufs = [[torch.empty_like(t) for t in packet] for _ in range(min(2, len(steps)))]
+
+    def post(i: int):
+        st = steps[i]
+        return comm.exchange("kv", st.index, 0, st.dest, packet, st.source, bufs[i % 2])
+
+    pending = post(0) if steps else None  # the first transfer overlaps the local block
+    yield plan.steps[0], k, v, kpm if facts.padded[plan.rank] else None
+    for i, st in enumerate(steps):
+        pending.wait()
+        pending = post(i + 1) if i + 1 < len(steps) else None
+        kc, vc, *mask = bufs[i % 2]
+        padded = st.source is not None and facts.padded[st.source]
+        yield st, kc, vc, mask[0].bool() if padded else None
+
+
+def ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, plan: Plan,
+    comm: RingComm | None, scale: float, facts: RingFacts,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the plan: out (B, Hq, M, D) in q's dtype and lse (B, Hq, M) in fp32 (fp64 for fp64 inputs), -inf for
+    rows with no key."""
+    acc = _Softmax(q)
+    for st, kc, vc, kpmc in _rotate(plan, comm, k, v, kpm, facts):
+        if st.source is not None:
+            _forward_pieces(st.pieces, q, kc, vc, kpmc, acc, scale)
+    return acc.result()
+
+
+class _HomeTrip:
+    """dK/dV partials on their way home, one exchange in flight.
+
+    At step s this rank computed against the chunk of ``step.source``: each key part's partial goes back to that
+    owner, while the partial for OUR chunk arrives from ``step.dest`` (the rank we sent our K/V to at that step).
+    The exchange of one part travels while the next part is computed; it lands (is added into dk/dv) before the next
+    is posted, so two fp32 landing buffers of half a chunk serve every step.
+    """
+
+    def __init__(self, comm: RingComm, k: torch.Tensor, dk: _Sum, dv: _Sum):
+        B, Hkv, L, D = k.shape
+        self.comm, self.dk, self.dv, self.shape = comm, dk, dv, (B, Hkv, D)
+        self.flat = torch.empty(2, B * Hkv * ((L + 1) // 2) * D, dtype=_acc_dtype(k.dtype), device=k.device)
+        self.pending, self.rows = None, None
+
+    def _landing(self, n: int) -> list[torch.Tensor]:
+        B, Hkv, D = self.shape
+        return [self.flat[j, : B * Hkv * n * D].view(B, Hkv, n, D) for j in range(2)]
+
+    def send(self, st: Step, index: int, part: KeyPart, grads: list[torch.Tensor]) -> None:
+        """Post the partial ``grads`` (dk, dv of the part's key rows; [] if we computed none) to its owner and the
+        receive of ours from ``st.dest``."""
+        self.land()
+        landing = self._landing(part.hi - part.lo)
+        self.pending = self.comm.exchange("dkv", st.index, index, st.source, grads, st.dest, landing)
+        self.rows = (part.lo, part.hi, landing) if st.dest is not None else None
+
+    def land(self) -> None:
+        if self.pending is None:
+            return
+        self.pending.wait()
+        if self.rows is not None:
+            lo, hi, (hk, hv) = self.rows
+            self.dk.acc()[:, :, lo:hi].add_(hk)
+            self.dv.acc()[:, :, lo:hi].add_(hv)
+        self.pending, self.rows = None, None
+
+
+def ring_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, plan: Plan, comm: RingComm | None, scale: float, facts: RingFacts,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the local shards: dq (B, Hq, M, D), dk/dv (B, Hkv, L, D) in the inputs' dtypes."""
+    # A row with no key has every key masked in every block, so p = 0 whatever its lse: use a finite one (0), as
+    # some kernels compute s - lse before masking and -inf - (-inf) would be NaN.
+    lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    dq, dk, dv = _Sum(q.shape, q), _Sum(k.shape, k), _Sum(k.shape, k)
+    home = _HomeTrip(comm, k, dk, dv) if plan.comm_steps else None
+    B, Hkv, _, D = k.shape
+    for st, kc, vc, kpmc in _rotate(plan, comm, k, v, kpm, facts):
+        if st.index == 0:  # our own chunk: its dK/dV are ours
+            _backward_pieces(st.pieces, q, kc, vc, kpmc, out, lse, dout, dq, dk, dv, scale)
+            continue
+        for j, part in enumerate(st.key_parts):
+            grads = []  # dK/dV (fp32) of the chunk's key rows [lo, hi), for the chunk's owner
+            if st.source is not None:
+                sums = [_Sum((B, Hkv, part.hi - part.lo, D), k) for _ in range(2)]  # adopts a whole-block grad
+                rows = slice(part.lo, part.hi)
+                _backward_pieces(part.pieces, q, kc[:, :, rows], vc[:, :, rows], None if kpmc is None else
+                                 kpmc[:, rows], out, lse, dout, dq, *sums, scale)
+                grads = [t.acc().contiguous() for t in sums]
+            home.send(st, j, part, grads)
+    if home is not None:
+        home.land()
+    return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Thin autograd shell: saves only local, O(S/P) tensors and reruns the ring in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, plan, group, scale, overlap, facts):
+        comm = RingComm(group, overlap) if plan.world_size > 1 else None
+        out, lse = ring_forward(q, k, v, kpm, plan, comm, scale, facts)
+        ctx.save_for_backward(q, k, v, kpm, out, lse)
+        ctx.plan, ctx.comm, ctx.scale, ctx.facts = plan, comm, scale, facts
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, kpm, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, kpm, out, lse, ctx.plan, ctx.comm, ctx.scale,
+                                   ctx.facts)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def run(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, plan: Plan,
+    group: dist.ProcessGroup | None, scale: float, overlap: bool, facts: RingFacts,
+) -> torch.Tensor:
+    """Differentiable ring attention of validated local shards under ``plan``: (B, Hq, M, D) in q's dtype."""
+    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), kpm, plan, group, scale, overlap,
+                                facts)
