@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_rows
+from .documents import Documents
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,14 @@ class RingFacts:
 
     ``padded[r]``: ring rank r's shard has at least one padded key, so its chunk needs the masked kernel; when any
     rank is padded every chunk travels with its mask (all packets have the same shape on every rank).
+    ``documents``: the packed-document structure of every shard (documents.py), or None for unpacked rows.
     """
 
     world_size: int
     batch: int
     local_len: int
     padded: tuple[bool, ...]
+    documents: Documents | None = None
 
     @property
     def any_padded(self) -> bool:
@@ -55,13 +58,16 @@ def agree(
     same: dict[str, object],
     mine: dict[str, int | torch.Tensor],
     device: torch.device,
-) -> list[dict[str, int]]:
+    vectors: dict[str, torch.Tensor] | None = None,
+) -> list[dict[str, int | list[int]]]:
     """Exchange ``same`` (must be equal on every rank) and ``mine`` (this rank's facts) over ``group``.
 
     ``errors``: this rank's complaints about its own inputs. Raises ValueError on EVERY rank if any rank has errors
     (that rank's own message, or the ranks to look at) or if a ``same`` entry differs (named, with the values by
     rank). ``mine`` values may be 0-d tensors on ``device`` (flags computed there need no sync of their own).
-    Returns every rank's ``mine`` as ints, by ring rank.
+    ``vectors``: 1-D int tensors per rank whose sizes follow from the ``same`` entries; they are exchanged in a
+    second all_gather once the first has shown that those entries agree (a size mismatch would hang a collective).
+    Returns every rank's ``mine`` (ints) and ``vectors`` (lists of ints), by ring rank.
     """
     # NCCL collectives need device tensors; gloo needs CPU ones.
     where = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -83,4 +89,11 @@ def agree(
                 f"{dist.get_rank(group)}): every rank must pass shards of the same shape and the same options"
             )
     start = 1 + len(same)
-    return [dict(zip(mine, row[start:])) for row in rows]
+    out = [dict(zip(mine, row[start:])) for row in rows]
+    if vectors:
+        flat = torch.cat([v.reshape(-1).to(where, torch.int64) for v in vectors.values()])
+        for got, row in zip(out, all_gather_rows(flat, group, "agreement")):
+            at = 0
+            for name, v in vectors.items():
+                got[name], at = row[at : at + v.numel()], at + v.numel()
+    return out

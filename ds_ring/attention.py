@@ -17,6 +17,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from . import documents as docs_mod
 from .agreement import RingFacts, agree
 from .layouts import LAYOUTS, get_layout
 from .pattern import Pattern, make_plan
@@ -27,7 +28,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _WHO = "ring_dilated_attention"
 
 
-def _local_errors(q, k, v, kpm, layout, world: int) -> list[str]:
+def _local_errors(q, k, v, kpm, layout, world: int, document_ids=None, pattern: Pattern | None = None) -> list[str]:
     """What is wrong with this rank's own arguments (no communication)."""
     errs = []
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -65,24 +66,46 @@ def _local_errors(q, k, v, kpm, layout, world: int) -> list[str]:
             errs.append(f"key_padding_mask must have shape (batch, local_len) = {(B, L)}, got {tuple(kpm.shape)}")
         elif kpm.device != q.device:
             errs.append(f"key_padding_mask is on {kpm.device}, q on {q.device}: move it to q's device")
+    if document_ids is not None:
+        if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or \
+                document_ids.dtype == torch.bool:
+            errs.append(f"document_ids must be an integer tensor, got {getattr(document_ids, 'dtype', type(document_ids))}")
+        elif tuple(document_ids.shape) != (B, L):
+            errs.append(f"document_ids must have shape (batch, local_len) = {(B, L)}, got {tuple(document_ids.shape)}")
+        elif document_ids.device != q.device:
+            errs.append(f"document_ids is on {document_ids.device}, q on {q.device}: move it to q's device")
+        if M != L:
+            errs.append(f"document_ids with {M} queries for {L} keys (decoding with a cache) is not supported: run "
+                        "the packed rows without a cache")
+        if pattern is not None and pattern.has_segments:
+            errs.append("document_ids with a dilated pattern (segment_lengths/dilation_rates) is not supported: "
+                        "segments would have to count from each document's start; use the dense pattern (None, "
+                        "None), with causal and window as needed")
     return errs
 
 
-def _agree_call(q, k, kpm, pattern: Pattern, layout, scale: float, errs, group, world) -> RingFacts:
-    """The per-call agreement: shapes and options must match on every rank; each rank says if it is padded."""
+def _agree_call(q, k, kpm, document_ids, pattern: Pattern, layout, scale: float, errs, group, world) -> RingFacts:
+    """The per-call agreement: shapes and options must match on every rank; each rank says if it is padded and,
+    for packed rows, where its documents begin and end."""
     shape = list(q.shape) + [k.shape[1]] if q.dim() == 4 and k.dim() == 4 else [-1] * 5
     same = dict(zip(["batch", "q heads", "local_len", "head_dim", "kv heads"], shape))
     same.update({
         "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
         "has key_padding_mask": int(kpm is not None),
+        "has document_ids": int(document_ids is not None),
         "layout": list(LAYOUTS).index(layout) if layout in LAYOUTS else -1,
         "pattern (segment_lengths, dilation_rates, causal, window)": pattern.key(),
         "scale": round(scale * 1e6),
     })
     # computed on the device, read with the agreement: no sync of its own
-    padded = (~kpm).any() if kpm is not None and not errs else 0
-    rows = agree(group, who=_WHO, errors=errs, same=same, mine={"padded": padded}, device=q.device)
-    return RingFacts(world, q.shape[0], q.shape[2], tuple(bool(r["padded"]) for r in rows))
+    mine, vectors = {"padded": (~kpm).any() if kpm is not None and not errs else 0}, {}
+    lay = get_layout(layout) if not errs else None
+    if document_ids is not None and not errs:
+        doc_mine, vectors = docs_mod.agreement_fields(document_ids, lay.chunks_per_rank)
+        mine.update(doc_mine)
+    rows = agree(group, who=_WHO, errors=errs, same=same, mine=mine, device=q.device, vectors=vectors)
+    docs = None if document_ids is None else docs_mod.from_agreement(rows, document_ids, lay, q.shape[2], _WHO)
+    return RingFacts(world, q.shape[0], q.shape[2], tuple(bool(r["padded"]) for r in rows), docs)
 
 
 def ring_dilated_attention(
@@ -100,6 +123,7 @@ def ring_dilated_attention(
     *,
     local: bool = False,
     overlap: bool = True,
+    document_ids: torch.Tensor | None = None,
     facts: RingFacts | None = None,
 ) -> torch.Tensor:
     """Exact (dilated) attention over a sequence sharded across the ranks of ``group``.
@@ -113,6 +137,10 @@ def ring_dilated_attention(
     local: treat the tensors as the whole sequence (no communication), e.g. for generation; there q may hold fewer
     rows than k/v, the last positions of the keys (decoding with a KV cache costs O(L_k) per query).
     overlap: post each transfer before the compute it hides behind (False serialises them, for benchmarks).
+    document_ids: (B, L) integers, this rank's shard of GLOBAL document ids, non-decreasing along the row (one run
+    per document; ``ds_ring.shard_batch`` numbers them): a query and a key interact only inside one document, so a
+    packed row gives every document the result it would get alone. Chunk pairs that share no document cost neither
+    compute nor traffic. Dense pattern only (with causal, window and padding).
     facts: the ring's agreement for this call, when the caller already ran it (the Hugging Face integration does,
     once per model forward); None runs it here (one small all_gather).
     A query with no key to attend to gets 0. Bad input raises ValueError on every rank before any K/V is sent.
@@ -124,20 +152,28 @@ def ring_dilated_attention(
     except ValueError as e:
         errs.append(str(e))
         pattern = Pattern()
-    errs += _local_errors(q, k, v, key_padding_mask, layout, world)
+    errs += _local_errors(q, k, v, key_padding_mask, layout, world, document_ids, pattern)
     if scale is None and not errs:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if facts is not None and not facts.matches(q.shape[0], k.shape[2], world):
         facts = None  # agreed for other shapes (all ranks see the same mismatch): agree on these instead
     if facts is None:
         if world > 1:
-            facts = _agree_call(q, k, key_padding_mask, pattern, layout, scale or 0.0, errs, group, world)
+            facts = _agree_call(q, k, key_padding_mask, document_ids, pattern, layout, scale or 0.0, errs, group,
+                                world)
         elif errs:
             raise ValueError(f"{_WHO}: " + "; ".join(errs))
-        else:  # one rank: its own mask decides (one host sync; the HF integration decides once per forward)
+        else:  # one rank: its own mask and ids decide (host reads; the HF integration decides once per forward)
             padded = key_padding_mask is not None and not bool(key_padding_mask.all())
-            facts = RingFacts(1, q.shape[0], k.shape[2], (padded,))
+            docs = None if document_ids is None else docs_mod.local_documents(document_ids, get_layout(layout), _WHO)
+            facts = RingFacts(1, q.shape[0], k.shape[2], (padded,), docs)
     elif errs:  # the agreement established equal shapes and options, so every rank finds the same errors
         raise ValueError(f"{_WHO}: " + "; ".join(errs))
-    plan = make_plan(pattern, k.shape[2], world, rank, layout, q.shape[1], q.device, q_len=q.shape[2])
+    if facts.documents is not None:
+        if pattern.has_segments:  # documents reached the call through the facts (the HF integration)
+            raise ValueError(f"{_WHO}: packed documents with a dilated pattern are not supported: segments would "
+                             "have to count from each document's start; use the dense pattern")
+        plan = facts.documents.plan(pattern, get_layout(layout), k.shape[2], rank, q.shape[0], q.device)
+    else:
+        plan = make_plan(pattern, k.shape[2], world, rank, layout, q.shape[1], q.device, q_len=q.shape[2])
     return run(q, k, v, key_padding_mask, plan, group, float(scale), overlap, facts)

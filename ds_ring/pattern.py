@@ -64,6 +64,11 @@ class Pattern:
             raise ValueError(f"window must be a positive int or None, got {window!r}")
         return cls(tuple(segs), tuple(rates), bool(causal), window)
 
+    @property
+    def has_segments(self) -> bool:
+        """True unless this is plain full attention (one pair: the whole sequence, rate 1)."""
+        return any(w is not None for w in self.segment_lengths) or any(r != 1 for r in self.dilation_rates)
+
     def pairs(self, seq_len: int) -> list[tuple[int, int]]:
         """(w, r) per pair with ``None`` resolved to the sequence length."""
         return [(seq_len if w is None else w, r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
@@ -77,7 +82,9 @@ class Piece:
     """One dense sub-block of work between the local queries and one source rank's keys.
 
     ``head_start``/``head_step``: the query heads of the offset class (a slice over Hq). ``q_idx``/``k_idx``: local
-    row indices into the query shard / the source's key shard (``None`` = all rows), ordered segment by segment.
+    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a contiguous
+    ``slice`` (a document's run: read as a view), or ``None`` = all rows. ``batch``: the one batch row the piece
+    computes (documents differ per row), ``None`` = all rows.
     ``groups``: the rows form G equal segments, which the kernel runs as G batched blocks, so a segment never pays
     for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
     length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
@@ -95,15 +102,17 @@ class Piece:
     window: int | None
     causal_diag: bool
     groups: int = 1
+    batch: int | None = None
 
 
-def _piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window) -> Piece:
-    """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask."""
+def _piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
+    """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask. Positions are
+    host tensors here (plans are built on the host and moved to the device once)."""
     causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
     if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
         window = None
     diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
-    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0])
+    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch)
 
 
 def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
@@ -276,7 +285,7 @@ def _plan_cached(
 
     def step(s: int, source: int | None, dest: int | None, mine: tuple[Piece, ...]) -> Step:
         parts = tuple(KeyPart(lo, hi, tuple(p for pc in mine for p in restrict_keys(pc, lo, hi))) for lo, hi in bounds)
-        return _to_device(Step(s, source, dest, mine, parts), device)
+        return to_device(Step(s, source, dest, mine, parts), device)
 
     steps = [step(0, rank, None, pieces(rank, rank))]
     for s in range(1, world):
@@ -286,10 +295,10 @@ def _plan_cached(
     return Plan(world, rank, tuple(steps))
 
 
-def _to_device(st: Step, device: str) -> Step:
+def to_device(st: Step, device: str) -> Step:
     def move(pc: Piece) -> Piece:
         return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
-                                          if getattr(pc, f) is not None})
+                                          if isinstance(getattr(pc, f), torch.Tensor)})
 
     parts = tuple(dataclasses.replace(kp, pieces=tuple(map(move, kp.pieces))) for kp in st.key_parts)
     return dataclasses.replace(st, pieces=tuple(map(move, st.pieces)), key_parts=parts)

@@ -49,21 +49,34 @@ def _kv_head_index(num_q: int, num_kv: int, start: int, step: int, device: str) 
     return None if heads is None else torch.tensor(heads, device=device)
 
 
+def _select(t: torch.Tensor, dim: int, idx: torch.Tensor | slice | None) -> torch.Tensor:
+    """Rows ``idx`` of ``t`` along ``dim``: all (None), a contiguous range (a view) or an index tensor (a copy)."""
+    if idx is None:
+        return t
+    if isinstance(idx, slice):
+        return t.narrow(dim, idx.start, idx.stop - idx.start)
+    return t.index_select(dim, idx)
+
+
+def _batch(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The piece's batch row (a view), or all rows."""
+    return t if piece.batch is None else t.narrow(0, piece.batch, 1)
+
+
 def _piece_kv(piece: Piece, num_q: int, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None):
     head_idx = _kv_head_index(num_q, k.shape[1], piece.head_start, piece.head_step, str(k.device))
+    k, v = _batch(k, piece), _batch(v, piece)
     if head_idx is not None:
         k, v = k.index_select(1, head_idx), v.index_select(1, head_idx)
-    if piece.k_idx is not None:
-        k, v = k.index_select(2, piece.k_idx), v.index_select(2, piece.k_idx)
-        if kpm is not None:
-            kpm = kpm.index_select(1, piece.k_idx)
+    k, v = _select(k, 2, piece.k_idx), _select(v, 2, piece.k_idx)
+    if kpm is not None:
+        kpm = _select(_batch(kpm, piece), 1, piece.k_idx)
     return k, v, kpm, head_idx
 
 
 def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """The piece's query heads and rows of a (B, Hq, L, ...) tensor."""
-    t = t[:, piece.head_start :: piece.head_step]
-    return t if piece.q_idx is None else t.index_select(2, piece.q_idx)
+    """The piece's batch rows, query heads and rows of a (B, Hq, L, ...) tensor."""
+    return _select(_batch(t, piece)[:, piece.head_start :: piece.head_step], 2, piece.q_idx)
 
 
 def _block_mask(piece: Piece, kpm: torch.Tensor | None) -> BlockMask:
@@ -94,7 +107,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _covers_all(piece: Piece) -> bool:
-    return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1
+    return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1 and piece.batch is None
 
 
 class _Sum:
@@ -113,12 +126,17 @@ class _Sum:
             self.t = self.t.to(self.dtype)
         return self.t
 
-    def add(self, g: torch.Tensor, head_start: int = 0, head_step: int = 1, idx: torch.Tensor | None = None):
-        if self.t is None and head_start == 0 and head_step == 1 and idx is None:
+    def add(self, g: torch.Tensor, head_start: int = 0, head_step: int = 1, idx: torch.Tensor | slice | None = None,
+            batch: int | None = None):
+        if self.t is None and head_start == 0 and head_step == 1 and idx is None and batch is None:
             self.t = g
             return
-        view = self.acc()[:, head_start::head_step]
-        view.add_(g) if idx is None else view.index_add_(2, idx, g.to(view.dtype))
+        view = self.acc()
+        view = (view if batch is None else view.narrow(0, batch, 1))[:, head_start::head_step]
+        if isinstance(idx, torch.Tensor):
+            view.index_add_(2, idx, g.to(view.dtype))
+        else:
+            _select(view, 2, idx).add_(g)
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=dtype, device=self.device) if self.t is None else self.t.to(dtype)
@@ -140,9 +158,10 @@ class _Softmax:
             self.lse = torch.full(self.q.shape[:3], float("-inf"), dtype=dt, device=self.q.device)
         else:
             self.out, self.lse = self.out.to(dt), self.lse.to(dt)
-        oa, la = self.out[:, piece.head_start :: piece.head_step], self.lse[:, piece.head_start :: piece.head_step]
-        if piece.q_idx is None:
-            _merge_(oa, la, out_b, lse_b)
+        oa, la = _batch(self.out, piece), _batch(self.lse, piece)
+        oa, la = oa[:, piece.head_start :: piece.head_step], la[:, piece.head_start :: piece.head_step]
+        if not isinstance(piece.q_idx, torch.Tensor):  # all rows or a contiguous range: merge in place
+            _merge_(_select(oa, 2, piece.q_idx), _select(la, 2, piece.q_idx), out_b, lse_b)
         else:
             o_cur, l_cur = oa.index_select(2, piece.q_idx), la.index_select(2, piece.q_idx)
             _merge_(o_cur, l_cur, out_b, lse_b)
@@ -182,13 +201,13 @@ def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _Sum, dk: _Sum, d
             _block_mask(piece, kpm_p), scale,
         )
         dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
-        dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx)
+        dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx, piece.batch)
         for acc, g in ((dk, dk_b), (dv, dv_b)):
             if head_idx is not None:  # fold query-head copies back onto their kv heads
                 dt = _acc_dtype(g.dtype)
-                g = torch.zeros(acc.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=dt,
+                g = torch.zeros(g.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=dt,
                                 device=g.device).index_add_(1, head_idx, g.to(dt))
-            acc.add(g, idx=piece.k_idx)
+            acc.add(g, idx=piece.k_idx, batch=piece.batch)
 
 
 def _rotate(

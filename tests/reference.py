@@ -23,8 +23,9 @@ def multiplicity(S, num_heads, segment_lengths, dilation_rates):
 
 
 def dense_reference(q, k, v, segment_lengths=None, dilation_rates=None, causal=False, key_padding_mask=None,
-                    window=None, scale=None):
-    """q (B, Hq, S, D), k/v (B, Hkv, S, D) full sequences -> (B, Hq, S, D) float64."""
+                    window=None, scale=None, document_ids=None):
+    """q (B, Hq, S, D), k/v (B, Hkv, S, D) full sequences -> (B, Hq, S, D) float64. ``document_ids`` (B, S): a query
+    and a key interact only inside one document."""
     q, k, v = q.double(), k.double(), v.double()
     B, H, S, D = q.shape
     g = H // k.shape[1]
@@ -38,6 +39,8 @@ def dense_reference(q, k, v, segment_lengths=None, dilation_rates=None, causal=F
         m = m * ((i[:, None] - i[None, :]) < window)
     if key_padding_mask is not None:
         m = m * key_padding_mask[:, None, None, :].double()
+    if document_ids is not None:
+        m = m * (document_ids[:, None, :, None] == document_ids[:, None, None, :]).double()
     allowed = m > 0
     row_any = allowed.any(-1, keepdim=True)
     s = (q @ k.transpose(-1, -2)) * scale + torch.log(m.clamp(min=1))  # bias log m(i, t)

@@ -53,11 +53,38 @@ def _cases():
                 cases.append(dict(layout=layout, causal=causal, segs=segs, rates=rates, pad=pad, window=window,
                                   Hq=Hq, Hkv=Hkv, dtype=torch.float32, seed=i))
                 i += 1
+    # Packed documents (dense pattern): crossing shard boundaries, starting exactly on them (12/16/24 divide S for
+    # P = 4/3/2), shorter than a shard, and rows with different documents; with padding, windows, GQA.
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            for docs, pad, window in (("cross", "right", None), ("aligned", "none", 9), ("short", "holes", None)):
+                cases.append(dict(layout=layout, causal=causal, segs=None, rates=None, pad=pad, window=window,
+                                  Hq=4, Hkv=2, dtype=torch.float32, seed=200 + i, docs=docs))
+                i += 1
     for layout, causal in (("zigzag", True), ("contiguous", False)):  # bfloat16 accumulates in fp32
         cases.append(dict(layout=layout, causal=causal, segs=[8, 16, None], rates=[1, 2, 4], pad="holes",
                           window=None, Hq=4, Hkv=2, dtype=torch.bfloat16, seed=100 + i))
         i += 1
     return cases
+
+
+def _documents(kind: str | None, B: int, gen: torch.Generator) -> torch.Tensor | None:
+    """(B, S) global document ids, non-decreasing: each row its own packing."""
+    if kind is None:
+        return None
+    rows = []
+    for b in range(B):
+        if kind == "cross":
+            lengths = [[10, 5, 20, 13], [30, 18]][b % 2]
+        elif kind == "aligned":
+            lengths = [[12, 12, 24], [16, 16, 16]][b % 2]
+        else:  # short: 2..7 tokens each
+            lengths = []
+            while sum(lengths) < S:
+                lengths.append(int(torch.randint(2, 8, (1,), generator=gen)))
+            lengths[-1] -= sum(lengths) - S
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    return torch.stack(rows)
 
 
 def _inputs(case, B=2, D=8):
@@ -66,19 +93,20 @@ def _inputs(case, B=2, D=8):
     k = torch.randn(B, case["Hkv"], S, D, generator=gen)
     v = torch.randn(B, case["Hkv"], S, D, generator=gen)
     dout = torch.randn(B, case["Hq"], S, D, generator=gen)
-    return q, k, v, dout, _padding(case["pad"], B, gen)
+    return q, k, v, dout, _padding(case["pad"], B, gen), _documents(case.get("docs"), B, gen)
 
 
 def _run_cases(rank, world, cases, overlap):
     results = []
     for case in cases:
-        q, k, v, dout, kpm = _inputs(case)
+        q, k, v, dout, kpm, docs = _inputs(case)
         dt, lay = case["dtype"], case["layout"]
         shard = lambda t, dim: shard_sequence(t, dim, layout=lay)  # noqa: E731
         ql, kl, vl = (shard(t, 2).to(dt).requires_grad_() for t in (q, k, v))
         out = ds_ring.ring_dilated_attention(
             ql, kl, vl, case["segs"], case["rates"], case["causal"],
             None if kpm is None else shard(kpm, 1), case["window"], layout=lay, overlap=overlap,
+            document_ids=None if docs is None else shard(docs, 1),
         )
         out.backward(shard(dout, 2).to(dt))
         results.append([t.detach().float() for t in (out, ql.grad, kl.grad, vl.grad)])
@@ -91,9 +119,10 @@ def _rel(a, b):
 
 def _check(world, results, cases):
     for ci, case in enumerate(cases):
-        q, k, v, dout, kpm = _inputs(case)
+        q, k, v, dout, kpm, docs = _inputs(case)
         qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-        ref = dense_reference(qd, kd, vd, case["segs"], case["rates"], case["causal"], kpm, case["window"])
+        ref = dense_reference(qd, kd, vd, case["segs"], case["rates"], case["causal"], kpm, case["window"],
+                              document_ids=docs)
         ref.backward(dout.double())
         tol = 1e-5 if case["dtype"] == torch.float32 else 2e-2
         for name, dim, full in (("out", 2, ref), ("dq", 2, qd.grad), ("dk", 2, kd.grad), ("dv", 2, vd.grad)):

@@ -16,6 +16,9 @@ P = 4
 def _traffic(rank, world, cases):
     out = []
     for kw in cases:
+        kw = dict(kw)
+        if "documents" in kw:  # global ids of the whole row -> this rank's shard
+            kw["document_ids"] = ds_ring.shard_sequence(kw.pop("documents"), 1)
         q = torch.randn(B, H, L, D, requires_grad=True)
         k = torch.randn(B, HKV, L, D, requires_grad=True)
         v = torch.randn(B, HKV, L, D, requires_grad=True)
@@ -36,6 +39,10 @@ CASES = [
     dict(segment_lengths=[24], dilation_rates=[1]),  # segments crossing shards at odd places
     dict(causal=True, window=5),  # sliding window shorter than a shard: the previous rank only
 ]
+# Packed rows whose documents are all shorter than a shard (16): [0,10) [10,20) [20,32) [32,41) [41,55) [55,64).
+# Boundary 16 cuts a document (ranks 0-1 share it), 32 falls between two (ranks 1-2 share none), 48 cuts one (2-3).
+DOCS = torch.repeat_interleave(torch.arange(6), torch.tensor([10, 10, 12, 9, 14, 9])).expand(B, -1)
+DOC_CASES = [dict(documents=DOCS), dict(documents=DOCS, causal=True)]
 
 
 def _plan_bytes(kw: dict, rank: int, kv_packet: int) -> dict[str, dict[str, int]]:
@@ -54,12 +61,12 @@ def _plan_bytes(kw: dict, rank: int, kv_packet: int) -> dict[str, dict[str, int]
 
 
 def test_bytes_and_peers_follow_the_pattern():
-    res = run_distributed(_traffic, P, CASES)
+    res = run_distributed(_traffic, P, CASES + DOC_CASES)
     kv_packet = 2 * B * HKV * L * D * 4 + B * L  # fp32 k and v, uint8 mask
     dkv_chunk = 2 * B * HKV * L * D * 4  # fp32 dK/dV partial for one chunk
 
     for rank in range(P):  # what travelled is exactly what the plan implies, for every pattern
-        for kw, (fwd, bwd) in zip(CASES, res[rank]):
+        for kw, (fwd, bwd) in zip(CASES, res[rank][: len(CASES)]):
             want = _plan_bytes(kw, rank, kv_packet)
             got = {"fwd_sent": fwd.sent_bytes, "fwd_recv": fwd.recv_bytes, "bwd_sent": bwd.sent_bytes,
                    "bwd_recv": bwd.recv_bytes}
@@ -93,6 +100,17 @@ def test_bytes_and_peers_follow_the_pattern():
         fwd, _ = res[rank][4]
         assert fwd.peers == peers, (rank, fwd.peers)
         assert fwd.sent_bytes.get("kv", 0) == len(peers) * kv_packet
+
+    share = {0: {1}, 1: {0}, 2: {3}, 3: {2}}  # documents: only ranks whose shards share a document exchange
+    for rank in range(P):
+        (fwd, bwd), (cfwd, cbwd) = res[rank][len(CASES):]
+        assert fwd.peers == share[rank] and bwd.peers == share[rank], (rank, fwd.peers, bwd.peers)
+        assert fwd.sent_bytes == fwd.recv_bytes == {"kv": kv_packet}
+        assert bwd.sent_bytes == bwd.recv_bytes == {"kv": kv_packet, "dkv": dkv_chunk}
+        later = share[rank] & {rank + 1}  # causal: K/V only go forward, dK/dV partials come back
+        assert cfwd.sent_bytes.get("kv", 0) == len(later) * kv_packet
+        assert cfwd.recv_bytes.get("kv", 0) == len(share[rank] - later) * kv_packet
+        assert cbwd.recv_bytes.get("dkv", 0) == len(later) * dkv_chunk
 
     for rank in range(P):  # window 5 < shard: receive from rank-1 only, send to rank+1 only
         fwd, bwd = res[rank][5]

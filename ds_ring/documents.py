@@ -1,0 +1,186 @@
+"""Packed documents: which rows of which shards may attend to each other, decided before the ring starts.
+
+A packed row holds several documents back to back; a query and a key interact only inside one document, so a
+packed row gives every document exactly the result it would get alone. Document ids are GLOBAL and non-decreasing
+along the row (``ds_ring.shard_batch`` numbers them from the whole row), so each document is one contiguous run
+and two different chunks of the layout share at most ONE document: the last run of the earlier chunk continuing
+as the first run of the later one. Four integers per (chunk, batch row) therefore describe every interaction
+between chunks exactly:
+
+    (first id, last id, length of the first run, length of the last run)
+
+They travel in the ring's agreement (see agreement.py). From them every rank derives, identically, the
+document plan: per step and batch row, the (query run x key run) sub-blocks that share a document, as contiguous
+row ranges (views, no per-element mask), which steps have no work (no compute), and which sends no rank needs (no
+traffic). A chunk's own runs, needed only for its diagonal blocks, are read on the owning rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layouts import Layout
+from .pattern import KeyPart, Pattern, Piece, Plan, Step, _piece, to_device
+
+Bound = tuple[int, int, int, int]  # first id, last id, first run length, last run length
+
+
+def summaries(document_ids: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (chunk, batch row) bounds of a (B, L) shard, flattened (chunks * B * 4,) int64, and a 0-d flag that is
+    True where ids decrease inside a chunk. Computed on the ids' device (read later with the agreement)."""
+    B, L = document_ids.shape
+    d = document_ids.long().view(B, chunks, L // chunks)
+    first, last = d[:, :, 0], d[:, :, -1]
+    # equal ids are contiguous when ids do not decrease, so these counts are the first and last runs' lengths
+    first_len, last_len = (d == first[..., None]).sum(-1), (d == last[..., None]).sum(-1)
+    bounds = torch.stack([first, last, first_len, last_len], -1).transpose(0, 1)  # (chunks, B, 4)
+    return bounds.reshape(-1), (d[:, :, 1:] < d[:, :, :-1]).any()
+
+
+def local_runs(document_ids: list[list[int]], chunks: int) -> tuple[tuple[tuple[tuple[int, int], ...], ...], ...]:
+    """This rank's runs: [chunk][row] -> ((start, end), ...) in the chunk's own row numbering."""
+    out = []
+    for c in range(chunks):
+        rows = []
+        for ids in document_ids:
+            n = len(ids) // chunks
+            part = ids[c * n : (c + 1) * n]
+            starts = [0] + [i for i in range(1, n) if part[i] != part[i - 1]]
+            rows.append(tuple(zip(starts, starts[1:] + [n])))
+        out.append(tuple(rows))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The document structure of one ring for one call (or model forward): ``bounds[r][c][b]`` for ring rank r,
+    its chunk c (layout order) and batch row b; ``runs`` this rank's own runs (see ``local_runs``)."""
+
+    bounds: tuple[tuple[tuple[Bound, ...], ...], ...]
+    runs: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)  # per (shape, pattern, device): reused
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]], runs, chunks: int, batch: int) -> "Documents":
+        """From every rank's flattened ``summaries`` (as ints, by ring rank) and this rank's runs."""
+        bounds = tuple(tuple(tuple(tuple(row[(c * batch + b) * 4 : (c * batch + b) * 4 + 4]) for b in range(batch))
+                             for c in range(chunks)) for row in rows)
+        return cls(bounds, runs)
+
+    def order_errors(self, lay: Layout, local_len: int) -> list[str]:
+        """Ids must not decrease from one chunk to the next in global order (each document one contiguous run)."""
+        world = len(self.bounds)
+        at = sorted((lay.ranges(local_len, world, r)[c][0], r, c) for r in range(world)
+                    for c in range(lay.chunks_per_rank))
+        errs = []
+        for (_, r0, c0), (s1, r1, c1) in zip(at, at[1:]):
+            for b, (prev, nxt) in enumerate(zip(self.bounds[r0][c0], self.bounds[r1][c1])):
+                if prev[1] > nxt[0]:
+                    errs.append(f"document_ids decrease at global position {s1} of batch row {b} ({prev[1]} -> "
+                                f"{nxt[0]}): ids must be numbered over the whole row, non-decreasing, one run per "
+                                f"document (ds_ring.shard_batch numbers them)")
+        return errs[:3]
+
+    def plan(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device) -> Plan:
+        """This rank's plan under the documents (dense pattern, with its causal flag and window); cached."""
+        key = (pattern.key(), lay.name, local_len, rank, batch, str(device))
+        if key not in self._plans:
+            self._plans[key] = _document_plan(self, pattern, lay, local_len, rank, batch, device)
+        return self._plans[key]
+
+
+def _blocks(docs: Documents, lay: Layout, local_len: int, dst: int, src: int, b: int):
+    """(query rows, key rows) local ranges of rank ``dst``'s queries x rank ``src``'s keys that share a document,
+    batch row ``b``. A chunk with itself: its runs; two chunks: at most one shared document."""
+    world, C = len(docs.bounds), lay.chunks_per_rank
+    n = local_len // C
+    q_starts = [a for a, _ in lay.ranges(local_len, world, dst)]
+    k_starts = [a for a, _ in lay.ranges(local_len, world, src)]
+    for qi in range(C):
+        for ki in range(C):
+            if dst == src and qi == ki:
+                for a, e in docs.runs[qi][b]:
+                    yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e)
+                continue
+            q, k = docs.bounds[dst][qi][b], docs.bounds[src][ki][b]
+            if k_starts[ki] < q_starts[qi]:  # keys before queries: the keys' last run, the queries' first
+                if k[1] == q[0]:
+                    yield (qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n)
+            elif q[1] == k[0]:  # keys after queries: the queries' last run, the keys' first
+                yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2])
+
+
+def _pieces(docs, pattern: Pattern, lay, local_len, dst, src, batch) -> tuple[Piece, ...]:
+    world = len(docs.bounds)
+    q_pos, k_pos = lay.positions(local_len, world, dst), lay.positions(local_len, world, src)
+    out = []
+    for b in range(batch):
+        for (q0, q1), (k0, k1) in _blocks(docs, lay, local_len, dst, src, b):
+            qp, kp = q_pos[q0:q1], k_pos[k0:k1]
+            first_q, last_q, first_k, last_k = int(qp[0]), int(qp[-1]), int(kp[0]), int(kp[-1])  # host tensors
+            if pattern.causal and first_k > last_q or pattern.window is not None and first_q - last_k >= pattern.window:
+                continue  # no allowed pair (positions increase inside a run)
+            out.append(_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None, pattern.causal,
+                              pattern.window, b))
+    return tuple(out)
+
+
+def _restrict(pc: Piece, lo: int, hi: int) -> Piece | None:
+    """The piece's keys in [lo, hi) of the source's rows, indexed from ``lo`` (None if it has none there)."""
+    a, e = max(pc.k_idx.start, lo), min(pc.k_idx.stop, hi)
+    if a >= e:
+        return None
+    kp = pc.k_pos[:, a - pc.k_idx.start : e - pc.k_idx.start]
+    return _piece(0, 1, pc.q_idx, slice(a - lo, e - lo), pc.q_pos, kp, None, pc.causal, pc.window, pc.batch)
+
+
+def _document_plan(docs: Documents, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int,
+                   device) -> Plan:
+    world = len(docs.bounds)
+    bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
+
+    def step(s: int, source: int | None, dest: int | None, mine: tuple[Piece, ...]) -> Step:
+        parts = tuple(KeyPart(lo, hi, tuple(p for p in (_restrict(pc, lo, hi) for pc in mine) if p is not None))
+                      for lo, hi in bounds)
+        return to_device(Step(s, source, dest, mine, parts), str(device))
+
+    steps = [step(0, rank, None, _pieces(docs, pattern, lay, local_len, rank, rank, batch))]
+    for s in range(1, world):
+        src, dst = (rank - s) % world, (rank + s) % world
+        mine = _pieces(docs, pattern, lay, local_len, rank, src, batch)
+        needed = bool(_pieces(docs, pattern, lay, local_len, dst, rank, batch))
+        steps.append(step(s, src if mine else None, dst if needed else None, mine))
+    return Plan(world, rank, tuple(steps))
+
+
+DECREASE, BOUNDS = "document ids decrease", "document bounds"  # the agreement's entries for documents
+
+
+def agreement_fields(document_ids: torch.Tensor, chunks: int) -> tuple[dict, dict]:
+    """This rank's (mine, vectors) entries of the agreement for its shard's documents (device tensors)."""
+    bounds, decrease = summaries(document_ids, chunks)
+    return {DECREASE: decrease}, {BOUNDS: bounds}
+
+
+def from_agreement(rows: list[dict], document_ids: torch.Tensor, lay: Layout, local_len: int, who: str) -> Documents:
+    """The Documents of the ring from the agreement's rows, or the same ValueError on every rank."""
+    bad = [r for r, row in enumerate(rows) if row[DECREASE]]
+    if bad:
+        raise ValueError(f"{who}: document_ids decrease inside the shard of rank(s) {bad}: number the documents "
+                         "over the whole row, non-decreasing, one run per document (ds_ring.shard_batch does)")
+    B, C = document_ids.shape[0], lay.chunks_per_rank
+    docs = Documents.from_rows([row[BOUNDS] for row in rows], local_runs(document_ids.tolist(), C), C, B)
+    errs = docs.order_errors(lay, local_len)
+    if errs:
+        raise ValueError(f"{who}: " + "; ".join(errs))
+    return docs
+
+
+def local_documents(document_ids: torch.Tensor, lay: Layout, who: str) -> Documents:
+    """The Documents of one rank holding the whole sequence (one host read of the ids)."""
+    ids = document_ids.cpu()
+    mine, vectors = agreement_fields(ids, lay.chunks_per_rank)
+    return from_agreement([{DECREASE: int(mine[DECREASE]), BOUNDS: vectors[BOUNDS].tolist()}], ids, lay,
+                          ids.shape[1], who)
