@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layouts import Layout
-from .pattern import KeyPart, Pattern, Piece, Plan, Step, _piece, to_device
+from .pattern import Pattern, Piece, Plan, _piece, make_step
 
 Bound = tuple[int, int, int, int]  # first id, last id, first run length, last run length
 
@@ -127,31 +127,17 @@ def _pieces(docs, pattern: Pattern, lay, local_len, dst, src, batch) -> tuple[Pi
     return tuple(out)
 
 
-def _restrict(pc: Piece, lo: int, hi: int) -> Piece | None:
-    """The piece's keys in [lo, hi) of the source's rows, indexed from ``lo`` (None if it has none there)."""
-    a, e = max(pc.k_idx.start, lo), min(pc.k_idx.stop, hi)
-    if a >= e:
-        return None
-    kp = pc.k_pos[:, a - pc.k_idx.start : e - pc.k_idx.start]
-    return _piece(0, 1, pc.q_idx, slice(a - lo, e - lo), pc.q_pos, kp, None, pc.causal, pc.window, pc.batch)
-
-
 def _document_plan(docs: Documents, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int,
                    device) -> Plan:
     world = len(docs.bounds)
-    bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
-
-    def step(s: int, source: int | None, dest: int | None, mine: tuple[Piece, ...]) -> Step:
-        parts = tuple(KeyPart(lo, hi, tuple(p for p in (_restrict(pc, lo, hi) for pc in mine) if p is not None))
-                      for lo, hi in bounds)
-        return to_device(Step(s, source, dest, mine, parts), str(device))
-
-    steps = [step(0, rank, None, _pieces(docs, pattern, lay, local_len, rank, rank, batch))]
+    steps = [make_step(0, rank, None, _pieces(docs, pattern, lay, local_len, rank, rank, batch), (), local_len,
+                       str(device))]
     for s in range(1, world):
         src, dst = (rank - s) % world, (rank + s) % world
         mine = _pieces(docs, pattern, lay, local_len, rank, src, batch)
-        needed = bool(_pieces(docs, pattern, lay, local_len, dst, rank, batch))
-        steps.append(step(s, src if mine else None, dst if needed else None, mine))
+        theirs = _pieces(docs, pattern, lay, local_len, dst, rank, batch)
+        steps.append(make_step(s, src if mine else None, dst if theirs else None, mine, theirs, local_len,
+                               str(device)))
     return Plan(world, rank, tuple(steps))
 
 

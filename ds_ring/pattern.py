@@ -120,6 +120,13 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
 
     Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
     """
+    if isinstance(piece.k_idx, slice):  # one contiguous run of keys (a document's)
+        a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
+        if a >= e:
+            return []
+        kp = piece.k_pos[:, a - piece.k_idx.start : e - piece.k_idx.start]
+        return [_piece(piece.head_start, piece.head_step, piece.q_idx, slice(a - lo, e - lo), piece.q_pos, kp,
+                       piece.seg, piece.causal, piece.window, piece.batch)]
     G = piece.groups
     n_k = piece.k_pos.numel()
     k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
@@ -158,12 +165,16 @@ class KeyPart:
 
 @dataclass(frozen=True)
 class Step:
-    """Step ``index`` of one rank's ring. At step s >= 1 rank p receives the K/V chunk of rank p - s and sends its own
-    to rank p + s, each only where the receiver has a non-empty piece: the same predicate is evaluated on both ends,
-    so sends and receives always pair up. Step 0 is the local chunk (``source`` = the rank itself, no traffic).
+    """Step ``index`` of one rank's ring. At step s >= 1 rank p receives K/V rows of rank p - s and sends its own to
+    rank p + s, each only where the receiver has a non-empty piece, and only the rows its pieces read: the same
+    predicate is evaluated on both ends, so sends and receives always pair up in count and size. Step 0 is the local
+    chunk (``source`` = the rank itself, no traffic, rows in shard coordinates).
 
-    ``source``: the rank whose chunk this rank computes against, None if it needs nothing from it. ``dest``: the rank
-    this rank sends its own K/V to (and whose dK/dV partial for them comes back), None if that rank needs nothing.
+    ``source``: the rank whose keys this rank computes against, None if it needs nothing from it; ``recv_rows``: the
+    [lo, hi) rows of the source's shard it receives (``pieces`` and ``key_parts`` index the received rows). ``dest``:
+    the rank this rank sends its own K/V to, None if that rank needs nothing; ``send_rows``: the rows of this rank's
+    shard it sends; ``home_parts``: the rows of this rank's shard whose dK/dV partials come back from ``dest``, one
+    exchange each (the halves of ``send_rows``, as the receiver cuts its ``key_parts``).
     """
 
     index: int
@@ -171,6 +182,9 @@ class Step:
     dest: int | None
     pieces: tuple[Piece, ...]
     key_parts: tuple[KeyPart, ...]
+    recv_rows: tuple[int, int] = (0, 0)
+    send_rows: tuple[int, int] = (0, 0)
+    home_parts: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,46 @@ class Plan:
     def comm_steps(self) -> tuple[Step, ...]:
         """The steps >= 1 with traffic in either direction, in ring order (every rank walks the same indices)."""
         return tuple(st for st in self.steps[1:] if st.source is not None or st.dest is not None)
+
+
+def key_halves(n: int) -> list[tuple[int, int]]:
+    """How received keys are cut for the backward (both ends cut the same way): two halves, one part if n < 2."""
+    return [(0, n // 2), (n // 2, n)] if n > 1 else [(0, n)] if n else []
+
+
+def _key_rows(pieces: Sequence[Piece], local_len: int) -> tuple[int, int]:
+    """The [lo, hi) rows of the source's shard that ``pieces`` read ((0, 0) for none). Host tensors."""
+    lo, hi = local_len, 0
+    for pc in pieces:
+        if pc.k_idx is None:
+            return 0, local_len
+        a, e = (pc.k_idx.start, pc.k_idx.stop) if isinstance(pc.k_idx, slice) else (int(pc.k_idx.min()),
+                                                                                    int(pc.k_idx.max()) + 1)
+        lo, hi = min(lo, a), max(hi, e)
+    return (lo, hi) if hi > lo else (0, 0)
+
+
+def _shift(pc: Piece, lo: int) -> Piece:
+    """``pc`` with its keys indexed from row ``lo`` of the source's shard (the first received row)."""
+    if lo == 0:
+        return pc
+    k_idx = slice(pc.k_idx.start - lo, pc.k_idx.stop - lo) if isinstance(pc.k_idx, slice) else pc.k_idx - lo
+    return dataclasses.replace(pc, k_idx=k_idx)
+
+
+def make_step(index: int, source: int | None, dest: int | None, mine: Sequence[Piece], theirs: Sequence[Piece],
+              local_len: int, device: str) -> Step:
+    """A step from this rank's pieces against the source (``mine``, source-shard rows) and the destination's pieces
+    against this rank (``theirs``): what travels is the rows they read, on both ends."""
+    if index == 0:
+        recv = send = (0, local_len)
+    else:
+        recv, send = _key_rows(mine, local_len), _key_rows(theirs, local_len)
+    pieces = tuple(_shift(pc, recv[0]) for pc in mine)
+    parts = tuple(KeyPart(lo, hi, tuple(p for pc in pieces for p in restrict_keys(pc, lo, hi)))
+                  for lo, hi in key_halves(recv[1] - recv[0])) if source is not None else ()
+    home = tuple((send[0] + a, send[0] + b) for a, b in key_halves(send[1] - send[0])) if dest is not None else ()
+    return to_device(Step(index, source, dest, pieces, parts, recv, send, home), device)
 
 
 def _selected(pos: torch.Tensor, w: int, r: int, o: int) -> torch.Tensor:
@@ -281,21 +335,16 @@ def _plan_cached(
                 out += _segment_pieces(o, r, w, qsel, ksel, q_pos[dst], k_pos[src], pattern)
         return tuple(out)
 
-    bounds = [(0, local_len // 2), (local_len // 2, local_len)] if local_len > 1 else [(0, local_len)]
-
-    def step(s: int, source: int | None, dest: int | None, mine: tuple[Piece, ...]) -> Step:
-        parts = tuple(KeyPart(lo, hi, tuple(p for pc in mine for p in restrict_keys(pc, lo, hi))) for lo, hi in bounds)
-        return to_device(Step(s, source, dest, mine, parts), device)
-
-    steps = [step(0, rank, None, pieces(rank, rank))]
+    steps = [make_step(0, rank, None, pieces(rank, rank), (), local_len, device)]
     for s in range(1, world):
         src, dst = (rank - s) % world, (rank + s) % world
-        mine = pieces(rank, src)
-        steps.append(step(s, src if mine else None, dst if pieces(dst, rank) else None, mine))
+        mine, theirs = pieces(rank, src), pieces(dst, rank)
+        steps.append(make_step(s, src if mine else None, dst if theirs else None, mine, theirs, local_len, device))
     return Plan(world, rank, tuple(steps))
 
 
 def to_device(st: Step, device: str) -> Step:
+    """``st`` with its pieces' index and position tensors on ``device`` (plans are built on the host)."""
     def move(pc: Piece) -> Piece:
         return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
                                           if isinstance(getattr(pc, f), torch.Tensor)})

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .agreement import RingFacts
 from .comm import RingComm
 from .kernels import BlockMask, block_backward, block_forward
-from .pattern import KeyPart, Piece, Plan, Step
+from .pattern import Piece, Plan, Step
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,34 +210,49 @@ def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _Sum, dk: _Sum, d
             acc.add(g, idx=piece.k_idx, batch=piece.batch)
 
 
+def _rows_view(flat: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
+    """A contiguous (B, H, n, ...) view at the start of the flat buffer ``flat`` (shape of ``like``, n rows)."""
+    shape = (*like.shape[:2], n, *like.shape[3:]) if like.dim() > 2 else (like.shape[0], n)
+    return flat[: torch.Size(shape).numel()].view(shape)
+
+
 def _rotate(
     plan: Plan, comm: RingComm | None, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, facts: RingFacts
 ) -> Iterator[tuple[Step, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield (step, k, v, key-padding mask or None) for the local chunk, then for every step with traffic.
+    """Yield (step, k, v, key-padding mask or None) for the local chunk, then for every step with traffic, with the
+    received rows (``step.recv_rows`` of the source's shard) only.
 
     The next transfer is posted before the current chunk is yielded, so it travels while the caller computes; a
-    chunk's buffers are reused two steps later, after the caller moved on. The mask travels when any rank of the
-    ring is padded (the packets of every rank have the same shape) and is used only for chunks that are padded.
+    buffer is reused two steps later, after the caller moved on. The mask travels when any rank of the ring is
+    padded (then every packet has one) and is used only for chunks that are padded.
     """
-    packet = [k, v]
+    local = [k, v]
     if facts.any_padded:
-        packet.append(torch.ones(k.shape[0], k.shape[2], dtype=torch.uint8, device=k.device) if kpm is None
-                      else kpm.to(torch.uint8))
+        local.append(torch.ones(k.shape[0], k.shape[2], dtype=torch.uint8, device=k.device) if kpm is None
+                     else kpm.to(torch.uint8))
     steps = plan.comm_steps
-    bufs = [[torch.empty_like(t) for t in packet] for _ in range(min(2, len(steps)))]
+    bufs = [[torch.empty(t.numel(), dtype=t.dtype, device=t.device) for t in local] for _ in range(min(2, len(steps)))]
 
     def post(i: int):
         st = steps[i]
-        return comm.exchange("kv", st.index, 0, st.dest, packet, st.source, bufs[i % 2])
+        a, b = st.send_rows
+        send = [t.narrow(t.dim() - 2 if t.dim() > 2 else 1, a, b - a).contiguous() for t in local] \
+            if st.dest is not None else []
+        n = st.recv_rows[1] - st.recv_rows[0]
+        recv = [_rows_view(f, t, n) for f, t in zip(bufs[i % 2], local)] if st.source is not None else []
+        return comm.exchange("kv", st.index, 0, st.dest, send, st.source, recv), recv
 
     pending = post(0) if steps else None  # the first transfer overlaps the local block
     yield plan.steps[0], k, v, kpm if facts.padded[plan.rank] else None
     for i, st in enumerate(steps):
-        pending.wait()
+        handle, recv = pending
+        handle.wait()
         pending = post(i + 1) if i + 1 < len(steps) else None
-        kc, vc, *mask = bufs[i % 2]
-        padded = st.source is not None and facts.padded[st.source]
-        yield st, kc, vc, mask[0].bool() if padded else None
+        if st.source is None:
+            yield st, None, None, None  # we only sent: the backward still exchanges dK/dV at this step
+            continue
+        kc, vc, *mask = recv
+        yield st, kc, vc, mask[0].bool() if facts.padded[st.source] else None
 
 
 def ring_forward(
@@ -256,36 +271,34 @@ def ring_forward(
 class _HomeTrip:
     """dK/dV partials on their way home, one exchange in flight.
 
-    At step s this rank computed against the chunk of ``step.source``: each key part's partial goes back to that
-    owner, while the partial for OUR chunk arrives from ``step.dest`` (the rank we sent our K/V to at that step).
-    The exchange of one part travels while the next part is computed; it lands (is added into dk/dv) before the next
-    is posted, so two fp32 landing buffers of half a chunk serve every step.
+    At step s this rank computed against rows of ``step.source``: each of its key parts' partial goes back to that
+    owner, while the partials for OUR rows (``step.home_parts``) arrive from ``step.dest``, the rank we sent them to.
+    Both ends cut the rows by the same rule (``pattern.key_halves``), so exchange j pairs up. The exchange of one
+    part travels while the next part is computed; it lands (is added into dk/dv) before the next is posted, so two
+    fp32 landing buffers of half a shard serve every step.
     """
 
     def __init__(self, comm: RingComm, k: torch.Tensor, dk: _Sum, dv: _Sum):
         B, Hkv, L, D = k.shape
-        self.comm, self.dk, self.dv, self.shape = comm, dk, dv, (B, Hkv, D)
+        self.comm, self.dk, self.dv, self.like = comm, dk, dv, k
         self.flat = torch.empty(2, B * Hkv * ((L + 1) // 2) * D, dtype=_acc_dtype(k.dtype), device=k.device)
         self.pending, self.rows = None, None
 
-    def _landing(self, n: int) -> list[torch.Tensor]:
-        B, Hkv, D = self.shape
-        return [self.flat[j, : B * Hkv * n * D].view(B, Hkv, n, D) for j in range(2)]
-
-    def send(self, st: Step, index: int, part: KeyPart, grads: list[torch.Tensor]) -> None:
-        """Post the partial ``grads`` (dk, dv of the part's key rows; [] if we computed none) to its owner and the
-        receive of ours from ``st.dest``."""
+    def send(self, st: Step, index: int, grads: list[torch.Tensor], rows: tuple[int, int] | None) -> None:
+        """Post ``grads`` (dk, dv of our key part ``index`` of the source's rows; [] if none) to their owner and the
+        receive of our rows ``rows`` (None if none come back in this exchange)."""
         self.land()
-        landing = self._landing(part.hi - part.lo)
-        self.pending = self.comm.exchange("dkv", st.index, index, st.source, grads, st.dest, landing)
-        self.rows = (part.lo, part.hi, landing) if st.dest is not None else None
+        landing = [] if rows is None else [_rows_view(self.flat[j], self.like, rows[1] - rows[0]) for j in range(2)]
+        self.pending = self.comm.exchange("dkv", st.index, index, st.source if grads else None, grads,
+                                          st.dest if rows is not None else None, landing)
+        self.rows = None if rows is None else (rows, landing)
 
     def land(self) -> None:
         if self.pending is None:
             return
         self.pending.wait()
         if self.rows is not None:
-            lo, hi, (hk, hv) = self.rows
+            (lo, hi), (hk, hv) = self.rows
             self.dk.acc()[:, :, lo:hi].add_(hk)
             self.dv.acc()[:, :, lo:hi].add_(hv)
         self.pending, self.rows = None, None
@@ -306,15 +319,16 @@ def ring_backward(
         if st.index == 0:  # our own chunk: its dK/dV are ours
             _backward_pieces(st.pieces, q, kc, vc, kpmc, out, lse, dout, dq, dk, dv, scale)
             continue
-        for j, part in enumerate(st.key_parts):
-            grads = []  # dK/dV (fp32) of the chunk's key rows [lo, hi), for the chunk's owner
-            if st.source is not None:
+        for j in range(max(len(st.key_parts), len(st.home_parts))):
+            grads = []  # dK/dV (fp32) of the received rows of part j, for their owner
+            if j < len(st.key_parts):
+                part = st.key_parts[j]
                 sums = [_Sum((B, Hkv, part.hi - part.lo, D), k) for _ in range(2)]  # adopts a whole-block grad
                 rows = slice(part.lo, part.hi)
                 _backward_pieces(part.pieces, q, kc[:, :, rows], vc[:, :, rows], None if kpmc is None else
                                  kpmc[:, rows], out, lse, dout, dq, *sums, scale)
                 grads = [t.acc().contiguous() for t in sums]
-            home.send(st, j, part, grads)
+            home.send(st, j, grads, st.home_parts[j] if j < len(st.home_parts) else None)
     if home is not None:
         home.land()
     return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)

@@ -38,7 +38,9 @@ def _covered(piece, heads: int) -> torch.Tensor:
     return allowed, list(range(piece.head_start, heads, piece.head_step))
 
 
-def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, st.pieces)]):
+def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, st.pieces)], q_from=0):
+    """Counts per (head, query position, key position) over all ranks' pieces. ``q_from``: the first key row the
+    queries sit at (decoding: the last rows)."""
     S = world * local_len
     count = torch.zeros(H, S, S, dtype=torch.int64)
     lay = get_layout(layout)
@@ -51,10 +53,13 @@ def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, st.piec
                 for pc in pieces:
                     allowed, heads = _covered(pc, H)
                     G, M, N = allowed.shape
-                    # the piece's positions are global; check they are this rank's queries and the source's keys
-                    assert set(pc.q_pos.flatten().tolist()) <= set(lay.positions(local_len, world, p).tolist())
-                    k_glob = lay.positions(local_len, world, src)[part_lo:]
-                    assert set(pc.k_pos.flatten().tolist()) <= set(k_glob.tolist())
+                    # positions are global: the rows a piece reads (q_idx of this shard; k_idx of the received rows,
+                    # from recv_rows[0] + the part's start) must hold exactly those positions
+                    q_glob = lay.positions(local_len, world, p)[q_from:]
+                    k_glob = lay.positions(local_len, world, src)[st.recv_rows[0] + part_lo:]
+                    for idx, glob, pos in ((pc.q_idx, q_glob, pc.q_pos), (pc.k_idx, k_glob, pc.k_pos)):
+                        rows = glob if idx is None else glob[idx]
+                        assert torch.equal(rows, pos.flatten()), (p, st.index, idx, pos)
                     for g in range(G):
                         qi, ki = torch.meshgrid(pc.q_pos[g], pc.k_pos[g], indexing="ij")
                         for h in heads:
@@ -122,7 +127,7 @@ def test_decode_plan_costs_one_row_per_query():
         dec = make_plan(pattern, L, 1, 0, "contiguous", H, q_len=q_len)
         pairs = sum(pc.q_pos.numel() * pc.k_pos.shape[1] for pc in dec.steps[0].pieces)
         assert pairs <= 2 * L  # one query row against (at most) every key, per pair
-        got = _coverage([dec], 1, L, "contiguous")
+        got = _coverage([dec], 1, L, "contiguous", q_from=L - q_len)
         assert torch.equal(got[:, L - q_len:], full[:, L - q_len:]) and not got[:, : L - q_len].any()
     with pytest.raises(ValueError, match="one rank"):
         make_plan(Pattern.make(), 8, 2, 0, "contiguous", H, q_len=4)

@@ -45,29 +45,33 @@ DOCS = torch.repeat_interleave(torch.arange(6), torch.tensor([10, 10, 12, 9, 14,
 DOC_CASES = [dict(documents=DOCS), dict(documents=DOCS, causal=True)]
 
 
-def _plan_bytes(kw: dict, rank: int, kv_packet: int) -> dict[str, dict[str, int]]:
-    """The bytes rank's plan implies: a K/V packet per step with a destination (received: per step with a source);
-    in backward the same again plus a dK/dV part (fp32, its key rows) home per key part."""
+KV_ROW = 2 * B * HKV * D * 4 + B  # bytes per key row on the wire: fp32 k and v, uint8 mask
+DKV_ROW = 2 * B * HKV * D * 4  # fp32 dK/dV partial per key row
+
+
+def _plan_bytes(kw: dict, rank: int) -> dict[str, dict[str, int]]:
+    """The bytes rank's plan implies: its send rows at each step with a destination (received: its receive rows);
+    in backward the same again plus the dK/dV partials of the received rows, and ours coming home."""
     plan = make_plan(Pattern.make(kw.get("segment_lengths"), kw.get("dilation_rates"), kw.get("causal", False),
                                   kw.get("window")), L, P, rank, "contiguous", H)
-    row = 2 * B * HKV * D * 4
-    sent = {"kv": sum(kv_packet for st in plan.steps[1:] if st.dest is not None)}
-    recv = {"kv": sum(kv_packet for st in plan.steps[1:] if st.source is not None)}
-    dkv_sent = sum(row * (kp.hi - kp.lo) for st in plan.steps[1:] if st.source is not None for kp in st.key_parts)
-    dkv_recv = sum(row * (kp.hi - kp.lo) for st in plan.steps[1:] if st.dest is not None for kp in st.key_parts)
+    n = lambda rows: rows[1] - rows[0]  # noqa: E731
+    sent = {"kv": sum(KV_ROW * n(st.send_rows) for st in plan.steps[1:] if st.dest is not None)}
+    recv = {"kv": sum(KV_ROW * n(st.recv_rows) for st in plan.steps[1:] if st.source is not None)}
+    dkv_sent = sum(DKV_ROW * (kp.hi - kp.lo) for st in plan.steps[1:] for kp in st.key_parts)
+    dkv_recv = sum(DKV_ROW * (b - a) for st in plan.steps[1:] for a, b in st.home_parts)
     drop = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
     return {"fwd_sent": drop(sent), "fwd_recv": drop(recv), "bwd_sent": drop({**sent, "dkv": dkv_sent}),
             "bwd_recv": drop({**recv, "dkv": dkv_recv})}
 
 
 def test_bytes_and_peers_follow_the_pattern():
+    """Only the ranks a pattern connects exchange, and only the key rows the receiver's pieces read."""
     res = run_distributed(_traffic, P, CASES + DOC_CASES)
-    kv_packet = 2 * B * HKV * L * D * 4 + B * L  # fp32 k and v, uint8 mask
-    dkv_chunk = 2 * B * HKV * L * D * 4  # fp32 dK/dV partial for one chunk
+    kv_packet, dkv_chunk = KV_ROW * L, DKV_ROW * L  # a whole shard
 
     for rank in range(P):  # what travelled is exactly what the plan implies, for every pattern
         for kw, (fwd, bwd) in zip(CASES, res[rank][: len(CASES)]):
-            want = _plan_bytes(kw, rank, kv_packet)
+            want = _plan_bytes(kw, rank)
             got = {"fwd_sent": fwd.sent_bytes, "fwd_recv": fwd.recv_bytes, "bwd_sent": bwd.sent_bytes,
                    "bwd_recv": bwd.recv_bytes}
             assert got == want, (rank, kw, got, want)
@@ -90,33 +94,40 @@ def test_bytes_and_peers_follow_the_pattern():
         fwd, bwd = res[rank][2]  # segment == shard: no traffic at all
         assert not fwd.sent_bytes and not fwd.recv_bytes and not bwd.sent_bytes and not bwd.recv_bytes
 
-        fwd, bwd = res[rank][3]  # segment of two shards: only the partner
+        fwd, bwd = res[rank][3]  # segment of two shards: only the partner, which needs every row
         assert fwd.peers == {rank ^ 1}
         assert fwd.sent_bytes == {"kv": kv_packet} and bwd.sent_bytes == {"kv": kv_packet, "dkv": dkv_chunk}
 
-    # w = 24 over shards of 16: segments [0,24) [24,48) [48,64) -> 0-1, 1-2, rank 3 alone
-    expected = {0: {1}, 1: {0, 2}, 2: {1}, 3: set()}
-    for rank, peers in expected.items():
+    # w = 24 over shards of 16: segments [0,24) [24,48) [48,64) -> 0-1, 1-2, rank 3 alone. Rows sent: rank 0 all 16
+    # (rank 1's rows 16-23 see them), rank 1 rows 16-23 to rank 0 and 24-31 to rank 2, rank 2 all 16 to rank 1.
+    expected = {0: ({1}, 16, 8), 1: ({0, 2}, 16, 16 + 16), 2: ({1}, 16, 8), 3: (set(), 0, 0)}
+    for rank, (peers, rows_sent, rows_recv) in expected.items():
         fwd, _ = res[rank][4]
         assert fwd.peers == peers, (rank, fwd.peers)
-        assert fwd.sent_bytes.get("kv", 0) == len(peers) * kv_packet
+        assert fwd.sent_bytes.get("kv", 0) == rows_sent * KV_ROW and fwd.recv_bytes.get("kv", 0) == rows_recv * KV_ROW
 
-    share = {0: {1}, 1: {0}, 2: {3}, 3: {2}}  # documents: only ranks whose shards share a document exchange
+    # Packed documents [0,10) [10,20) [20,32) [32,41) [41,55) [55,64), shards of 16: only ranks whose shards share a
+    # document exchange, and only that document's rows: 0 -> 1 rows 10-15, 1 -> 0 rows 16-19 (boundary 32 falls
+    # between two documents: ranks 1-2 share none), 2 -> 3 rows 41-47, 3 -> 2 rows 48-54.
+    share = {0: {1}, 1: {0}, 2: {3}, 3: {2}}
+    rows_out = {0: 6, 1: 4, 2: 7, 3: 7}
+    rows_in = {0: 4, 1: 6, 2: 7, 3: 7}
     for rank in range(P):
         (fwd, bwd), (cfwd, cbwd) = res[rank][len(CASES):]
         assert fwd.peers == share[rank] and bwd.peers == share[rank], (rank, fwd.peers, bwd.peers)
-        assert fwd.sent_bytes == fwd.recv_bytes == {"kv": kv_packet}
-        assert bwd.sent_bytes == bwd.recv_bytes == {"kv": kv_packet, "dkv": dkv_chunk}
-        later = share[rank] & {rank + 1}  # causal: K/V only go forward, dK/dV partials come back
-        assert cfwd.sent_bytes.get("kv", 0) == len(later) * kv_packet
-        assert cfwd.recv_bytes.get("kv", 0) == len(share[rank] - later) * kv_packet
-        assert cbwd.recv_bytes.get("dkv", 0) == len(later) * dkv_chunk
+        assert fwd.sent_bytes == {"kv": rows_out[rank] * KV_ROW} and fwd.recv_bytes == {"kv": rows_in[rank] * KV_ROW}
+        assert bwd.sent_bytes == {"kv": rows_out[rank] * KV_ROW, "dkv": rows_in[rank] * DKV_ROW}
+        assert bwd.recv_bytes == {"kv": rows_in[rank] * KV_ROW, "dkv": rows_out[rank] * DKV_ROW}
+        later = rank + 1 in share[rank]  # causal: K/V only go forward, dK/dV partials come back
+        assert cfwd.sent_bytes.get("kv", 0) == (rows_out[rank] * KV_ROW if later else 0)
+        assert cfwd.recv_bytes.get("kv", 0) == (0 if later else rows_in[rank] * KV_ROW)
+        assert cbwd.recv_bytes.get("dkv", 0) == (rows_out[rank] * DKV_ROW if later else 0)
 
-    for rank in range(P):  # window 5 < shard: receive from rank-1 only, send to rank+1 only
+    for rank in range(P):  # causal window 5 < shard: the previous rank's last 4 rows only
         fwd, bwd = res[rank][5]
-        assert fwd.recv_bytes.get("kv", 0) == (kv_packet if rank > 0 else 0)
-        assert fwd.sent_bytes.get("kv", 0) == (kv_packet if rank < P - 1 else 0)
-        assert bwd.sent_bytes.get("dkv", 0) == (dkv_chunk if rank > 0 else 0)
+        assert fwd.recv_bytes.get("kv", 0) == (4 * KV_ROW if rank > 0 else 0)
+        assert fwd.sent_bytes.get("kv", 0) == (4 * KV_ROW if rank < P - 1 else 0)
+        assert bwd.sent_bytes.get("dkv", 0) == (4 * DKV_ROW if rank > 0 else 0)
 
 
 def _work(plan):
