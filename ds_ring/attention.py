@@ -146,6 +146,8 @@ def ring_dilated_attention(
     A query with no key to attend to gets 0. Bad input raises ValueError on every rank before any K/V is sent.
     """
     world, rank = (1, 0) if local else group_size_rank(group)
+    if local:  # the whole sequence is here, in order: no layout applies (nor its length rule)
+        layout = "contiguous"
     errs = []
     try:
         pattern = Pattern.make(segment_lengths, dilation_rates, causal, window)

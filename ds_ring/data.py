@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .documents import PACKING_KEYS, document_ids_from, positions_in_documents
 from .groups import SequenceParallel
 from .layouts import get_layout
 from .sharding import shard_sequence
@@ -37,6 +38,12 @@ def shard_batch(
       unpatched Hugging Face model uses in ``forward`` when given an attention_mask and no position_ids (left-padded
       rows therefore start their real tokens at the pad count, exactly as the one-process reference does; note that
       ``generate`` instead derives positions from the mask's cumsum). Pass ``position_ids`` to override;
+    - ``document_ids`` (packed rows only): GLOBAL document ids, numbered over the whole row before sharding, so the
+      ring keeps every document apart (each gets exactly the result it would get alone). Packing is read from what
+      transformers' ``DataCollatorWithFlattening`` returns: restarting ``position_ids`` (a document starts wherever
+      the position does not grow by 1, transformers' own rule), ``seq_idx`` or ``cu_seq_lens_q``; without
+      ``position_ids`` each document's positions restart at 0. The ``cu_seq_lens_*``/``max_length_*`` keys describe
+      the whole row and are consumed here (they are not passed on);
     - ``shift_labels`` (only if ``labels`` is given): the target of each position, shifted BEFORE sharding so a
       token at a shard boundary keeps its target. Exactly transformers' ``ForCausalLMLoss`` rule: the target of
       position i is ``labels[:, i + 1]``, ``ignore_index`` at the last position, and nothing else: the user's labels
@@ -47,18 +54,18 @@ def shard_batch(
     S that does not divide by sp_size (2*sp_size for the zigzag layout) is padded on the right with masked tokens
     (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.layout``.
     """
-    unknown = set(batch) - set(_TOKEN_KEYS)
+    unknown = set(batch) - set(_TOKEN_KEYS) - set(PACKING_KEYS)
     if unknown:
         raise ValueError(
-            f"shard_batch: cannot shard keys {sorted(unknown)}; supported per-token keys are {_TOKEN_KEYS}: "
-            f"drop the others from the batch or shard them with ds_ring.shard_sequence"
+            f"shard_batch: cannot shard keys {sorted(unknown)}; supported per-token keys are {_TOKEN_KEYS} and the "
+            f"packing keys {PACKING_KEYS}: drop the others from the batch or shard them with ds_ring.shard_sequence"
         )
     if "input_ids" not in batch:
         raise ValueError("shard_batch: the batch needs input_ids of shape (batch, seq)")
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
         raise ValueError(f"shard_batch: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    for k in batch:
+    for k in set(batch) - {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}:
         if batch[k].shape != input_ids.shape:
             raise ValueError(f"shard_batch: {k} has shape {tuple(batch[k].shape)}, expected {tuple(input_ids.shape)}")
     b, s = input_ids.shape
@@ -73,10 +80,16 @@ def shard_batch(
     }
     if "token_type_ids" in batch:
         full["token_type_ids"] = _pad_right(batch["token_type_ids"], pad, 0)
+    docs = document_ids_from(batch, (b, s))
+    if docs is not None:
+        # the padding added here is a document of its own: it never meets a real token, even unmasked
+        full["document_ids"] = torch.cat([docs, (docs[:, -1:] + 1).expand(b, pad)], dim=1)
     if "position_ids" in batch:
         pos = batch["position_ids"]
         tail = pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)  # continue each row past its end
         full["position_ids"] = torch.cat([pos, tail], dim=1)
+    elif docs is not None:  # each document alone would count from 0
+        full["position_ids"] = positions_in_documents(full["document_ids"])
     else:
         full["position_ids"] = torch.arange(s + pad, device=input_ids.device).expand(b, -1)
     if "labels" in batch:

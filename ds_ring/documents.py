@@ -141,6 +141,45 @@ def _document_plan(docs: Documents, pattern: Pattern, lay: Layout, local_len: in
     return Plan(world, rank, tuple(steps))
 
 
+# Where transformers' packing collator (DataCollatorWithFlattening) puts the documents: per-token sequence index
+# (return_seq_idx), cumulative lengths over the flattened batch (return_flash_attn_kwargs), restarting position_ids.
+PACKING_KEYS = ("document_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def document_ids_from(batch: dict, shape: tuple[int, int]) -> torch.Tensor | None:
+    """Global document ids (B, S), numbered from 0 along each row, of a packed batch; None when no row holds more
+    than one document. From ``document_ids`` or ``seq_idx`` as given, else ``cu_seq_lens_q`` (cumulative lengths over
+    the flattened batch), else ``position_ids`` by transformers' rule (``find_packed_sequence_indices``): a document
+    starts wherever the position does not grow by exactly 1."""
+    B, S = shape
+    ids = batch.get("document_ids", batch.get("seq_idx"))
+    if ids is None and batch.get("cu_seq_lens_q") is not None:
+        cu = torch.as_tensor(batch["cu_seq_lens_q"]).long().flatten()
+        if int(cu[0]) != 0 or int(cu[-1]) != B * S or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seq_lens_q {cu.tolist()} must rise from 0 to batch x seq = {B * S}: pass the "
+                             "collator's output unchanged")
+        ids = torch.searchsorted(cu[1:], torch.arange(B * S), right=True).view(B, S)
+    if ids is None and batch.get("position_ids") is not None:
+        pos = batch["position_ids"]
+        starts = torch.cat([torch.zeros_like(pos[:, :1], dtype=torch.bool), pos[:, 1:] - pos[:, :-1] != 1], 1)
+        ids = starts.long().cumsum(1)
+    if ids is None:
+        return None
+    ids = ids.long()
+    ids = ids - ids[:, :1]  # number each row from 0 (cu_seq_lens count over the flattened batch)
+    return ids if bool((ids[:, -1] > 0).any()) else None
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document (B, S): what each document alone would use."""
+    S = document_ids.shape[1]
+    idx = torch.arange(S, device=document_ids.device).expand_as(document_ids)
+    starts = torch.cat([torch.ones_like(document_ids[:, :1], dtype=torch.bool),
+                        document_ids[:, 1:] != document_ids[:, :-1]], 1)
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+    return idx - first
+
+
 DECREASE, BOUNDS = "document ids decrease", "document bounds"  # the agreement's entries for documents
 
 

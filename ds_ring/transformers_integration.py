@@ -34,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .agreement import RingFacts, agree, code
 from .attention import ring_dilated_attention
+from .documents import PACKING_KEYS, agreement_fields, document_ids_from, from_agreement, local_documents
 from .groups import SequenceParallel
 from .layouts import get_layout
 from .sharding import group_size_rank
@@ -46,9 +47,9 @@ _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping (e.g. Gemma2 attn_logit_softcapping)",
     "s_aux": "attention sinks (s_aux)",
     "position_bias": "an additive position bias (position_bias)",
-    "cu_seq_lens_q": "packed varlen sequences (cu_seq_lens_q)",
-    "cu_seq_lens_k": "packed varlen sequences (cu_seq_lens_k)",
 }
+# Packed rows are read by patch()'s forward hook (or shard_batch); reaching the attention function they were missed.
+_PACKING_KWARGS_LATE = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "document_ids")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ def ring_dilated_attention_forward(
                 f"{name}: {feature} is not supported by ring_dilated attention; use another attn_implementation "
                 f"for this model"
             )
+    late = [kw for kw in _PACKING_KWARGS_LATE if kwargs.get(kw) is not None]
+    if late:
+        raise NotImplementedError(
+            f"{name}: packed-row kwargs {late} reached ring_dilated attention without being read: call "
+            f"ds_ring.patch(model) (its forward hook turns them into document boundaries) and pass them to the "
+            f"model's forward"
+        )
     if dropout and dropout > 0:
         raise NotImplementedError(
             f"{name}: attention dropout {dropout} in training is not supported by ring_dilated attention: set the "
@@ -146,57 +154,87 @@ def _forward_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a patched model: decide the ring's facts once for the whole forward (one collective, one
-    host sync) and pass them to every attention layer as the ``ds_ring_facts`` keyword argument."""
+    host sync; a second small exchange for packed rows) and pass them to every attention layer as the
+    ``ds_ring_facts`` keyword argument. Packed documents come as ``document_ids`` (from ``ds_ring.shard_batch``) or,
+    on one rank, as transformers passes them: restarting ``position_ids`` (no cache), ``seq_idx`` or
+    ``cu_seq_lens_*``; these keys are consumed here."""
     s: RingSettings = model._ds_ring
     x = _forward_input(args, kwargs)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or FACTS_KWARG in kwargs:
         return None
     B, L = x.shape[:2]
-    mask = kwargs.get("attention_mask")
+    mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    packing = {k: kwargs.pop(k) for k in PACKING_KEYS if k in kwargs}
     world, rank = group_size_rank(s.group)
     if s.local or world == 1:
         two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        no_cache = kwargs.get("past_key_values") is None
+        ids = document_ids_from({**packing, "position_ids": position_ids if no_cache else None}, (B, L))
+        who = f"{_model_name(model)} under ring_dilated attention"
+        docs = None if ids is None else local_documents(ids, get_layout("contiguous"), who)
         # with a KV cache the keys are the mask's columns (past + new tokens)
-        facts = RingFacts(1, B, mask.shape[1] if two_d else L, (two_d and not bool(mask.all()),))
+        facts = RingFacts(1, B, mask.shape[1] if two_d else L, (two_d and not bool(mask.all()),), docs)
     else:
-        facts = _agree_forward(model, s, x, B, L, mask, kwargs.get("position_ids"), world, rank)
+        facts = _agree_forward(model, s, x, B, L, mask, position_ids, packing, world, rank)
     kwargs[FACTS_KWARG] = facts
     return args, kwargs
 
 
-def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, world: int, rank: int) -> RingFacts:
+def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing, world: int, rank: int) -> RingFacts:
     """The ring's agreement for one model forward: equal shapes, model and settings on every rank; which shards are
-    padded; and whether a shard runs with the model's default local positions arange(L) instead of global ones
-    (RoPE and learned position embeddings would silently see wrong positions)."""
+    padded; where packed documents begin and end; and whether a shard runs with the model's default local positions
+    arange(L) instead of global ones (RoPE and learned position embeddings would silently see wrong positions)."""
     name = _model_name(model)
+    who = f"{name} under ring_dilated attention"
+    ids = packing.get("document_ids")
     errs = []
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L)):
         errs.append(f"attention_mask must be this rank's (batch, local_len) = {(B, L)} 0/1 key-padding mask, got "
                     f"{tuple(getattr(mask, 'shape', ()))}")
+    if set(packing) - {"document_ids"}:
+        errs.append(f"{sorted(set(packing) - {'document_ids'})} describe the whole packed row: pass the batch "
+                    "through ds_ring.shard_batch, which turns them into this shard's document_ids")
+    if ids is not None and (not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (B, L)):
+        errs.append(f"document_ids must be this rank's (batch, local_len) = {(B, L)} ids from ds_ring.shard_batch")
+    if ids is not None and position_ids is None:
+        errs.append("packed rows need their restarting position_ids: pass the position_ids ds_ring.shard_batch "
+                    "returns")
     lay = get_layout(s.layout)
     err = lay.local_len_error(L, world)
     if err:
         errs.append(err)
-    # A rank whose global positions are not arange(L) but that got arange(L) (or nothing: the model then uses
-    # arange(L)) got no global positions. Flags are computed on the device and read with the agreement.
-    wrong: int | torch.Tensor = 0
-    if not err and lay.ranges(L, world, rank) != [(0, L)]:
-        wrong = 1 if position_ids is None else (position_ids == torch.arange(L, device=position_ids.device)).all()
-    padded = (mask == 0).any() if isinstance(mask, torch.Tensor) and not errs else 0
+    # Flags are computed on the device and read with the agreement. A rank whose global positions are not
+    # arange(L) but that got arange(L) (or nothing: the model then uses arange(L)) got no global ones; positions
+    # that restart inside a layout chunk without document_ids are packed rows that bypassed shard_batch.
+    wrong = restart = 0
+    if not err and ids is None:
+        if lay.ranges(L, world, rank) != [(0, L)]:
+            wrong = 1 if position_ids is None else (position_ids == torch.arange(L, device=position_ids.device)).all()
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == L:
+            chunks = position_ids.reshape(position_ids.shape[0], lay.chunks_per_rank, -1)
+            restart = (chunks[..., 1:] - chunks[..., :-1] != 1).any()
+    mine, vectors = {"padded": (mask == 0).any() if isinstance(mask, torch.Tensor) and not errs else 0,
+                     "default position_ids": wrong, "restarting position_ids": restart}, {}
+    if ids is not None and not errs:
+        doc_mine, vectors = agreement_fields(ids, lay.chunks_per_rank)
+        mine.update(doc_mine)
     param = next(model.parameters(), None)
     dtype = (str(getattr(param, "dtype", None)), torch.is_autocast_enabled(x.device.type))
-    rows = agree(s.group, who=f"{name} under ring_dilated attention", errors=errs,
+    rows = agree(s.group, who=who, errors=errs,
                  same={"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
-                       "parameter dtype / autocast": dtype},
-                 mine={"padded": padded, "default position_ids": wrong}, device=x.device)
-    wrong_ranks = [r for r, row in enumerate(rows) if row["default position_ids"]]
-    if wrong_ranks:
-        raise ValueError(
-            f"{name}: shards of the ring (world {world}, layout {s.layout!r}) got position_ids = arange({L}), the "
-            f"model's default for an unsharded input, instead of their global positions (rank(s) {wrong_ranks}); "
-            f"pass the position_ids returned by ds_ring.shard_batch"
-        )
-    return RingFacts(world, B, L, tuple(bool(row["padded"]) for row in rows))
+                       "parameter dtype / autocast": dtype, "has document_ids": int(ids is not None)},
+                 mine=mine, device=x.device, vectors=vectors)
+    for flag, why in (("default position_ids", f"got position_ids = arange({L}), the model's default for an "
+                       "unsharded input, instead of their global positions"),
+                      ("restarting position_ids", "got position_ids that restart inside the shard (packed "
+                       "documents?) but no document_ids")):
+        ranks = [r for r, row in enumerate(rows) if row[flag]]
+        if ranks:
+            raise ValueError(f"{name}: shards of the ring (world {world}, layout {s.layout!r}) {why} (rank(s) "
+                             f"{ranks}); pass the batch through ds_ring.shard_batch and the model the position_ids "
+                             "(and document_ids) it returns")
+    docs = None if ids is None else from_agreement(rows, ids, lay, L, who)
+    return RingFacts(world, B, L, tuple(bool(row["padded"]) for row in rows), docs)
 
 
 def _fingerprint(model: nn.Module, s: RingSettings) -> int:
@@ -206,9 +244,37 @@ def _fingerprint(model: nn.Module, s: RingSettings) -> int:
                  s.dilation_rates))
 
 
+# Token mixers that carry state along the sequence. Run shard by shard they would silently see only their shard,
+# so a model holding any is refused. layer_types names them in the config (Qwen3-Next "linear_attention",
+# Falcon-H1 "hybrid", ...); module classes catch the rest (Mamba/Jamba/Bamba/Zamba mixers, gated delta nets, short
+# convolutions). torch's nn.Conv1d runs along the sequence (GPT-2's Conv1D is a linear layer, another class).
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "global", "local"}
+_RECURRENT_CLASS_WORDS = ("Mamba", "Mixer", "DeltaNet", "LinearAttention", "ShortConv", "Rwkv", "RWKV", "Recurrent",
+                          "Retention", "SSM")
+
+
+def _non_attention_mixers(model: nn.Module) -> list[str]:
+    found = []
+    for cfg in [model.config, *(getattr(model.config, k, None) for k in ("text_config",))]:
+        types = getattr(cfg, "layer_types", None) or []
+        found += sorted({f"layer_types '{t}'" for t in types if t not in _ATTENTION_LAYER_TYPES})
+    names = {type(m).__name__ for m in model.modules()}
+    found += sorted(n for n in names if any(w in n for w in _RECURRENT_CLASS_WORDS))
+    if "Conv1d" in names:
+        found.append("Conv1d (a convolution along the sequence)")
+    return found
+
+
 def _check_supported(model: nn.Module) -> None:
     """transformers' own answer to "can this model take a registered attention function?", and what the ring op
     does not implement."""
+    mixers = _non_attention_mixers(model)
+    if mixers:
+        raise NotImplementedError(
+            f"{_model_name(model)}: not all of its token mixers are attention ({', '.join(mixers)}): layers that "
+            f"carry state along the sequence (linear attention, Mamba, convolutions) would run on each shard alone "
+            f"and give wrong results, so ds_ring refuses the model; use a model whose layers are all attention"
+        )
     supported = getattr(type(model), "is_backend_compatible", None)
     if supported is None or not supported():
         raise NotImplementedError(

@@ -121,7 +121,7 @@ def ring_run(model: torch.nn.Module, batch: dict[str, torch.Tensor], sp, group=N
     return logits, loss.detach(), grads
 
 
-def compare(ref, got, mask: torch.Tensor) -> dict[str, float]:
+def compare(ref, got, mask: torch.Tensor, loss: bool = True) -> dict[str, float]:
     (rl, rloss, rg), (gl, gloss, gg) = ref, got
     real = mask.bool()
     assert rg.keys() == gg.keys()
@@ -129,7 +129,8 @@ def compare(ref, got, mask: torch.Tensor) -> dict[str, float]:
     # gradient is zero (e.g. key biases, invisible to softmax) are measured against the model's largest gradient.
     gmax = max(g.abs().max() for g in rg.values())
     grad = max(((gg[n] - rg[n]).abs().max() / torch.maximum(rg[n].abs().max(), 1e-3 * gmax)).item() for n in rg)
-    return {"logits": rel_err(gl[real], rl[real]), "loss": rel_err(gloss, rloss), "grads": grad}
+    out = {"logits": rel_err(gl[real], rl[real]), "grads": grad}
+    return {**out, "loss": rel_err(gloss, rloss)} if loss else out
 
 
 def _equivalence_cases(world: int) -> dict[str, dict[str, float]]:
@@ -229,6 +230,17 @@ def _special_cases(world: int) -> dict[str, object]:
     except ValueError as e:
         res["shape_differs"] = str(e)
 
+    # A packed row whose document_ids were dropped on the way (positions restart inside shards) fails on every rank
+    # instead of letting documents see each other.
+    batch_p, _ = packed(PACKINGS["short"], 5)
+    local = ds_ring.shard_batch(batch_p, zz)
+    del local["shift_labels"], local["document_ids"]
+    try:
+        ds_ring.patch(build("llama", 3), sp=zz)(**local)
+        res["dropped_document_ids"] = "no error"
+    except ValueError as e:
+        res["dropped_document_ids"] = str(e)
+
     # local_attention: every rank runs the full, unsharded sequence exactly, without communication.
     model = build("mistral", 4).eval()
     ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -252,8 +264,50 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# Packed rows over the ring: documents crossing shard boundaries, starting exactly on them (for P = 2 and 4 the
+# documents of [8, 8, 16] start on shard starts, whose positions are then exactly arange(L)), shorter than a shard,
+# a packed row padded on the right to a fixed length, and a length shard_batch must pad.
+PACKINGS = {"cross": [10, 5, 11, 6], "aligned": [8, 8, 16], "short": [3, 4, 2, 5, 3, 4, 3, 2, 6],
+            "padded": [10, 12], "uneven": [10, 5, 11, 4]}
+
+
+def _packing_cases(world: int) -> dict[str, dict[str, float]]:
+    sps = {lay: ds_ring.init_sequence_parallel(world, layout=lay) for lay in ("contiguous", "zigzag")}
+    out = {}
+    for i, name in enumerate(("llama", "gpt2")):  # RoPE with GQA; learned absolute positions
+        for j, (kind, lengths) in enumerate(PACKINGS.items()):
+            for lay, sp in sps.items():
+                seed = 1000 + 100 * i + 10 * j + (lay == "zigzag")
+                form = {} if (i + j) % 2 else dict(return_flash_attn_kwargs=True, return_seq_idx=True)
+                batch, docs = packed(lengths, seed, form)
+                if kind == "padded":  # pad to 32 tokens: pad id 0, masked, no target
+                    n = 32 - batch["input_ids"].shape[1]
+                    batch = {"input_ids": F.pad(batch["input_ids"], (0, n)),
+                             "labels": F.pad(batch["labels"], (0, n), value=-100),
+                             "position_ids": F.pad(batch["position_ids"], (0, n)),
+                             "attention_mask": F.pad(torch.ones_like(batch["input_ids"]), (0, n))}
+                model = build(name, seed).train()
+                ref_logits, ref_grads = documents_alone(model, docs)
+                patched = ds_ring.patch(copy.deepcopy(model), sp=sp)
+                local = ds_ring.shard_batch(batch, sp)
+                labels = local.pop("shift_labels")
+                logits = patched(**local).logits
+                loss = ds_ring.causal_lm_loss(logits, labels, sp)
+                loss.backward()
+                grads = {}
+                for n_, p in patched.named_parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=sp.group)
+                        grads[n_] = p.grad
+                full = gather_sequence(logits.detach(), 1, sp.group, lay)[:, : ref_logits.shape[0]]
+                out[f"{name}/{kind}/{lay}"] = compare((ref_logits[None], None, ref_grads), (full, None, grads),
+                                                      torch.ones(1, ref_logits.shape[0]), loss=False)
+    return out
+
+
 def _worker(rank: int, world: int) -> dict:
-    return {"equivalence": _equivalence_cases(world), "special": _special_cases(world)}
+    return {"equivalence": _equivalence_cases(world), "special": _special_cases(world),
+            "packing": _packing_cases(world)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"P{p}")
@@ -276,6 +330,15 @@ def test_patched_models_match_unpatched_one_process(ring_results):
     assert len(ring_results[0]["equivalence"]) == 7 * 2 * 2
 
 
+def test_packed_rows_over_the_ring_equal_each_document_alone(ring_results):
+    """shard_batch on packed batches (restarting position_ids, or the cu_seq_lens/seq_idx form): every document
+    gets its solo logits, and the ring's mean loss its solo gradients."""
+    for rank, res in enumerate(ring_results):
+        bad = {case: r for case, r in res["packing"].items() if max(r.values()) >= TOL}
+        assert not bad, (rank, bad)
+        assert len(res["packing"]) == 2 * len(PACKINGS) * 2
+
+
 def test_padding_reaches_the_op(ring_results):
     # These cases pass above only because the mask travelled: without it the reference logits change this much.
     for case, r in ring_results[0]["equivalence"].items():
@@ -296,6 +359,12 @@ def test_missing_global_position_ids_raises(ring_results):
         for lay in ("contiguous", "zigzag"):
             msg = res["special"][f"missing_position_ids/{lay}"]
             assert "position_ids" in msg and "shard_batch" in msg, msg
+
+
+def test_packed_row_without_document_ids_fails_on_every_rank(ring_results):
+    for res in ring_results:
+        msg = res["special"]["dropped_document_ids"]
+        assert "restart inside the shard" in msg and "document_ids" in msg, msg
 
 
 def test_one_agreement_per_forward_and_a_shape_mismatch_fails_everywhere(ring_results):
@@ -396,3 +465,113 @@ def test_patch_validates_arguments():
         ds_ring.unpatch(model)
     with pytest.raises(ValueError, match="ds_ring.patch"), ds_ring.local_attention(model):
         pass
+
+
+# ---- packed documents ---------------------------------------------------------------------------------------------
+
+
+def packed(lengths: list[int], seed: int, collator_kwargs: dict | None = None) -> tuple[dict, list[dict]]:
+    """A row packed by transformers' DataCollatorWithFlattening from documents of ``lengths`` tokens, and the
+    documents as the collator's features (each document alone)."""
+    from transformers import DataCollatorWithFlattening
+
+    g = torch.Generator().manual_seed(seed)
+    docs = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+    for d in docs:
+        d["labels"] = list(d["input_ids"])
+    return DataCollatorWithFlattening(**(collator_kwargs or {}))(docs), docs
+
+
+def documents_alone(model, docs: list[dict]):
+    """Each document alone through ``model``: its logits, and the grads of the summed next-token CE over all
+    documents divided by the number of targets (what the packed row's mean loss is)."""
+    model.zero_grad()
+    outs, total, count = [], 0.0, 0
+    for d in docs:
+        ids = torch.tensor([d["input_ids"]])
+        logits = model(input_ids=ids).logits
+        target = F.pad(ids, (0, 1), value=-100)[:, 1:]
+        total = total + F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+        count += ids.shape[1] - 1
+        outs.append(logits.detach()[0])
+    (total / count).backward()
+    return torch.cat(outs), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_row_equals_each_document_alone_single_process(name):
+    """One process: a patched model on a row packed by DataCollatorWithFlattening (restarting position_ids, no
+    mask; or its cu_seq_lens/seq_idx form) gives every document its solo logits and gradients, as sdpa does."""
+    model = build(name, 11).train()
+    batch, docs = packed([9, 5, 12, 4], seed=3)
+    ref_logits, ref_grads = documents_alone(model, docs)
+    patched = ds_ring.patch(copy.deepcopy(model))
+    for form in ("position_ids", "flash_attn_kwargs"):
+        if form == "flash_attn_kwargs":  # what the collator gives with return_flash_attn_kwargs / return_seq_idx
+            batch, _ = packed([9, 5, 12, 4], seed=3, collator_kwargs=dict(return_flash_attn_kwargs=True,
+                                                                           return_seq_idx=True))
+        patched.zero_grad()
+        kw = {k: v for k, v in batch.items() if k != "labels"}
+        if name == "bert":  # a bidirectional encoder has no next-token loss of its own: the same objective
+            logits = patched(**kw).logits
+            target = F.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+        else:
+            out = patched(**kw, labels=batch["labels"])
+            logits, loss = out.logits, out.loss
+        loss.backward()
+        grads = {n: p.grad for n, p in patched.named_parameters() if p.grad is not None}
+        r = compare((ref_logits[None], None, ref_grads), (logits.detach(), None, grads),
+                    torch.ones(1, ref_logits.shape[0]), loss=False)
+        assert max(r.values()) < TOL, (name, form, r)
+    # power: without the document structure the second document would see the first
+    plain = model(input_ids=batch["input_ids"]).logits.detach()[0]
+    assert rel_err(plain[9:], ref_logits[9:]) > 10 * TOL
+
+
+def test_models_with_non_attention_mixers_are_refused():
+    """Qwen3-Next (gated delta net + convolution) and Falcon-H1 (Mamba mixers) carry state along the sequence."""
+    from transformers import FalconH1Config, Qwen3NextConfig
+
+    qwen3_next = Qwen3NextConfig(**{**_DEC, "head_dim": 8}, linear_num_value_heads=4, linear_num_key_heads=2,
+                                 linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=16,
+                                 shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1)
+    falcon_h1 = FalconH1Config(**{**_DEC, "head_dim": 8}, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                               mamba_d_state=8, mamba_n_groups=1)
+    for cfg, words in ((qwen3_next, r"Qwen3NextForCausalLM.*linear_attention.*GatedDeltaNet"),
+                       (falcon_h1, r"FalconH1ForCausalLM.*FalconH1Mixer")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with pytest.raises(NotImplementedError, match=words):
+            ds_ring.patch(model)
+        assert model.config._attn_implementation != "ring_dilated"
+
+
+def test_dilated_pattern_with_packed_rows_is_refused():
+    model = ds_ring.patch(build("llama", 0), segment_lengths=[8, 16], dilation_rates=[1, 2])
+    batch, _ = packed([9, 5, 12, 4], seed=3)
+    with pytest.raises(ValueError, match="dilated pattern"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+def test_shard_batch_reads_packing_like_transformers():
+    """document_ids from restarting position_ids (transformers' rule), seq_idx or cu_seq_lens; the padding that
+    shard_batch adds is a document of its own; without position_ids each document counts from 0."""
+    from ds_ring.groups import SequenceParallel
+
+    one = SequenceParallel(None, None, 1, 0, 1, 0, "zigzag")  # one rank, zigzag: lengths must be even
+    batch, _ = packed([10, 5, 11, 4], seed=1, collator_kwargs=dict(return_flash_attn_kwargs=True,
+                                                                    return_seq_idx=True))
+    want = torch.repeat_interleave(torch.arange(4), torch.tensor([10, 5, 11, 4]))[None]
+    for keep in (("position_ids",), ("seq_idx",), ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                                     "max_length_k")):
+        b = {k: v for k, v in batch.items() if k in ("input_ids", "labels") + keep}
+        out = ds_ring.shard_batch(b, one)
+        assert torch.equal(out["document_ids"], want), keep
+        assert torch.equal(out["position_ids"], batch["position_ids"]), keep  # restart at every document
+        assert not set(out) & {"seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    odd = {k: v[:, :29] for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
+    out = ds_ring.shard_batch(odd, one)  # 29 -> 30: one pad token, its own document, masked
+    assert out["document_ids"][0, -1] == 4 and out["attention_mask"][0, -1] == 0
+    plain = ds_ring.shard_batch({"input_ids": batch["input_ids"]}, one)
+    assert "document_ids" not in plain
