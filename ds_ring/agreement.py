@@ -50,24 +50,25 @@ def code(value: object) -> int:
     return value
 
 
-def agree(
+def exchange(
     group: dist.ProcessGroup | None,
     *,
-    who: str,
     errors: list[str],
     same: dict[str, object],
     mine: dict[str, int | torch.Tensor],
     device: torch.device,
     vectors: dict[str, torch.Tensor] | None = None,
-) -> list[dict[str, int | list[int]]]:
-    """Exchange ``same`` (must be equal on every rank) and ``mine`` (this rank's facts) over ``group``.
+    scope: str = "ring",
+) -> tuple[list[str], list[dict[str, int | list[int]]]]:
+    """Exchange ``same`` (must be equal on every rank) and ``mine`` (this rank's facts) over ``group``; return the
+    errors (equal in substance on every rank of the group) and every rank's ``mine`` and ``vectors`` by group rank.
 
-    ``errors``: this rank's complaints about its own inputs. Raises ValueError on EVERY rank if any rank has errors
-    (that rank's own message, or the ranks to look at) or if a ``same`` entry differs (named, with the values by
-    rank). ``mine`` values may be 0-d tensors on ``device`` (flags computed there need no sync of their own).
-    ``vectors``: 1-D int tensors per rank whose sizes follow from the ``same`` entries; they are exchanged in a
-    second all_gather once the first has shown that those entries agree (a size mismatch would hang a collective).
-    Returns every rank's ``mine`` (ints) and ``vectors`` (lists of ints), by ring rank.
+    ``errors``: this rank's complaints about its own inputs; a rank with any makes every rank report an error (its
+    own message, or the ranks to look at), as does a ``same`` entry that differs (named, with the values by rank).
+    Every rank must pass the same keys (the row's size is fixed by them, not by the inputs). ``mine`` values may be
+    0-d tensors on ``device`` (flags computed there need no sync of their own). ``vectors``: 1-D int tensors whose
+    sizes follow from the ``same`` entries; exchanged in a second all_gather only once the first found no error (a
+    size mismatch would hang a collective).
     """
     # NCCL collectives need device tensors; gloo needs CPU ones.
     where = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -75,25 +76,32 @@ def agree(
     facts = [v.to(where, torch.int64).reshape(1) if isinstance(v, torch.Tensor)
              else torch.tensor([v], dtype=torch.int64, device=where) for v in mine.values()]
     rows = all_gather_rows(torch.cat([head, *facts]), group, "agreement")
+    start = 1 + len(same)
+    out = [dict(zip(mine, row[start:])) for row in rows]
     if errors:
-        raise ValueError(f"{who}: " + "; ".join(errors))
+        return errors, out
     bad = [r for r, row in enumerate(rows) if row[0]]
     if bad:
-        raise ValueError(f"{who}: rank(s) {bad} of the ring rejected their inputs (their errors say why); every rank "
-                         "stops before any K/V is sent")
+        return [f"rank(s) {bad} of the {scope} rejected their inputs (their errors say why); every rank stops "
+                "before any K/V is sent"], out
     for col, name in enumerate(same, start=1):
         values = [row[col] for row in rows]
         if len(set(values)) > 1:
-            raise ValueError(
-                f"{who}: {name} differs across the ring's ranks ({values} by rank; this is rank "
-                f"{dist.get_rank(group)}): every rank must pass shards of the same shape and the same options"
-            )
-    start = 1 + len(same)
-    out = [dict(zip(mine, row[start:])) for row in rows]
+            return [f"{name} differs across the {scope}'s ranks ({values} by rank; this is rank "
+                    f"{dist.get_rank(group)}): every rank must pass shards of the same shape and the same "
+                    "options"], out
     if vectors:
         flat = torch.cat([v.reshape(-1).to(where, torch.int64) for v in vectors.values()])
         for got, row in zip(out, all_gather_rows(flat, group, "agreement")):
             at = 0
             for name, v in vectors.items():
                 got[name], at = row[at : at + v.numel()], at + v.numel()
-    return out
+    return [], out
+
+
+def agree(group: dist.ProcessGroup | None, *, who: str, **kw) -> list[dict[str, int | list[int]]]:
+    """``exchange``, raising its errors as one ValueError (on every rank of the group, before any K/V is sent)."""
+    errors, rows = exchange(group, **kw)
+    if errors:
+        raise ValueError(f"{who}: " + "; ".join(errors))
+    return rows

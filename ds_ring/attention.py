@@ -98,7 +98,8 @@ def _agree_call(q, k, kpm, document_ids, pattern: Pattern, layout, scale: float,
         "scale": round(scale * 1e6),
     })
     # computed on the device, read with the agreement: no sync of its own
-    mine, vectors = {"padded": (~kpm).any() if kpm is not None and not errs else 0}, {}
+    # every rank sends the same keys (the row's size must not depend on the inputs); values default to 0
+    mine, vectors = {"padded": (~kpm).any() if kpm is not None and not errs else 0, docs_mod.DECREASE: 0}, {}
     lay = get_layout(layout) if not errs else None
     if document_ids is not None and not errs:
         doc_mine, vectors = docs_mod.agreement_fields(document_ids, lay.chunks_per_rank)

@@ -34,7 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .agreement import RingFacts, agree, code
 from .attention import ring_dilated_attention
-from .documents import PACKING_KEYS, agreement_fields, document_ids_from, from_agreement, local_documents
+from .documents import DECREASE, PACKING_KEYS, agreement_fields, document_ids_from, from_agreement, local_documents
 from .groups import SequenceParallel
 from .layouts import get_layout
 from .sharding import group_size_rank
@@ -213,8 +213,9 @@ def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing,
         if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == L:
             chunks = position_ids.reshape(position_ids.shape[0], lay.chunks_per_rank, -1)
             restart = (chunks[..., 1:] - chunks[..., :-1] != 1).any()
+    # every rank sends the same keys (the row's size must not depend on the inputs); values default to 0
     mine, vectors = {"padded": (mask == 0).any() if isinstance(mask, torch.Tensor) and not errs else 0,
-                     "default position_ids": wrong, "restarting position_ids": restart}, {}
+                     "default position_ids": wrong, "restarting position_ids": restart, DECREASE: 0}, {}
     if ids is not None and not errs:
         doc_mine, vectors = agreement_fields(ids, lay.chunks_per_rank)
         mine.update(doc_mine)

@@ -40,6 +40,15 @@ def _bad_cases():
             x.update(q=torch.randn(B, H, 7, D), k=torch.randn(B, 2, 7, D), v=torch.randn(B, 2, 7, D))
         return x
 
+    def docs(bad_ids, **bad_kw):  # every rank passes documents; rank 1's are bad
+        def make(rank):
+            x = _good()
+            x["kwargs"]["document_ids"] = bad_ids if rank == 1 else torch.zeros(B, L, dtype=torch.long)
+            if rank == 1:
+                x["kwargs"].update(bad_kw)
+            return x
+        return make
+
     return [
         ("segment/dilation lengths", on_rank1(set_kw(segment_lengths=[4, 8], dilation_rates=[1])), "dilation_rates"),
         ("non-positive segment", on_rank1(set_kw(segment_lengths=[0], dilation_rates=[1])), "segment_lengths"),
@@ -59,6 +68,11 @@ def _bad_cases():
          "has key_padding_mask differs"),
         ("pattern differs", on_rank1(set_kw(segment_lengths=[8], dilation_rates=[2])), "window) differs"),
         ("unknown layout", on_rank1(set_kw(layout="striped")), "layout"),
+        ("documents on one rank only", on_rank1(set_kw(document_ids=torch.zeros(B, L, dtype=torch.long))),
+         "has document_ids differs"),
+        ("document ids decrease", docs(torch.arange(L).flip(0).expand(B, -1)), "decrease"),
+        ("documents with a dilated pattern", docs(torch.zeros(B, L, dtype=torch.long), segment_lengths=[8],
+                                                  dilation_rates=[2]), "dilated pattern"),
     ]
 
 
