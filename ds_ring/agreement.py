@@ -11,7 +11,7 @@ attention layer (transformers passes extra forward kwargs down to the attention 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,8 @@ class RingFacts:
     local_len: int
     padded: tuple[bool, ...]
     documents: Documents | None = None
+    block_mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # two-dimensional: the
+    # key-padding mask of this ring position's whole block, gathered once per forward in its Ulysses group
 
     @property
     def any_padded(self) -> bool:

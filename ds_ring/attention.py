@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from . import documents as docs_mod
-from .agreement import RingFacts, agree
+from .agreement import RingFacts, agree, exchange
 from .layouts import LAYOUTS, get_layout
 from .pattern import Pattern, make_plan
 from .ring import run
 from .sharding import group_size_rank
+from .ulysses import gather_block, head_base, heads_error, heads_to_seq, seq_to_heads
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _WHO = "ring_dilated_attention"
@@ -84,6 +85,10 @@ def _local_errors(q, k, v, kpm, layout, world: int, document_ids=None, pattern: 
     return errs
 
 
+def code_of_layout(layout) -> int:
+    return list(LAYOUTS).index(layout) if layout in LAYOUTS else -1
+
+
 def _agree_call(q, k, kpm, document_ids, pattern: Pattern, layout, scale: float, errs, group, world) -> RingFacts:
     """The per-call agreement: shapes and options must match on every rank; each rank says if it is padded and,
     for packed rows, where its documents begin and end."""
@@ -93,7 +98,7 @@ def _agree_call(q, k, kpm, document_ids, pattern: Pattern, layout, scale: float,
         "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
         "has key_padding_mask": int(kpm is not None),
         "has document_ids": int(document_ids is not None),
-        "layout": list(LAYOUTS).index(layout) if layout in LAYOUTS else -1,
+        "layout": code_of_layout(layout),
         "pattern (segment_lengths, dilation_rates, causal, window)": pattern.key(),
         "scale": round(scale * 1e6),
     })
@@ -126,6 +131,7 @@ def ring_dilated_attention(
     overlap: bool = True,
     document_ids: torch.Tensor | None = None,
     facts: RingFacts | None = None,
+    ulysses_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Exact (dilated) attention over a sequence sharded across the ranks of ``group``.
 
@@ -144,18 +150,32 @@ def ring_dilated_attention(
     compute nor traffic. Dense pattern only (with causal, window and padding).
     facts: the ring's agreement for this call, when the caller already ran it (the Hugging Face integration does,
     once per model forward); None runs it here (one small all_gather).
+    ulysses_group: two-dimensional sequence parallelism (see ds_ring.ulysses): the u ranks of this rank's ring
+    position; ``group`` is then the ring across positions and ``layout`` cuts the sequence over ring positions (the
+    grid layout: ``ds_ring.get_layout(layout, ulysses_size=u)``). An all-to-all gives each rank its ring position's
+    whole block for Hq/u heads, the ring runs on those heads, and an all-to-all brings the output back.
     A query with no key to attend to gets 0. Bad input raises ValueError on every rank before any K/V is sent.
     """
-    world, rank = (1, 0) if local else group_size_rank(group)
-    if local:  # the whole sequence is here, in order: no layout applies (nor its length rule)
-        layout = "contiguous"
     errs = []
     try:
         pattern = Pattern.make(segment_lengths, dilation_rates, causal, window)
     except ValueError as e:
         errs.append(str(e))
         pattern = Pattern()
-    errs += _local_errors(q, k, v, key_padding_mask, layout, world, document_ids, pattern)
+    u = 1 if local or ulysses_group is None else dist.get_world_size(ulysses_group)
+    if u > 1:
+        return _ulysses_ring(q, k, v, pattern, errs, key_padding_mask, scale, group, layout, overlap, document_ids,
+                             facts, ulysses_group, u)
+    return _ring(q, k, v, pattern, errs, key_padding_mask, scale, group, layout, local, overlap, document_ids, facts)
+
+
+def _ring(q, k, v, pattern: Pattern, errs: list[str], key_padding_mask, scale, group, layout, local, overlap,
+          document_ids, facts, head_base: int = 0) -> torch.Tensor:
+    """The ring over ``group``: validate, agree (unless ``facts`` are given), plan, run."""
+    world, rank = (1, 0) if local else group_size_rank(group)
+    if local:  # the whole sequence is here, in order: no layout applies (nor its length rule)
+        layout = "contiguous"
+    errs = errs + _local_errors(q, k, v, key_padding_mask, layout, world, document_ids, pattern)
     if scale is None and not errs:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if facts is not None and not facts.matches(q.shape[0], k.shape[2], world):
@@ -178,5 +198,45 @@ def ring_dilated_attention(
                              "have to count from each document's start; use the dense pattern")
         plan = facts.documents.plan(pattern, get_layout(layout), k.shape[2], rank, q.shape[0], q.device)
     else:
-        plan = make_plan(pattern, k.shape[2], world, rank, layout, q.shape[1], q.device, q_len=q.shape[2])
+        plan = make_plan(pattern, k.shape[2], world, rank, layout, q.shape[1], q.device, q_len=q.shape[2],
+                         head_base=head_base)
     return run(q, k, v, key_padding_mask, plan, group, float(scale), overlap, facts)
+
+
+def _ulysses_ring(q, k, v, pattern: Pattern, errs: list[str], kpm, scale, group, layout, overlap, document_ids, facts,
+                  ulysses_group, u: int) -> torch.Tensor:
+    """Two-dimensional: Ulysses all-to-all inside ``ulysses_group``, the ring over ``group`` on Hq/u heads.
+
+    Errors are agreed in two stages so that no rank waits for ever: first inside the Ulysses group (its verdict is
+    returned, not raised), then every rank joins the ring's agreement with that verdict, so a bad rank anywhere
+    makes every rank of every ring raise before any K/V or all-to-all leaves a ring position."""
+    R, _ = group_size_rank(group)
+    errs = errs + _local_errors(q, k, v, kpm, "contiguous", u * R, document_ids, pattern)
+    if not errs:
+        errs += [e for e in (heads_error(q.shape[1], k.shape[1], u),
+                             get_layout(layout).local_len_error(u * q.shape[2], R)) if e]
+    if scale is None and not errs:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if facts is None:  # stage 1: the Ulysses group (the ring's agreement below is stage 2)
+        shape = list(q.shape) + [k.shape[1]] if q.dim() == 4 and k.dim() == 4 else [-1] * 5
+        same = dict(zip(["batch", "q heads", "local_len", "head_dim", "kv heads"], shape))
+        same.update({"dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
+                     "has key_padding_mask": int(kpm is not None), "has document_ids": int(document_ids is not None),
+                     "layout": code_of_layout(layout), "scale": round((scale or 0.0) * 1e6),
+                     "pattern (segment_lengths, dilation_rates, causal, window)": pattern.key()})
+        errs, _ = exchange(ulysses_group, errors=errs, same=same, mine={}, device=q.device, scope="Ulysses group")
+    elif errs:  # the forward's agreement established equal shapes and options everywhere
+        raise ValueError(f"{_WHO}: " + "; ".join(errs))
+    if errs:
+        if R > 1:  # every ring must hear it: join the ring's agreement with the verdict (it raises)
+            _agree_call(q, k, kpm, document_ids, pattern, layout, scale or 0.0, errs, group, R)
+        raise ValueError(f"{_WHO}: " + "; ".join(errs))
+    if facts is None:  # the block's mask and document ids, gathered (they travel the ring as the block's)
+        kpm = None if kpm is None else gather_block(kpm, ulysses_group, u)
+        document_ids = None if document_ids is None else gather_block(document_ids, ulysses_group, u)
+    else:  # gathered once for the forward
+        kpm, document_ids = facts.block_mask, None
+    qb, kb, vb = (seq_to_heads(t, ulysses_group, u) for t in (q, k, v))
+    base = head_base(q.shape[1], u, dist.get_rank(ulysses_group))
+    out = _ring(qb, kb, vb, pattern, [], kpm, scale, group, layout, False, overlap, document_ids, facts, base)
+    return heads_to_seq(out, ulysses_group, u)

@@ -18,6 +18,8 @@ does the same amount of work.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -75,9 +77,9 @@ class Layout:
 
     def unshard_index(self, local_len: int, world_size: int, device=None) -> torch.Tensor | None:
         """Index into the rank-major concatenation of all shards that gives global order (None: already in order)."""
-        if self.chunks_per_rank == 1:
-            return None
         cat = torch.cat([self.positions(local_len, world_size, r) for r in range(world_size)])
+        if torch.equal(cat, torch.arange(cat.numel())):
+            return None
         return torch.argsort(cat).to(device)
 
 
@@ -95,11 +97,51 @@ class Zigzag(Layout):
         return [rank, 2 * world_size - 1 - rank]
 
 
+class UlyssesRing(Layout):
+    """The two-dimensional grid: ``world_size`` = R ring positions x u Ulysses ranks, sequence-parallel rank
+    p = r * u + j. Ring position r's block (u * L tokens) is its shard under ``ring`` over R positions; Ulysses rank
+    j holds tokens j*L..(j+1)*L of that block (in the block's local order), so the Ulysses all-to-all rebuilds the
+    block in order. S = 16 over (R, u) = (2, 2), zigzag ring::
+
+        block of ring position 0: 0 1 2 3 | 12 13 14 15  ->  rank 0: 0 1 2 3      rank 1: 12 13 14 15
+        block of ring position 1: 4 5 6 7 |  8  9 10 11  ->  rank 2: 4 5 6 7      rank 3:  8  9 10 11
+    """
+
+    def __init__(self, ring: Layout, ulysses_size: int):
+        self.ring, self.u = ring, ulysses_size
+        self.name, self.chunks_per_rank = f"{ring.name} x ulysses {ulysses_size}", 1
+
+    def _split(self, world_size: int) -> int:
+        if world_size % self.u:
+            raise ValueError(f"{world_size} ranks do not split into Ulysses groups of {self.u}")
+        return world_size // self.u
+
+    def divisor(self, world_size: int) -> int:
+        return math.lcm(self.ring.divisor(self._split(world_size)), world_size)
+
+    def local_len_error(self, local_len: int, world_size: int) -> str | None:
+        err = self.ring.local_len_error(self.u * local_len, self._split(world_size))
+        return None if err is None else (f"the block of {self.u} Ulysses ranks x {local_len} tokens: {err}")
+
+    def ranges(self, local_len: int, world_size: int, rank: int) -> list[tuple[int, int]]:
+        r, j = divmod(rank, self.u)
+        lo, hi, out, at = j * local_len, (j + 1) * local_len, [], 0
+        for a, b in self.ring.ranges(self.u * local_len, self._split(world_size), r):
+            s, e = max(a, a + lo - at), min(b, a + hi - at)  # the part of [a, b) at block offsets [lo, hi)
+            if s < e:
+                out.append((s, e))
+            at += b - a
+        return out
+
+
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (Contiguous(), Zigzag())}
 
 
-def get_layout(layout: str | Layout) -> Layout:
-    """The layout object for a name (or the object itself); ValueError naming the choices otherwise."""
+def get_layout(layout: str | Layout, ulysses_size: int = 1) -> Layout:
+    """The layout object for a name (or the object itself), on a grid of ``ulysses_size`` Ulysses ranks per ring
+    position when > 1; ValueError naming the choices otherwise."""
+    if ulysses_size > 1:
+        return UlyssesRing(get_layout(layout), ulysses_size)
     if isinstance(layout, Layout):
         return layout
     try:

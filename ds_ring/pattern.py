@@ -280,7 +280,7 @@ def _rows_with_partner(
 _MAX_SEGMENT_SHAPES = 8
 
 
-def _segment_pieces(o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list[Piece]:
+def _segment_pieces(start, o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list[Piece]:
     """Pieces for the selected rows: segments with the same (query rows, key rows) counts are batched together."""
     q_rows, k_rows = qsel.nonzero().flatten(), ksel.nonzero().flatten()
     qp, kp = pos_q[q_rows], pos_k[k_rows]
@@ -291,7 +291,7 @@ def _segment_pieces(o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list
     shapes = sorted(set(zip(q_cnt.tolist(), k_cnt.tolist()))) if torch.equal(q_seg, k_seg) else []
     if len(q_seg) == 1 and shapes or not shapes or len(shapes) > _MAX_SEGMENT_SHAPES:
         seg = None if len(q_seg) == 1 and shapes else w
-        return [_piece(o, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg, *args)]
+        return [_piece(start, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg, *args)]
     out = []
     q_of = torch.repeat_interleave(torch.arange(len(q_seg)), q_cnt)  # segment index of each selected row
     k_of = torch.repeat_interleave(torch.arange(len(k_seg)), k_cnt)
@@ -302,13 +302,14 @@ def _segment_pieces(o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) -> list
         # all rows of the shard, in order: no gather, and the piece's result can stand as the accumulator
         q_idx = None if full_q and bool(qm.all()) else q_rows[qm]
         k_idx = None if full_k and bool(km.all()) else k_rows[km]
-        out.append(_piece(o, r, q_idx, k_idx, qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
+        out.append(_piece(start, r, q_idx, k_idx, qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
     return out
 
 
 @functools.lru_cache(maxsize=64)
 def _plan_cached(
-    pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str, q_len: int
+    pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str, q_len: int,
+    head_base: int,
 ) -> Plan:
     pattern = Pattern(*pattern_key)
     lay = get_layout(layout)
@@ -323,7 +324,10 @@ def _plan_cached(
     def pieces(dst: int, src: int) -> tuple[Piece, ...]:
         out = []
         for w, r in pairs:
-            for o in range(min(r, num_heads)):
+            for o in range(r):  # offset class o holds the GLOBAL heads h with h % r == o
+                start = (o - head_base) % r  # its first local head (local head i is global head head_base + i)
+                if start >= num_heads:
+                    continue
                 qsel = _selected(q_pos[dst], w, r, o) & _rows_with_partner(
                     q_pos[dst], k_ranges[src], w, r, o, pattern.causal, pattern.window, True
                 )
@@ -332,7 +336,7 @@ def _plan_cached(
                 ksel = _selected(k_pos[src], w, r, o) & _rows_with_partner(
                     k_pos[src], q_ranges[dst], w, r, o, pattern.causal, pattern.window, False
                 )
-                out += _segment_pieces(o, r, w, qsel, ksel, q_pos[dst], k_pos[src], pattern)
+                out += _segment_pieces(start, o, r, w, qsel, ksel, q_pos[dst], k_pos[src], pattern)
         return tuple(out)
 
     steps = [make_step(0, rank, None, pieces(rank, rank), (), local_len, device)]
@@ -355,16 +359,18 @@ def to_device(st: Step, device: str) -> Step:
 
 def make_plan(
     pattern: Pattern, local_len: int, world_size: int, rank: int, layout: str, num_heads: int,
-    device: torch.device | str = "cpu", q_len: int | None = None,
+    device: torch.device | str = "cpu", q_len: int | None = None, head_base: int = 0,
 ) -> Plan:
     """The (cached) plan of ``rank``; identical inputs give identical plans on every rank.
 
     ``local_len`` is the key shard length; ``q_len`` (default ``local_len``) may be shorter on a single rank only:
     the queries are then the last ``q_len`` positions (decoding with a KV cache), so a step costs O(q_len x keys).
+    ``head_base``: the global index of the first of the ``num_heads`` local query heads (under Ulysses a rank holds
+    a slice of the heads; dilation offsets count global heads).
     """
     q_len = local_len if q_len is None else q_len
     if q_len != local_len and (world_size != 1 or not 0 < q_len < local_len):
         raise ValueError(f"make_plan: {q_len} queries for {local_len} keys: fewer queries than keys only on one "
                          "rank, as the keys' last positions")
     return _plan_cached(pattern.key(), local_len, world_size, rank, get_layout(layout).name, num_heads, str(device),
-                        q_len)
+                        q_len, head_base)

@@ -1,0 +1,144 @@
+"""Two-dimensional sequence parallelism (Ulysses all-to-all inside a ring position, the ring across positions) on 4
+real gloo ranks: forward and dq/dk/dv against the dense float64 definition, bytes against the model's count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from reference import dense_reference
+
+import ds_ring
+from ds_ring.layouts import get_layout
+
+S, B, D = 48, 2, 8
+WORLD = 4
+GRIDS = [(2, 2), (4, 1), (1, 4)]  # (ulysses_size, ring positions)
+
+
+def _cases():
+    cases, i = [], 0
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            for hkv, extra in ((2, dict(pad=True)), (1, dict(docs=True)), (2, dict(segs=[8, 16], rates=[1, 2])),
+                               (1, dict(window=9, pad=True))):
+                cases.append(dict(layout=layout, causal=causal, Hq=4, Hkv=hkv, seed=i, **extra))
+                i += 1
+    return cases
+
+
+def _inputs(case):
+    g = torch.Generator().manual_seed(500 + case["seed"])
+    q = torch.randn(B, case["Hq"], S, D, generator=g)
+    k, v = (torch.randn(B, case["Hkv"], S, D, generator=g) for _ in range(2))
+    dout = torch.randn(B, case["Hq"], S, D, generator=g)
+    kpm = None
+    if case.get("pad"):
+        kpm = torch.ones(B, S, dtype=torch.bool)
+        kpm[0, S - 7:] = False
+        kpm[1, :5] = False
+    docs = None
+    if case.get("docs"):
+        docs = torch.stack([torch.repeat_interleave(torch.arange(4), torch.tensor(n))
+                            for n in ([10, 5, 20, 13], [3, 30, 7, 8])])
+    return q, k, v, dout, kpm, docs
+
+
+def _groups(u: int, rank: int):
+    """This rank's Ulysses group (u consecutive ranks) and ring (same Ulysses rank across positions); every rank
+    creates every group, in one order."""
+    ug = rg = None
+    for r in range(WORLD // u):
+        g = dist.new_group(list(range(r * u, (r + 1) * u)))
+        if rank // u == r:
+            ug = g
+    for j in range(u):
+        g = dist.new_group(list(range(j, WORLD, u)))
+        if rank % u == j:
+            rg = g
+    return ug, rg
+
+
+def _job(rank, world, cases):
+    out = {}
+    for u, R in GRIDS:
+        ug, rg = _groups(u, rank)
+        for ci, case in enumerate(cases):
+            q, k, v, dout, kpm, docs = _inputs(case)
+            lay = get_layout(case["layout"], u)
+            pos = lay.positions(S // WORLD, WORLD, rank)
+            ql, kl, vl = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
+            with ds_ring.count_comm() as counter:
+                o = ds_ring.ring_dilated_attention(
+                    ql, kl, vl, case.get("segs"), case.get("rates"), case["causal"],
+                    None if kpm is None else kpm[:, pos], case.get("window"), group=rg, layout=case["layout"],
+                    ulysses_group=ug, document_ids=None if docs is None else docs[:, pos],
+                )
+                o.backward(dout[:, :, pos])
+            out[(u, ci)] = ([t.detach() for t in (o, ql.grad, kl.grad, vl.grad)], pos, dict(counter.collectives))
+    out["copies"] = _copies(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_job, WORLD, _cases())
+
+
+@pytest.mark.parametrize("u", [g[0] for g in GRIDS])
+def test_matches_dense_reference(results, u):
+    for ci, case in enumerate(_cases()):
+        q, k, v, dout, kpm, docs = _inputs(case)
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        ref = dense_reference(qd, kd, vd, case.get("segs"), case.get("rates"), case["causal"], kpm,
+                              case.get("window"), document_ids=docs)
+        ref.backward(dout.double())
+        for i, (name, want) in enumerate((("out", ref), ("dq", qd.grad), ("dk", kd.grad), ("dv", vd.grad))):
+            got = torch.zeros_like(want)
+            for rank in range(WORLD):
+                tensors, pos, _ = results[rank][(u, ci)]
+                got[:, :, pos] = tensors[i].double()
+            err = ((got - want.detach()).norm() / want.norm()).item()
+            assert err < 1e-5, f"u={u} case {case} {name}: relative error {err:.2e}"
+        if u > 1:  # the all-to-alls ran (and the ring's: 0 collectives at one position)
+            assert results[0][(u, ci)][2].get("ulysses all-to-all", 0) == 4 * 2  # q, k, v, out; and back
+
+
+def _copies(rank, world):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ds_ring.ulysses import heads_to_seq, seq_to_heads
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("copy_", "clone", "_to_copy", "contiguous", "cat", "stack",
+                                                "index_select", "_unsafe_view", "repeat_interleave"):
+                self.n += func.overloadpacket.__name__ != "_unsafe_view"
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    for hkv in (4, 2):  # split kv heads (u <= Hkv) and replicated ones (u > Hkv)
+        x = torch.randn(2, hkv, 6, 8).transpose(1, 2).contiguous().transpose(1, 2)  # as HF hands it: (B,L,H,D)
+        with Copies() as c_in:
+            y = seq_to_heads(x, dist.group.WORLD, world)
+        out[f"in/{hkv}"] = c_in.n
+    y = torch.randn(2, 1, 6 * world, 8)  # the ring's output for one head: (B, h, u*L, D)
+    with Copies() as c_out:
+        z = heads_to_seq(y, dist.group.WORLD, world)
+    out["out"], out["out_bshd"] = c_out.n, z.transpose(1, 2).is_contiguous()
+    return out
+
+
+def test_layout_changes_copy_once_each_way(results):
+    """Into the heads layout: one copy (the all-to-all's send buffer; the received buffer is used in place). Out:
+    the send buffer, and the unpack into the (B, L, H, D) memory that transformers' attention functions return, so
+    their own transpose-copy is free."""
+    for res in (r["copies"] for r in results):
+        assert res["in/4"] == 1 and res["in/2"] == 1, res
+        assert res["out"] == 2 and res["out_bshd"], res
