@@ -6,6 +6,8 @@
    dense, causal, padded, windowed, GQA and dilated patterns, in float32 and bfloat16 (flash and efficient paths).
 2. The per-rank block path (fwd+bwd, dense) vs scaled_dot_product_attention with the flash backend, bf16, D=128.
 3. Dilated patterns vs dense at the same S: time ratio against the ratio of attended pairs.
+4. A patched tiny Llama's forward + backward at P=1 under torch.cuda.set_sync_debug_mode("error"): no host sync.
+5. Packed (16 documents) and padded rows, bf16, against their documents run as separate flash calls.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def correctness(dev):
         dict(name="longnet", kw=dict(segment_lengths=[64, 128, 256], dilation_rates=[1, 2, 4])),
         dict(name="longnet causal+pad", kw=dict(segment_lengths=[48, 100], dilation_rates=[1, 2], causal=True),
              pad=True),
+        dict(name="packed documents causal+pad", kw=dict(causal=True), pad=True, docs=True),
+        dict(name="packed documents window", kw=dict(causal=True, window=37), docs=True),
     ]
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         for c in cases:
@@ -51,13 +55,18 @@ def correctness(dev):
                     kpm = torch.ones(B, S, dtype=torch.bool)
                     kpm[0, :40] = False
                     kpm[1, 200:] = False
+                docs = None
+                if c.get("docs"):
+                    docs = torch.stack([torch.repeat_interleave(torch.arange(4), torch.tensor(n))
+                                        for n in ([50, 10, 100, 96], [128, 1, 27, 100])])
                 try:
                     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-                    ref = dense_reference(qd, kd, vd, key_padding_mask=kpm, **c["kw"])
+                    ref = dense_reference(qd, kd, vd, key_padding_mask=kpm, document_ids=docs, **c["kw"])
                     ref.backward(do.double())
                     qg, kg, vg = (t.to(dev, dtype).requires_grad_() for t in (q, k, v))
                     out = ds_ring.ring_dilated_attention(
-                        qg, kg, vg, key_padding_mask=None if kpm is None else kpm.to(dev), local=True, **c["kw"])
+                        qg, kg, vg, key_padding_mask=None if kpm is None else kpm.to(dev), local=True,
+                        document_ids=None if docs is None else docs.to(dev), **c["kw"])
                     out.backward(do.to(dev, dtype))
                     errs = [rel(a.cpu(), b) for a, b in ((out, ref), (qg.grad, qd.grad), (kg.grad, kd.grad),
                                                           (vg.grad, vd.grad))]
@@ -131,6 +140,68 @@ def dilated_timings(dev, S):
     return rows
 
 
+def no_sync(dev):
+    """A patched model's forward + backward on one GPU must not read the device on the host (issue 8)."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_ring.demo import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = ds_ring.patch(AutoModelForCausalLM.from_config(tiny_llama_config()).to(dev, torch.bfloat16))
+    ids = torch.randint(1, 100, (2, 1024), device=dev)
+    model(input_ids=ids).logits.float().sum().backward()  # warm-up: plans and head indices are built once
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        model(input_ids=ids).logits.float().sum().backward()
+        return dict(ok=True)
+    except Exception:
+        return dict(ok=False, error=traceback.format_exc()[-2000:])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def packed_timings(dev, S):
+    """A packed row of 16 documents and a padded batch, bf16, against separate unmasked flash calls (target 1.25)."""
+    B, H, D = 1, 16, 128
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(S // 32, 3 * S // 32, (64,), generator=g)
+    lengths = lengths[: int((lengths.cumsum(0) <= S).sum())]
+    lengths = torch.cat([lengths, torch.tensor([S - int(lengths.sum())])])
+    lengths = lengths[lengths > 0]
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None].to(dev)
+    q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, requires_grad=i < 3) for i in range(4))
+    spans = list(zip([0] + lengths.cumsum(0)[:-1].tolist(), lengths.cumsum(0).tolist()))
+
+    def packed():
+        ds_ring.ring_dilated_attention(q, k, v, causal=True, document_ids=ids, local=True).backward(do)
+
+    def separate():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            for a, b in spans:
+                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                               is_causal=True).backward(do[:, :, a:b])
+
+    n = S * 9 // 10
+    kpm = torch.zeros(2, S, dtype=torch.bool, device=dev)
+    kpm[0, :n], kpm[1, : S // 2] = True, True
+    q2, k2, v2, do2 = (torch.randn(2, H, S, D, device=dev, dtype=torch.bfloat16, requires_grad=i < 3) for i in range(4))
+
+    def padded():
+        ds_ring.ring_dilated_attention(q2, k2, v2, causal=True, key_padding_mask=kpm, local=True).backward(do2)
+
+    def rows_alone():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            for b, m in ((0, n), (1, S // 2)):
+                F.scaled_dot_product_attention(q2[b:b + 1, :, :m], k2[b:b + 1, :, :m], v2[b:b + 1, :, :m],
+                                               is_causal=True).backward(do2[b:b + 1, :, :m])
+
+    t = {name: timed(fn) for name, fn in (("packed", packed), ("separate", separate), ("padded", padded),
+                                           ("rows_alone", rows_alone))}
+    return dict(S=S, documents=len(spans), **{f"{k}_ms": x for k, x in t.items()},
+                packed_ratio=t["packed"] / t["separate"], padded_ratio=t["padded"] / t["rows_alone"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_check.json")
@@ -140,7 +211,9 @@ def main():
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     res = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), correctness=correctness(dev))
-    for key, fn in (("kernel", lambda: kernel_timings(dev, a.sizes)),
+    for key, fn in (("no_sync", lambda: no_sync(dev)),
+                    ("packed", lambda: packed_timings(dev, a.dilated_seq)),
+                    ("kernel", lambda: kernel_timings(dev, a.sizes)),
                     ("dilated", lambda: dilated_timings(dev, a.dilated_seq))):
         try:
             res[key] = fn()
