@@ -25,16 +25,19 @@ _MAX_PARTS = 4  # parts per step: the backward sends dK/dV home in key halves
 
 @dataclass
 class CommCounter:
-    """What this process sent and received: bytes by kind ("kv", "dkv"), peers, and collectives by name."""
+    """What this process sent and received: bytes by kind ("kv", "dkv", collectives by name), ring peers (group
+    ranks), point-to-point bytes sent to each peer, and collectives by name."""
 
     sent_bytes: dict[str, int] = field(default_factory=dict)
     recv_bytes: dict[str, int] = field(default_factory=dict)
     peers: set[int] = field(default_factory=set)
+    sent_to: dict[int, int] = field(default_factory=dict)
     collectives: dict[str, int] = field(default_factory=dict)
 
     def add(self, kind: str, peer_send: int | None, peer_recv: int | None, send_bytes: int, recv_bytes: int):
         if peer_send is not None:
             self.sent_bytes[kind] = self.sent_bytes.get(kind, 0) + send_bytes
+            self.sent_to[peer_send] = self.sent_to.get(peer_send, 0) + send_bytes
             self.peers.add(peer_send)
         if peer_recv is not None:
             self.recv_bytes[kind] = self.recv_bytes.get(kind, 0) + recv_bytes
@@ -55,10 +58,14 @@ def count_comm() -> Iterator[CommCounter]:
         _COUNTERS.remove(c)
 
 
-def note_collective(name: str) -> None:
-    """Count one collective issued by ds_ring (the agreement, the loss's token count) in the active counters."""
+def note_collective(name: str, sent_bytes: int = 0, recv_bytes: int = 0) -> None:
+    """Count one collective issued by ds_ring (the agreement, an all-to-all, ...) in the active counters, with the
+    bytes it moves off and onto this rank (an all-to-all's own chunk stays home), under ``name``."""
     for c in _COUNTERS:
         c.collectives[name] = c.collectives.get(name, 0) + 1
+        if sent_bytes or recv_bytes:
+            c.sent_bytes[name] = c.sent_bytes.get(name, 0) + sent_bytes
+            c.recv_bytes[name] = c.recv_bytes.get(name, 0) + recv_bytes
 
 
 def all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup | None, name: str) -> list[list[int]]:

@@ -48,7 +48,8 @@ def _pack(x: torch.Tensor, u: int) -> torch.Tensor:
 
 
 def _all_to_all(send: torch.Tensor, group) -> torch.Tensor:
-    note_collective("ulysses all-to-all")
+    away = send.numel() * send.element_size() * (send.shape[0] - 1) // send.shape[0]  # all chunks but our own
+    note_collective("ulysses all-to-all", away, away)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv

@@ -78,7 +78,22 @@ def _job(rank, world, cases):
                 )
                 o.backward(dout[:, :, pos])
             out[(u, ci)] = ([t.detach() for t in (o, ql.grad, kl.grad, vl.grad)], pos, dict(counter.collectives))
+        out[("bytes", u)] = _bytes(rank, u, ug, rg)
     out["copies"] = _copies(rank, world)
+    return out
+
+
+def _bytes(rank, u, ug, rg) -> list:
+    """What this rank sends in one dense causal layer (forward + backward) per kind, and per ring peer."""
+    out = []
+    for hkv, layout in ((2, "zigzag"), (1, "contiguous")):
+        q, k, v, dout, _, _ = _inputs(dict(Hq=4, Hkv=hkv, seed=77))
+        pos = get_layout(layout, u).positions(S // WORLD, WORLD, rank)
+        ql, kl, vl = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
+        with ds_ring.count_comm() as c:
+            ds_ring.ring_dilated_attention(ql, kl, vl, causal=True, group=rg, layout=layout,
+                                           ulysses_group=ug).backward(dout[:, :, pos])
+        out.append((hkv, layout, dict(c.sent_bytes), dict(c.sent_to)))
     return out
 
 
@@ -142,3 +157,21 @@ def test_layout_changes_copy_once_each_way(results):
     for res in (r["copies"] for r in results):
         assert res["in/4"] == 1 and res["in/2"] == 1, res
         assert res["out"] == 2 and res["out_bshd"], res
+
+
+@pytest.mark.parametrize("u", [g[0] for g in GRIDS])
+def test_bytes_equal_the_cost_model(results, u):
+    """ds_ring.cost_model's bytes per rank per layer (forward + backward) are what the ranks send, all-to-all and
+    ring, and its intra/inter-node split follows the peers (2 ranks per node here)."""
+    from ds_ring.cost_model import AttentionShape, Cluster, predict
+
+    cluster = Cluster(ranks_per_node=2, intra_node_bw=1.0, inter_node_bw=1.0, flops=1.0, memory_bw=1.0)
+    for rank in range(WORLD):
+        r, j = divmod(rank, u)
+        for hkv, layout, sent, sent_to in results[rank][("bytes", u)]:
+            want = predict(AttentionShape(4, hkv, D, 4), S, WORLD, u, cluster, batch=B, causal=True,
+                           layout=layout).per_position[r]
+            assert sent.get("ulysses all-to-all", 0) == want.a2a_intra + want.a2a_inter, (rank, u, hkv, sent, want)
+            assert sent.get("kv", 0) + sent.get("dkv", 0) == want.ring_intra + want.ring_inter, (rank, u, sent, want)
+            inter = sum(b for peer, b in sent_to.items() if (peer * u + j) // 2 != rank // 2)  # ring peers' ranks
+            assert inter == want.ring_inter, (rank, u, sent_to, want)

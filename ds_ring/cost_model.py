@@ -1,0 +1,224 @@
+"""The communication and time model of one attention layer for each (Ulysses x ring) factorization.
+
+For a model's attention shape, a sequence length, ``sp_size`` ranks of which ``ranks_per_node`` share a node, and a
+cluster's bandwidths and FLOP/s, it gives per factorization (u Ulysses ranks x R ring positions):
+
+* bytes per rank per layer over each link (intra-node, inter-node): the Ulysses all-to-alls, the ring's K/V sends
+  and the dK/dV partials coming home. Ring bytes come from the same plans the op runs (``pattern.make_plan``), so
+  they are exactly what a rank sends (tests count them on CPU ranks);
+* the predicted attention time, forward and backward, with overlap, and its efficiency against the ideal (the
+  same attention computed at the kernel's full-block rate with no communication);
+* a recommendation: the fastest factorization the heads allow.
+
+Assumptions (stated, not hidden): each rank sends over its own link (NVLink inside a node; one NIC per GPU across
+nodes, as on rail-optimised clusters), full duplex; a ring step's transfer overlaps the previous step's compute
+(time = max), all-to-alls do not overlap anything; the block kernel runs at the achieved FLOP/s the user gives
+(``flops``: measure it with one flash call on a full block) whatever the block size; the online-softmax merge of a
+block into fp32 accumulators is memory-bound and runs on the compute stream: ``merge_bytes`` per output element
+per merge at ``memory_bw`` (the first block of a step adopts its result, later ones merge). Dense pattern,
+causal or not; no padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layouts import get_layout
+from .pattern import Pattern, make_plan
+from .ulysses import heads_error
+
+# Bytes read and written per output element per merge, ds_ring's _merge_ on fp32 accumulators: scale out in place
+# (read 4, write 4), upcast the block's out (read e, write 4), scale it (read 4, write 4), add (read 8, write 4);
+# the lse passes are per row, negligible beside D elements. 34 for bf16/fp16 inputs, 28 for fp32 (no upcast).
+def merge_bytes(dtype_bytes: int) -> float:
+    return 8 + (dtype_bytes + 4 if dtype_bytes != 4 else 0) + 8 + 12
+
+
+# The backward's memory passes per ring step: each block's dq added into the fp32 dq sum (upcast read e write 4,
+# add read 8 write 4) per query element; each dK/dV partial made fp32 for the trip home (read e write 4) per received
+# key element, and each partial that lands added into ours (read 8 write 4) per key element.
+def backward_bytes(dtype_bytes: int, q_elements: int, kv_received: int, kv_home: int) -> float:
+    upcast = dtype_bytes + 4 if dtype_bytes != 4 else 0
+    return q_elements * (upcast + 12) + kv_received * upcast + kv_home * 12
+# Backward FLOPs over forward FLOPs of flash attention (5 matmuls incl. the recomputed QK^T, over 2).
+BACKWARD_FLOPS = 2.5
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the model needs to know about the machines: bytes/s per rank per direction, achieved FLOP/s."""
+
+    ranks_per_node: int
+    intra_node_bw: float
+    inter_node_bw: float
+    flops: float
+    memory_bw: float
+
+
+# Datasheet links, achieved flash-attention FLOP/s measured where cited; a user with measurements passes their own.
+CLUSTERS = {
+    # 8 x H100 SXM per node: NVLink 4 (450 GB/s per direction), one 400 Gb/s NDR NIC per GPU; flash bf16 ~ 450
+    # TFLOP/s achieved at D=128 (our H100 run, docs/performance.md section 6: 1.00-1.03x SDPA flash).
+    "h100": Cluster(8, 450e9, 50e9, 450e12, 3.35e12),
+    # 8 x H800: NVLink limited to 200 GB/s per direction; the flash rate ring-flash-attention measured there
+    # (591.5 causal forwards of 8k tokens, 32 heads, D=128 per second: 325 TFLOP/s).
+    "h800": Cluster(8, 200e9, 50e9, 325e12, 3.35e12),
+}
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one rank sends per attention layer (forward + backward), by link; equal to what it receives."""
+
+    a2a_intra: int = 0
+    a2a_inter: int = 0
+    ring_intra: int = 0
+    ring_inter: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.a2a_intra + self.a2a_inter + self.ring_intra + self.ring_inter
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ulysses: int
+    ring: int
+    traffic: Traffic  # of the slowest rank
+    per_position: tuple[Traffic, ...]  # of ring position r's rank (every Ulysses rank of a position sends as much)
+    forward_s: float
+    backward_s: float
+    ideal_s: float  # forward + backward of this rank's share at the kernel's rate, no communication
+
+    @property
+    def efficiency(self) -> float:
+        return self.ideal_s / (self.forward_s + self.backward_s)
+
+
+def factorizations(sp_size: int, shape: AttentionShape, ranks_per_node: int) -> list[tuple[int, int]]:
+    """(u, R) with u * R = sp_size that the heads allow and whose Ulysses groups stay inside one node."""
+    out = []
+    for u in range(1, sp_size + 1):
+        if sp_size % u or (u > 1 and heads_error(shape.heads, shape.kv_heads, u)):
+            continue
+        if u > 1 and ranks_per_node % u:
+            continue
+        out.append((u, sp_size // u))
+    return out
+
+
+def _node(rank: int, ranks_per_node: int) -> int:
+    return rank // ranks_per_node
+
+
+def _pairs(pc) -> int:
+    """Allowed (query, key) pairs of one piece, per head: keys t <= i (causal) and i - t < window, counted by
+    binary search (a dense pattern's key positions increase along a piece)."""
+    n = 0
+    for qp, kp in zip(pc.q_pos, pc.k_pos):
+        hi = torch.searchsorted(kp, qp, right=True) if pc.causal else torch.full_like(qp, kp.numel())
+        lo = torch.searchsorted(kp, qp - pc.window, right=True) if pc.window is not None else torch.zeros_like(qp)
+        n += int((hi - lo).clamp(min=0).sum())
+    return n
+
+
+def predict(
+    shape: AttentionShape, seq_len: int, sp_size: int, ulysses: int, cluster: Cluster, *, batch: int = 1,
+    causal: bool = True, layout: str = "zigzag", window: int | None = None,
+) -> Prediction:
+    """Bytes and time of one attention layer (forward + backward) at (u = ``ulysses``, R = sp_size / u)."""
+    u, R = ulysses, sp_size // ulysses
+    L = seq_len // sp_size
+    e, B, D = shape.dtype_bytes, batch, shape.head_dim
+    hq, hkv = shape.heads // u, max(1, shape.kv_heads // u)
+    pattern = Pattern.make(None, None, causal, window)
+    lay = get_layout(layout)
+    err = lay.local_len_error(u * L, R) or get_layout(layout, u).seq_len_error(seq_len, sp_size)
+    if err:
+        raise ValueError(f"predict: {err}")
+    worst: tuple[float, Traffic, float, float] | None = None
+    per_position = []
+    j = 0  # a dense pattern's work and bytes do not depend on the Ulysses rank (only dilation offsets would)
+    for r in range(R):  # every ring position of one SP group (the other groups repeat it); keep the slowest
+        if True:
+            rank = r * u + j
+            # Ulysses: q, k, v in and out forward; dout in, dq, dk, dv out backward; (u-1)/u of each leaves the rank
+            # (a replicated kv head goes to u-1 ranks whole)
+            kv_out = 2 * B * L * D * e * (shape.kv_heads * (u - 1) // u if shape.kv_heads >= u else (u - 1))
+            q_out = B * L * shape.heads * D * e * (u - 1) // u
+            a2a = 2 * (2 * q_out + kv_out)
+            plan = make_plan(pattern, u * L, R, r, layout, hq, "cpu", head_base=j * hq) if R > 1 else None
+            kv_row, dkv_row = 2 * B * hkv * D * e, 2 * B * hkv * D * 4
+            ring_intra = ring_inter = 0
+            fwd = bwd = 0.0
+            steps = plan.steps if plan is not None else [None]
+            for st in steps:
+                pieces = (plan or make_plan(pattern, u * L, 1, 0, layout, hq, "cpu")).steps[0].pieces if st is None \
+                    else st.pieces
+                flops = 4 * B * hq * D * sum(_pairs(pc) for pc in pieces)
+                merge = 0.0 if st is None or st.index == 0 else \
+                    B * hq * u * L * D * merge_bytes(e) / cluster.memory_bw  # later steps merge into accumulators
+                comm_f = comm_b = 0.0
+                if st is not None and st.index > 0:
+                    sent = (st.send_rows[1] - st.send_rows[0]) * kv_row if st.dest is not None else 0
+                    home = sum(b - a for a, b in st.home_parts) * dkv_row  # ours, coming back
+                    out_dkv = sum(kp.hi - kp.lo for kp in st.key_parts) * dkv_row  # the source's, going home
+                    def crosses(peer):  # the ring peer (a ring-group rank) sits on another node
+                        return peer is not None and _node(peer * u + j, cluster.ranks_per_node) != \
+                            _node(rank, cluster.ranks_per_node)
+
+                    to_dest, to_source = crosses(st.dest), crosses(st.source)
+                    got = (st.recv_rows[1] - st.recv_rows[0]) * kv_row if st.source is not None else 0
+                    for nbytes, inter in ((2 * sent, to_dest), (out_dkv, to_source)):  # K/V fwd + bwd; partials
+                        if inter:
+                            ring_inter += nbytes
+                        else:
+                            ring_intra += nbytes
+
+                    def link_time(flows):  # (bytes out, bytes in, crosses nodes): full duplex, per link kind
+                        t_ = 0.0
+                        for inter in (False, True):
+                            out_b = sum(o for o, _, x in flows if x == inter)
+                            in_b = sum(i for _, i, x in flows if x == inter)
+                            t_ = max(t_, max(out_b, in_b) / (cluster.inter_node_bw if inter else
+                                                              cluster.intra_node_bw))
+                        return t_
+
+                    comm_f = link_time([(sent, 0, to_dest), (0, got, to_source)])
+                    comm_b = link_time([(sent, home, to_dest), (out_dkv, got, to_source)])
+                t = flops / cluster.flops
+                fwd += max(t, comm_f) + merge
+                passes = 0.0
+                if st is not None and st.index > 0 and st.source is not None or st is not None and st.home_parts:
+                    recv = st.recv_rows[1] - st.recv_rows[0] if st.source is not None else 0
+                    home = sum(b - a for a, b in st.home_parts)
+                    passes = backward_bytes(e, B * hq * u * L * D if st.source is not None else 0,
+                                            2 * B * hkv * recv * D, 2 * B * hkv * home * D) / cluster.memory_bw
+                bwd += max(BACKWARD_FLOPS * t, comm_b) + passes
+            a2a_t = a2a / cluster.intra_node_bw if u > 1 else 0.0
+            traffic = Traffic(a2a_intra=a2a if u > 1 else 0, ring_intra=ring_intra, ring_inter=ring_inter)
+            per_position.append(traffic)
+            total = fwd + bwd + a2a_t
+            if worst is None or total > worst[0]:
+                worst = (total, traffic, fwd + a2a_t / 2, bwd + a2a_t / 2)
+    full_pairs = seq_len * seq_len // (2 if causal else 1)  # the whole attention, split evenly over sp_size ranks
+    ideal = (1 + BACKWARD_FLOPS) * 4 * B * shape.heads * D * full_pairs / sp_size / cluster.flops
+    _, traffic, fwd, bwd = worst
+    return Prediction(u, R, traffic, tuple(per_position), fwd, bwd, ideal)
+
+
+def recommend(shape: AttentionShape, seq_len: int, sp_size: int, cluster: Cluster, **kw) -> list[Prediction]:
+    """Every allowed factorization, fastest first."""
+    preds = [predict(shape, seq_len, sp_size, u, cluster, **kw)
+             for u, _ in factorizations(sp_size, shape, cluster.ranks_per_node)]
+    return sorted(preds, key=lambda p: p.forward_s + p.backward_s)
