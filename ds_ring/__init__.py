@@ -17,10 +17,21 @@ from .transformers_integration import local_attention, patch, unpatch  # registe
 
 __version__ = "0.1.0"
 
+_TRAINER = ("SequenceParallelMixin", "SequenceParallelTrainer")
+
+
+def __getattr__(name: str):
+    # ds_ring.trainer imports transformers.Trainer (and accelerate's training stack): loaded on first use only.
+    if name in _TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'ds_ring' has no attribute {name!r}")
+
 __all__ = [
     "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "RingDilatedAttention", "RingDilatedMultiheadAttention",
-    "RingFacts", "SequenceParallel", "causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence",
-    "get_layout", "init_distributed",
+    "RingFacts", "SequenceParallel", "SequenceParallelMixin", "SequenceParallelTrainer", "causal_lm_loss",
+    "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout", "init_distributed",
     "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes", "memory_estimate", "patch",
     "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "unpatch",
 ]

@@ -1,0 +1,312 @@
+"""Hugging Face ``Trainer`` with sequence parallelism: ``SequenceParallelTrainer`` and, for other Trainer subclasses,
+``SequenceParallelMixin``.
+
+The world is cut into rings of ``sp_size`` ranks (``ds_ring.init_sequence_parallel``); a ring trains like ONE
+data-parallel rank of the plain ``Trainer``: its ranks see the same batches, each runs its shard of every sequence
+through the patched model, and the loss is the ring's loss over the whole sequence. What changes against
+``Trainer``, and why:
+
+- data: ``accelerate`` shards dataloaders over every process; here over the data-parallel ranks (rings) only;
+- loss: ``compute_loss`` shards the batch (``ds_ring.shard_batch``) and computes ``ds_ring.causal_lm_loss``; the
+  Trainer's token normalisation (``num_items_in_batch``, ``average_tokens_across_devices``) counts each ring once;
+- gradients: each ring rank holds its share of the ring's gradient. The shares are SUMMED over the ring and
+  AVERAGED over the rings: DDP gets a communication hook that does this in its one all-reduce; DeepSpeed gets
+  ds_ring's groups as ``mpu`` through ``ds_ring.deepspeed_integration.initialize`` (which also applies its ZeRO-3
+  loss factor);
+- gathers (logged token counts, evaluation losses and predictions): a ring's ranks hold the same values, so only the
+  first rank of each ring counts.
+Logged and evaluated losses are the ring's global values, equal on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer
+
+from .data import shard_batch
+from .groups import SequenceParallel, init_sequence_parallel
+from .loss import causal_lm_loss
+from .sharding import gather_sequence
+from .transformers_integration import patch
+
+__all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
+
+IGNORE_INDEX = -100  # the Trainer's and transformers' loss ignore index
+
+
+def _targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of a full batch have a target: ``labels[:, i + 1] != -100`` (``shard_batch``'s shift, and
+    the count ``Trainer`` uses for causal LMs)."""
+    return labels[..., 1:].ne(IGNORE_INDEX).sum()
+
+
+class SequenceParallelMixin:
+    """Sequence parallelism for a ``transformers.Trainer`` subclass: ``class MySFT(SequenceParallelMixin, SFTTrainer)``.
+
+    Keyword arguments (all other arguments are the Trainer's):
+
+    - ``sp_size``: ranks per ring (default: every rank in one ring). Must divide the world size; the
+      ``world_size / sp_size`` rings are the data-parallel ranks, so ``per_device_train_batch_size`` (and
+      ``per_device_eval_batch_size``) is the batch of ONE RING.
+    - ``layout``: how sequences are cut over a ring, ``"zigzag"`` (default: balanced causal work) or ``"contiguous"``.
+    - ``segment_lengths`` / ``dilation_rates``: a LongNet dilated pattern (default: dense, exact attention).
+    - ``sp``: an existing ``ds_ring.SequenceParallel`` to reuse instead of making new groups.
+
+    The groups are made right after the Trainer has set up accelerate's process group, before any dataloader or
+    DeepSpeed engine exists; the model is patched with ``ds_ring.patch``. Trains causal LMs with the default loss
+    (no ``compute_loss_func``, no label smoothing). Misuse raises before training, with the same message on every
+    rank.
+    """
+
+    sp: SequenceParallel
+
+    def __init__(
+        self,
+        *args: Any,
+        sp_size: int | None = None,
+        layout: str | None = None,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        sp: SequenceParallel | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._check_trainer_setup()
+        if sp is None:
+            sp = init_sequence_parallel(sp_size, layout=layout or "zigzag")
+        elif (sp_size is not None and sp_size != sp.sp_size) or (layout is not None and layout != sp.layout):
+            raise ValueError(f"sp_size={sp_size!r} / layout={layout!r} disagree with the given sp ({sp.sp_size}, "
+                             f"{sp.layout!r}): pass sp alone")
+        if self.args.world_size != sp.world_size:
+            raise RuntimeError(
+                f"accelerate sees {self.args.world_size} process(es) but torch.distributed has {sp.world_size}: on a "
+                "machine without GPUs pass TrainingArguments(use_cpu=True) so that accelerate sets up all processes "
+                "(gloo)"
+            )
+        self.sp = sp
+        patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
+        _make_accelerator_ring_aware(self.accelerator, sp)
+
+    def _check_trainer_setup(self) -> None:
+        """What the sequence-parallel path does not implement, refused before any group or engine exists."""
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and (pc.sp_size > 1 or pc.cp_size > 1):
+            raise ValueError(
+                f"accelerate's own sequence/context parallelism is on (parallelism_config sp_size={pc.sp_size}, "
+                f"cp_size={pc.cp_size}); ds_ring brings its own rings: drop parallelism_config (or its "
+                "PARALLELISM_CONFIG_* launch options) and pass sp_size to the ds_ring trainer"
+            )
+        refused = {
+            "model_init": (self.model_init is not None, "pass model= (the trainer patches that model once)"),
+            "compute_loss_func": (self.compute_loss_func is not None,
+                                  "ds_ring computes the causal-LM loss over the ring; override compute_loss instead"),
+            "label_smoothing_factor": (self.label_smoother is not None, "set it to 0"),
+            "eval_use_gather_object": (self.args.eval_use_gather_object, "set it to False"),
+            "train_sampling_strategy='batch_rebalance'": (
+                self.args.train_sampling_strategy == "batch_rebalance",
+                "its sampler shards over every process; use 'random', 'sequential' or 'group_by_length'"),
+            "accelerator_config.dispatch_batches": (
+                bool(self.accelerator.dispatch_batches), "set it to False (it splits batches over every process)"),
+        }
+        for name, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(f"{type(self).__name__}: {name} is not supported under sequence parallelism: {fix}")
+        if not self._loss_shifts_labels:
+            raise NotImplementedError(
+                f"{type(self).__name__} trains causal language models (transformers' ForCausalLMLoss); "
+                f"{type(self.model).__name__} has loss_type {getattr(self.model, 'loss_type', None)!r}"
+            )
+
+    # ----- loss --------------------------------------------------------------------------------------------------
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        """The next ``num_batches`` batches and ``num_items_in_batch`` counted once per ring (see ``_num_items``)."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        return batches, self._num_items(batches, device)
+
+    def _num_items(self, batches: list, device: torch.device) -> torch.Tensor | None:
+        """``Trainer``'s ``num_items_in_batch`` with rings as the data-parallel ranks: the targets in ``batches`` (full
+        sequences, the same on every rank of a ring), summed over the rings with ``average_tokens_across_devices``.
+        None where ``Trainer`` normalises per batch instead (a model that takes no loss kwargs)."""
+        if not batches or "labels" not in batches[0] or not self.model_accepts_loss_kwargs:
+            return None
+        n = sum(_targets(b["labels"]) for b in batches).to(device)
+        if self.args.average_tokens_across_devices and self.sp.dp_size > 1:
+            dist.all_reduce(n, group=self.sp.dp_group)
+        return n
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ):
+        """The ring's causal-LM loss of ``inputs`` (a full batch: (B, S) tensors, the same on every rank of the ring).
+
+        Value: what ``Trainer`` computes on one data-parallel rank for this batch, identical on the ring's ranks.
+        Gradient: this rank's share of it (the shares sum to the ring's gradient). ``outputs`` (with
+        ``return_outputs``) are this rank's shard: logits (B, S_pad / sp_size, V)."""
+        if "labels" not in inputs:
+            raise ValueError(f"{type(self).__name__}.compute_loss needs labels in the batch (causal-LM targets)")
+        outputs, shift_labels = self._forward_shard(model, inputs)
+        loss = causal_lm_loss(outputs.logits, shift_labels, self.sp)  # mean over this batch's targets in the ring
+        if num_items_in_batch is not None:  # Trainer's normalisation: sum over the batch / num_items_in_batch
+            loss = loss * (_targets(inputs["labels"]) / num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                # num_items_in_batch counted every ring: as Trainer's `loss *= num_processes`, which the average of
+                # the rings' gradients (and of their logged losses) divides out again
+                loss = loss * self.sp.dp_size
+        return (loss, outputs) if return_outputs else loss
+
+    def _forward_shard(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """Run this rank's shard of the full batch ``inputs``; returns (outputs, shift_labels or None).
+
+        Whatever ``shard_batch`` returns is what the model gets (global position_ids, and the keys it understands),
+        so batches with keys it cannot shard fail there with the key named."""
+        config = self.accelerator.unwrap_model(model).config
+        local = shard_batch(inputs, self.sp, pad_token_id=getattr(config, "pad_token_id", None) or 0)
+        shift_labels = local.pop("shift_labels", None)
+        return model(**local, use_cache=False), shift_labels
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``Trainer.prediction_step`` for a ring: the ring's loss (as in training, for this one batch), and unless
+        ``prediction_loss_only`` the FULL-sequence logits (B, S, V), gathered over the ring (every rank of the ring
+        then holds them: S x V per row), and the labels. Other model outputs are not returned."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if labels is None:
+                outputs, loss = self._forward_shard(model, inputs)[0], None
+            else:
+                loss, outputs = self.compute_loss(
+                    model, inputs, return_outputs=True, num_items_in_batch=self._num_items([inputs], self.args.device)
+                )
+                loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        logits = gather_sequence(outputs.logits.detach(), 1, self.sp.group, self.sp.layout)
+        return loss, logits[:, : inputs["input_ids"].shape[1]], labels
+
+    # ----- bookkeeping that counts ranks -------------------------------------------------------------------------
+
+    def get_total_train_batch_size(self, args) -> int:
+        """Samples per optimizer step: the rings are the data-parallel ranks."""
+        return self._train_batch_size * args.gradient_accumulation_steps * self.sp.dp_size
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
+        """This rank's share of the ring's FLOPs (Trainer sums them over all ranks)."""
+        return super().floating_point_ops(inputs) // self.sp.sp_size
+
+
+class SequenceParallelTrainer(SequenceParallelMixin, Trainer):
+    """``transformers.Trainer`` with ds_ring sequence parallelism; see :class:`SequenceParallelMixin` for the extra
+    arguments (``sp_size``, ``layout``, ``segment_lengths``, ``dilation_rates``, ``sp``)."""
+
+
+# ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------
+
+
+def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
+    """Override, on this Accelerator instance only, the three methods that treat every process as a data-parallel
+    rank. accelerate has no notion of ranks sharing a batch other than its own ``parallelism_config``, which only
+    runs DeepSpeed Ulysses with its built-in attention names, so it cannot carry ds_ring's rings."""
+    from accelerate.data_loader import prepare_data_loader
+    from accelerate.utils import DistributedType, recursively_apply
+
+    def ring_prepare_data_loader(data_loader, device_placement=None, slice_fn_for_dispatch=None):
+        # Accelerator.prepare_data_loader with the rings as the processes.
+        if getattr(data_loader, "_is_accelerate_prepared", False):
+            if data_loader not in accelerator._dataloaders:
+                accelerator._dataloaders.append(data_loader)
+            return data_loader
+        rng_types = accelerator.rng_types.copy()
+        if sp.dp_size == 1 and sp.sp_size > 1:
+            # One ring: accelerate leaves the sampler alone, and a shuffling sampler seeds itself from the global
+            # RNG; the ring's ranks must draw the same order, so they take rank 0's RNG state at each epoch.
+            rng_types.append("torch")
+        prepared = prepare_data_loader(
+            data_loader, accelerator.device, num_processes=sp.dp_size, process_index=sp.dp_rank,
+            split_batches=accelerator.split_batches,
+            put_on_device=accelerator.device_placement if device_placement is None else device_placement,
+            rng_types=rng_types, dispatch_batches=False, even_batches=accelerator.even_batches,
+            slice_fn_for_dispatch=slice_fn_for_dispatch, use_seedable_sampler=accelerator.use_seedable_sampler,
+            data_seed=accelerator.dataloader_config.data_seed, non_blocking=accelerator.non_blocking,
+            use_stateful_dataloader=accelerator.use_stateful_dataloader,
+        )
+        accelerator._dataloaders.append(prepared)
+        return prepared
+
+    world_gather = accelerator.gather
+
+    def first_rank_of_each_ring(t: torch.Tensor) -> torch.Tensor:
+        # a gathered tensor is the world's per-rank blocks in rank order; the rings are consecutive ranks
+        return t.reshape(sp.world_size, -1, *t.shape[1:])[:: sp.sp_size].reshape(-1, *t.shape[1:])
+
+    def ring_gather(tensor):
+        return recursively_apply(first_rank_of_each_ring, world_gather(tensor))
+
+    plain_prepare = accelerator.prepare
+
+    def ring_prepare(*args, device_placement=None):
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        with _deepspeed_initialize_with_rings(sp) if deepspeed else contextlib.nullcontext():
+            out = plain_prepare(*args, device_placement=device_placement)
+        for obj in out if isinstance(out, tuple) else (out,):
+            if isinstance(obj, nn.parallel.DistributedDataParallel) and sp.sp_size > 1:
+                obj.register_comm_hook(sp.dp_size, _sum_over_ring_mean_over_rings)
+        return out
+
+    accelerator.prepare_data_loader = ring_prepare_data_loader
+    accelerator.gather = ring_gather
+    accelerator.prepare = ring_prepare
+
+
+def _sum_over_ring_mean_over_rings(dp_size, bucket):
+    """DDP communication hook (``dp_size``: int, ``bucket``: ``dist.GradBucket`` -> ``Future[Tensor]``; no
+    annotations: DDP checks them, and this module's are strings): one all-reduce over every rank, divided by the
+    number of rings (DDP's own hook divides by the number of ranks). Each ring rank holds its share of the ring's
+    gradient, so this is the ring's gradient averaged over the rings."""
+    buf = bucket.buffer().div_(dp_size)
+    return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+@contextlib.contextmanager
+def _deepspeed_initialize_with_rings(sp: SequenceParallel) -> Iterator[None]:
+    """While accelerate prepares, its call to ``deepspeed.initialize`` goes to ``ds_ring.deepspeed_integration.
+    initialize``: the one place that hands ds_ring's groups to DeepSpeed as ``mpu`` (accelerate passes an mpu only
+    for its own Ulysses) and makes gradients exact for every ZeRO stage."""
+    import deepspeed
+
+    from . import deepspeed_integration
+
+    plain = deepspeed.initialize
+
+    def initialize(*, model, config_params: dict, **kwargs):
+        deepspeed.initialize = plain  # accelerate has taken this function; ds_ring's initialize calls the real one
+        config = dict(config_params)
+        # accelerate counted every process as data-parallel; with the mpu DeepSpeed counts the rings
+        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"]
+                                      * config["gradient_accumulation_steps"] * sp.dp_size)
+        return deepspeed_integration.initialize(model, sp, config, **kwargs)
+
+    deepspeed.initialize = initialize
+    try:
+        yield
+    finally:
+        deepspeed.initialize = plain
