@@ -132,6 +132,41 @@ def _pairs(pc) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class _StepCost:
+    """One ring step of one position, in key rows of a shard and (query, key) pairs per head."""
+
+    index: int
+    source: int | None
+    dest: int | None
+    sent_rows: int  # our K/V rows to dest
+    recv_rows: int  # the source's K/V rows to us
+    home_rows: int  # our dK/dV rows coming back from dest
+    partial_rows: int  # the source's dK/dV rows going home
+    pairs: int
+
+
+def _ring_costs(pattern: Pattern, block_len: int, R: int, r: int, layout: str, heads: int) -> list[_StepCost]:
+    """The steps of ring position r, from the plan the op runs. Without a window the plan's row ranges grow
+    linearly with the block, so a large block is planned at 1/k of its length: rows scale by k exactly, pairs by
+    k^2 (the causal diagonal's O(1/L) share aside)."""
+    k = 1
+    if pattern.window is None:
+        lay = get_layout(layout)
+        while block_len % (2 * k) == 0 and block_len // (2 * k) >= 64 and \
+                lay.local_len_error(block_len // (2 * k), R) is None:
+            k *= 2
+    plan = make_plan(pattern, block_len // k, R, r, layout, heads, "cpu")
+    rows = lambda a_b: (a_b[1] - a_b[0]) * k  # noqa: E731
+    out = []
+    for st in plan.steps:
+        out.append(_StepCost(
+            st.index, st.source, st.dest, rows(st.send_rows) if st.dest is not None else 0,
+            rows(st.recv_rows) if st.source is not None else 0, sum(rows(hp) for hp in st.home_parts),
+            sum((kp.hi - kp.lo) * k for kp in st.key_parts), sum(_pairs(pc) for pc in st.pieces) * k * k))
+    return out
+
+
 def predict(
     shape: AttentionShape, seq_len: int, sp_size: int, ulysses: int, cluster: Cluster, *, batch: int = 1,
     causal: bool = True, layout: str = "zigzag", window: int | None = None,
@@ -142,79 +177,52 @@ def predict(
     e, B, D = shape.dtype_bytes, batch, shape.head_dim
     hq, hkv = shape.heads // u, max(1, shape.kv_heads // u)
     pattern = Pattern.make(None, None, causal, window)
-    lay = get_layout(layout)
-    err = lay.local_len_error(u * L, R) or get_layout(layout, u).seq_len_error(seq_len, sp_size)
+    err = get_layout(layout).local_len_error(u * L, R) or get_layout(layout, u).seq_len_error(seq_len, sp_size)
     if err:
         raise ValueError(f"predict: {err}")
-    worst: tuple[float, Traffic, float, float] | None = None
-    per_position = []
-    j = 0  # a dense pattern's work and bytes do not depend on the Ulysses rank (only dilation offsets would)
+    # Ulysses: q, k, v in and out forward; dout in, dq, dk, dv out backward; (u-1)/u of each leaves the rank (a
+    # replicated kv head goes to u-1 ranks whole). Inside one node by construction (factorizations()).
+    kv_out = 2 * B * L * D * e * (shape.kv_heads * (u - 1) // u if shape.kv_heads >= u else (u - 1))
+    q_out = B * L * shape.heads * D * e * (u - 1) // u
+    a2a = 2 * (2 * q_out + kv_out)
+    a2a_t = a2a / cluster.intra_node_bw
+    kv_row, dkv_row = 2 * B * hkv * D * e, 2 * B * hkv * D * 4
+    rank_of = lambda pos: pos * u  # noqa: E731  Ulysses rank 0 of a ring position: dense work is the same for all
+    per_position, worst = [], None
     for r in range(R):  # every ring position of one SP group (the other groups repeat it); keep the slowest
-        if True:
-            rank = r * u + j
-            # Ulysses: q, k, v in and out forward; dout in, dq, dk, dv out backward; (u-1)/u of each leaves the rank
-            # (a replicated kv head goes to u-1 ranks whole)
-            kv_out = 2 * B * L * D * e * (shape.kv_heads * (u - 1) // u if shape.kv_heads >= u else (u - 1))
-            q_out = B * L * shape.heads * D * e * (u - 1) // u
-            a2a = 2 * (2 * q_out + kv_out)
-            plan = make_plan(pattern, u * L, R, r, layout, hq, "cpu", head_base=j * hq) if R > 1 else None
-            kv_row, dkv_row = 2 * B * hkv * D * e, 2 * B * hkv * D * 4
-            ring_intra = ring_inter = 0
-            fwd = bwd = 0.0
-            steps = plan.steps if plan is not None else [None]
-            for st in steps:
-                pieces = (plan or make_plan(pattern, u * L, 1, 0, layout, hq, "cpu")).steps[0].pieces if st is None \
-                    else st.pieces
-                flops = 4 * B * hq * D * sum(_pairs(pc) for pc in pieces)
-                merge = 0.0 if st is None or st.index == 0 else \
-                    B * hq * u * L * D * merge_bytes(e) / cluster.memory_bw  # later steps merge into accumulators
-                comm_f = comm_b = 0.0
-                if st is not None and st.index > 0:
-                    sent = (st.send_rows[1] - st.send_rows[0]) * kv_row if st.dest is not None else 0
-                    home = sum(b - a for a, b in st.home_parts) * dkv_row  # ours, coming back
-                    out_dkv = sum(kp.hi - kp.lo for kp in st.key_parts) * dkv_row  # the source's, going home
-                    def crosses(peer):  # the ring peer (a ring-group rank) sits on another node
-                        return peer is not None and _node(peer * u + j, cluster.ranks_per_node) != \
-                            _node(rank, cluster.ranks_per_node)
+        ring_intra = ring_inter = 0
+        fwd = bwd = 0.0
+        for st in _ring_costs(pattern, u * L, R, r, layout, hq):
+            t = 4 * B * hq * D * st.pairs / cluster.flops
+            if st.index == 0:  # the local block: no traffic, its result is the accumulators' first value
+                fwd, bwd = fwd + t, bwd + BACKWARD_FLOPS * t
+                continue
+            crosses = {peer: peer is not None and _node(rank_of(peer), cluster.ranks_per_node) !=
+                       _node(rank_of(r), cluster.ranks_per_node) for peer in (st.source, st.dest)}
+            sent, got = st.sent_rows * kv_row, st.recv_rows * kv_row
+            home, partials = st.home_rows * dkv_row, st.partial_rows * dkv_row
+            for nbytes, inter in ((2 * sent, crosses[st.dest]), (partials, crosses[st.source])):
+                ring_inter, ring_intra = (ring_inter + nbytes, ring_intra) if inter else (ring_inter,
+                                                                                         ring_intra + nbytes)
 
-                    to_dest, to_source = crosses(st.dest), crosses(st.source)
-                    got = (st.recv_rows[1] - st.recv_rows[0]) * kv_row if st.source is not None else 0
-                    for nbytes, inter in ((2 * sent, to_dest), (out_dkv, to_source)):  # K/V fwd + bwd; partials
-                        if inter:
-                            ring_inter += nbytes
-                        else:
-                            ring_intra += nbytes
+            def link_time(flows):  # (bytes out, bytes in, crosses nodes): full duplex, per link kind
+                return max(max(sum(o for o, _, x in flows if x == inter), sum(i for _, i, x in flows if x == inter))
+                           / (cluster.inter_node_bw if inter else cluster.intra_node_bw) for inter in (False, True))
 
-                    def link_time(flows):  # (bytes out, bytes in, crosses nodes): full duplex, per link kind
-                        t_ = 0.0
-                        for inter in (False, True):
-                            out_b = sum(o for o, _, x in flows if x == inter)
-                            in_b = sum(i for _, i, x in flows if x == inter)
-                            t_ = max(t_, max(out_b, in_b) / (cluster.inter_node_bw if inter else
-                                                              cluster.intra_node_bw))
-                        return t_
-
-                    comm_f = link_time([(sent, 0, to_dest), (0, got, to_source)])
-                    comm_b = link_time([(sent, home, to_dest), (out_dkv, got, to_source)])
-                t = flops / cluster.flops
-                fwd += max(t, comm_f) + merge
-                passes = 0.0
-                if st is not None and st.index > 0 and st.source is not None or st is not None and st.home_parts:
-                    recv = st.recv_rows[1] - st.recv_rows[0] if st.source is not None else 0
-                    home = sum(b - a for a, b in st.home_parts)
-                    passes = backward_bytes(e, B * hq * u * L * D if st.source is not None else 0,
-                                            2 * B * hkv * recv * D, 2 * B * hkv * home * D) / cluster.memory_bw
-                bwd += max(BACKWARD_FLOPS * t, comm_b) + passes
-            a2a_t = a2a / cluster.intra_node_bw if u > 1 else 0.0
-            traffic = Traffic(a2a_intra=a2a if u > 1 else 0, ring_intra=ring_intra, ring_inter=ring_inter)
-            per_position.append(traffic)
-            total = fwd + bwd + a2a_t
-            if worst is None or total > worst[0]:
-                worst = (total, traffic, fwd + a2a_t / 2, bwd + a2a_t / 2)
+            merge = B * hq * u * L * D * merge_bytes(e) / cluster.memory_bw if st.source is not None else 0.0
+            passes = backward_bytes(e, B * hq * u * L * D if st.source is not None else 0,
+                                    2 * B * hkv * st.recv_rows * D, 2 * B * hkv * st.home_rows * D) / cluster.memory_bw
+            fwd += max(t, link_time([(sent, 0, crosses[st.dest]), (0, got, crosses[st.source])])) + merge
+            bwd += max(BACKWARD_FLOPS * t, link_time([(sent, home, crosses[st.dest]),
+                                                      (partials, got, crosses[st.source])])) + passes
+        traffic = Traffic(a2a_intra=a2a if u > 1 else 0, ring_intra=ring_intra, ring_inter=ring_inter)
+        per_position.append(traffic)
+        if worst is None or fwd + bwd > worst[0] + worst[1]:
+            worst = (fwd, bwd, traffic)
     full_pairs = seq_len * seq_len // (2 if causal else 1)  # the whole attention, split evenly over sp_size ranks
     ideal = (1 + BACKWARD_FLOPS) * 4 * B * shape.heads * D * full_pairs / sp_size / cluster.flops
-    _, traffic, fwd, bwd = worst
-    return Prediction(u, R, traffic, tuple(per_position), fwd, bwd, ideal)
+    fwd, bwd, traffic = worst
+    return Prediction(u, R, traffic, tuple(per_position), fwd + a2a_t / 2, bwd + a2a_t / 2, ideal)
 
 
 def recommend(shape: AttentionShape, seq_len: int, sp_size: int, cluster: Cluster, **kw) -> list[Prediction]:

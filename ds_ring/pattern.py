@@ -128,6 +128,9 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
         return [_piece(piece.head_start, piece.head_step, piece.q_idx, slice(a - lo, e - lo), piece.q_pos, kp,
                        piece.seg, piece.causal, piece.window, piece.batch)]
     G = piece.groups
+    if piece.k_idx is None and G == 1:  # every key row: the part's rows are the range itself (sliced by the caller)
+        return [_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[:, lo:hi],
+                       piece.seg, piece.causal, piece.window, piece.batch)]
     n_k = piece.k_pos.numel()
     k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
     k_idx = k_idx.view(G, -1)

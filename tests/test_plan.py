@@ -38,7 +38,7 @@ def _covered(piece, heads: int) -> torch.Tensor:
     return allowed, list(range(piece.head_start, heads, piece.head_step))
 
 
-def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, st.pieces)], q_from=0):
+def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, None, st.pieces)], q_from=0):
     """Counts per (head, query position, key position) over all ranks' pieces. ``q_from``: the first key row the
     queries sit at (decoding: the last rows)."""
     S = world * local_len
@@ -49,14 +49,15 @@ def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, st.piec
             src = st.source
             if src is None:
                 continue
-            for part_lo, pieces in pieces_of(st):
+            for part_lo, part_hi, pieces in pieces_of(st):  # the rows a piece sees: the part's, or all received
                 for pc in pieces:
                     allowed, heads = _covered(pc, H)
                     G, M, N = allowed.shape
                     # positions are global: the rows a piece reads (q_idx of this shard; k_idx of the received rows,
                     # from recv_rows[0] + the part's start) must hold exactly those positions
                     q_glob = lay.positions(local_len, world, p)[q_from:]
-                    k_glob = lay.positions(local_len, world, src)[st.recv_rows[0] + part_lo:]
+                    a, b = st.recv_rows
+                    k_glob = lay.positions(local_len, world, src)[a:b][part_lo:part_hi]
                     for idx, glob, pos in ((pc.q_idx, q_glob, pc.q_pos), (pc.k_idx, k_glob, pc.k_pos)):
                         rows = glob if idx is None else glob[idx]
                         assert torch.equal(rows, pos.flatten()), (p, st.index, idx, pos)
@@ -92,7 +93,7 @@ def test_every_allowed_pair_is_computed_exactly_once(case, layout):
     assert torch.equal(got, want)
     # the backward's key halves cover the same, each in its own half of the source's keys
     got = _coverage(plans, world, local_len, layout,
-                    pieces_of=lambda st: [(kp.lo, kp.pieces) for kp in st.key_parts])
+                    pieces_of=lambda st: [(kp.lo, kp.hi, kp.pieces) for kp in st.key_parts])
     assert torch.equal(got, want)
 
 
