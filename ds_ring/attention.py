@@ -59,22 +59,21 @@ def _local_errors(q, k, v, kpm, layout, world: int, document_ids=None, pattern: 
             errs.append(err)
     except ValueError as e:
         errs.append(str(e))
-    if kpm is not None:
-        if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:
-            errs.append(f"key_padding_mask must be a bool tensor (True = real token), got "
-                        f"{getattr(kpm, 'dtype', type(kpm))}: pass mask.bool()")
-        elif tuple(kpm.shape) != (B, L):
-            errs.append(f"key_padding_mask must have shape (batch, local_len) = {(B, L)}, got {tuple(kpm.shape)}")
-        elif kpm.device != q.device:
-            errs.append(f"key_padding_mask is on {kpm.device}, q on {q.device}: move it to q's device")
+    for name, t, kind, is_kind in (
+        ("key_padding_mask", kpm, "a bool tensor (True = real token): pass mask.bool()",
+         lambda t: t.dtype == torch.bool),
+        ("document_ids", document_ids, "an integer tensor",
+         lambda t: not t.is_floating_point() and t.dtype != torch.bool),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not is_kind(t):
+            errs.append(f"{name} must be {kind}, got {getattr(t, 'dtype', type(t))}")
+        elif tuple(t.shape) != (B, L):
+            errs.append(f"{name} must have shape (batch, local_len) = {(B, L)}, got {tuple(t.shape)}")
+        elif t.device != q.device:
+            errs.append(f"{name} is on {t.device}, q on {q.device}: move it to q's device")
     if document_ids is not None:
-        if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or \
-                document_ids.dtype == torch.bool:
-            errs.append(f"document_ids must be an integer tensor, got {getattr(document_ids, 'dtype', type(document_ids))}")
-        elif tuple(document_ids.shape) != (B, L):
-            errs.append(f"document_ids must have shape (batch, local_len) = {(B, L)}, got {tuple(document_ids.shape)}")
-        elif document_ids.device != q.device:
-            errs.append(f"document_ids is on {document_ids.device}, q on {q.device}: move it to q's device")
         if M != L:
             errs.append(f"document_ids with {M} queries for {L} keys (decoding with a cache) is not supported: run "
                         "the packed rows without a cache")

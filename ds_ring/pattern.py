@@ -294,7 +294,8 @@ def _segment_pieces(start, o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) 
     shapes = sorted(set(zip(q_cnt.tolist(), k_cnt.tolist()))) if torch.equal(q_seg, k_seg) else []
     if len(q_seg) == 1 and shapes or not shapes or len(shapes) > _MAX_SEGMENT_SHAPES:
         seg = None if len(q_seg) == 1 and shapes else w
-        return [_piece(start, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg, *args)]
+        return [_piece(start, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg,
+                       *args)]
     out = []
     q_of = torch.repeat_interleave(torch.arange(len(q_seg)), q_cnt)  # segment index of each selected row
     k_of = torch.repeat_interleave(torch.arange(len(k_seg)), k_cnt)
