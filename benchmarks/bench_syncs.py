@@ -5,8 +5,9 @@ Counted independently of ds_ring's own counters, so the same script measures any
   * host syncs: tensor -> host reads (item, tolist, __bool__, equal, nonzero, ...) seen by a TorchFunctionMode in
     forward, and by a TorchDispatchMode in backward (function modes are not active inside the autograd engine;
     there a read shows as aten._local_scalar_dense, equal or nonzero). On CPU they cost little, on CUDA each one
-    stalls the host until the stream drains, which is what breaks the overlap of transfers and compute. transformers' own reads (its mask building) are in the counts too; the
-    layer-count column shows what grows with depth.
+    stalls the host until the stream drains, which is what breaks the overlap of transfers and compute.
+    transformers' own reads (its mask building) are in the counts too; the layer-count column shows what grows
+    with depth.
 
     python benchmarks/bench_syncs.py            # 2 and 4 layers, batch with and without padding
 """
