@@ -34,6 +34,16 @@ class SequenceParallel:
     def world_size(self) -> int:
         return self.sp_size * self.dp_size
 
+    @property
+    def ring_group(self) -> dist.ProcessGroup | None:
+        """The group K/V travel around (the whole sequence-parallel group on a one-axis grid)."""
+        return self.group
+
+    @property
+    def ulysses_group(self) -> dist.ProcessGroup | None:
+        """The all-to-all group of two-dimensional SP (none on a one-axis grid)."""
+        return None
+
     # DeepSpeed's ``mpu`` protocol, the one of its own sequence parallelism (deepspeed 0.19:
     # runtime/sequence_parallel/parallel_state_sp.py, utils/groups.py, runtime/engine.py, runtime/zero/*). ZeRO
     # partitions parameters and reduces gradients over the sequence-data-parallel group (every rank of every ring).

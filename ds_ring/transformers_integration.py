@@ -32,12 +32,13 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .agreement import RingFacts, agree, code
+from .agreement import RingFacts, agree, code, exchange
 from .attention import ring_dilated_attention
 from .documents import DECREASE, PACKING_KEYS, agreement_fields, document_ids_from, from_agreement, local_documents
 from .groups import SequenceParallel
 from .layouts import get_layout
 from .sharding import group_size_rank
+from .ulysses import gather_block
 
 ATTN_IMPLEMENTATION = "ring_dilated"
 FACTS_KWARG = "ds_ring_facts"  # the forward kwarg that carries the agreement down to the attention layers
@@ -61,6 +62,7 @@ class RingSettings:
     segment_lengths: tuple[int, ...] | None = None  # None: dense (exact ring attention)
     dilation_rates: tuple[int, ...] | None = None
     local: bool = False  # True: the rank's tensors are the whole sequence (unsharded eval/generation)
+    ulysses_group: dist.ProcessGroup | None = None  # two-dimensional: this rank's Ulysses group; group is the ring
 
     def __deepcopy__(self, memo):  # immutable, and process groups are handles: a copied model shares its ring
         return self
@@ -128,7 +130,7 @@ def ring_dilated_attention_forward(
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
     facts: RingFacts | None = kwargs.get(FACTS_KWARG)
-    local = s.local or group_size_rank(s.group)[0] == 1
+    local = _is_local(s)
     if not local and query.shape[2] != key.shape[2]:
         raise NotImplementedError(
             f"{name}: ring attention got {query.shape[2]} queries for {key.shape[2]} keys (a KV cache with past "
@@ -142,7 +144,7 @@ def ring_dilated_attention_forward(
         query, key, value,
         segment_lengths=s.segment_lengths, dilation_rates=s.dilation_rates, causal=causal,
         key_padding_mask=key_padding_mask, window=sliding_window, scale=scaling,
-        group=s.group, layout=s.layout, local=local, facts=facts,
+        group=s.group, layout=s.layout, local=local, facts=facts, ulysses_group=s.ulysses_group,
     )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
@@ -165,8 +167,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     B, L = x.shape[:2]
     mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
     packing = {k: kwargs.pop(k) for k in PACKING_KEYS if k in kwargs}
-    world, rank = group_size_rank(s.group)
-    if s.local or world == 1:
+    if _is_local(s):
         two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
         no_cache = kwargs.get("past_key_values") is None
         ids = document_ids_from({**packing, "position_ids": position_ids if no_cache else None}, (B, L))
@@ -175,18 +176,37 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
         # with a KV cache the keys are the mask's columns (past + new tokens)
         facts = RingFacts(1, B, mask.shape[1] if two_d else L, (two_d and not bool(mask.all()),), docs)
     else:
-        facts = _agree_forward(model, s, x, B, L, mask, position_ids, packing, world, rank)
+        facts = _agree_forward(model, s, x, B, L, mask, position_ids, packing)
     kwargs[FACTS_KWARG] = facts
     return args, kwargs
 
 
-def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing, world: int, rank: int) -> RingFacts:
+def _ulysses(s: RingSettings) -> tuple[int, int]:
+    """(u, this rank's index) in the Ulysses group; (1, 0) without one."""
+    if s.ulysses_group is None:
+        return 1, 0
+    return dist.get_world_size(s.ulysses_group), dist.get_rank(s.ulysses_group)
+
+
+def _is_local(s: RingSettings) -> bool:
+    """The rank's tensors are the whole sequence: local mode, or a "ring" of one rank without Ulysses."""
+    return s.local or (group_size_rank(s.group)[0] == 1 and _ulysses(s)[0] == 1)
+
+
+def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing) -> RingFacts:
     """The ring's agreement for one model forward: equal shapes, model and settings on every rank; which shards are
     padded; where packed documents begin and end; and whether a shard runs with the model's default local positions
-    arange(L) instead of global ones (RoPE and learned position embeddings would silently see wrong positions)."""
+    arange(L) instead of global ones (RoPE and learned position embeddings would silently see wrong positions).
+
+    Two-dimensional: first inside the Ulysses group (its verdict is returned, not raised; then the block's mask and
+    document ids are gathered once for the forward), then over the ring with that verdict, so a bad rank anywhere
+    makes every rank raise."""
     name = _model_name(model)
     who = f"{name} under ring_dilated attention"
     ids = packing.get("document_ids")
+    (ring, r), (u, j) = group_size_rank(s.group), _ulysses(s)
+    world, rank = ring * u, r * u + j  # this rank on the sequence-parallel grid
+    lay = get_layout(s.layout, u)
     errs = []
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L)):
         errs.append(f"attention_mask must be this rank's (batch, local_len) = {(B, L)} 0/1 key-padding mask, got "
@@ -199,50 +219,65 @@ def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing,
     if ids is not None and position_ids is None:
         errs.append("packed rows need their restarting position_ids: pass the position_ids ds_ring.shard_batch "
                     "returns")
-    lay = get_layout(s.layout)
     err = lay.local_len_error(L, world)
     if err:
         errs.append(err)
     # Flags are computed on the device and read with the agreement. A rank whose global positions are not
     # arange(L) but that got arange(L) (or nothing: the model then uses arange(L)) got no global ones; positions
-    # that restart inside a layout chunk without document_ids are packed rows that bypassed shard_batch.
+    # that restart inside one of its ranges without document_ids are packed rows that bypassed shard_batch.
     wrong = restart = 0
     if not err and ids is None:
-        if lay.ranges(L, world, rank) != [(0, L)]:
+        ranges = lay.ranges(L, world, rank)
+        if ranges != [(0, L)]:
             wrong = 1 if position_ids is None else (position_ids == torch.arange(L, device=position_ids.device)).all()
         if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == L:
-            chunks = position_ids.reshape(position_ids.shape[0], lay.chunks_per_rank, -1)
-            restart = (chunks[..., 1:] - chunks[..., :-1] != 1).any()
-    # every rank sends the same keys (the row's size must not depend on the inputs); values default to 0
-    mine, vectors = {"padded": (mask == 0).any() if isinstance(mask, torch.Tensor) and not errs else 0,
-                     "default position_ids": wrong, "restarting position_ids": restart, DECREASE: 0}, {}
-    if ids is not None and not errs:
-        doc_mine, vectors = agreement_fields(ids, lay.chunks_per_rank)
-        mine.update(doc_mine)
+            jumps = position_ids[:, 1:] - position_ids[:, :-1] != 1
+            at = 0
+            for a, b in ranges[:-1]:  # a jump between two ranges of the layout is no restart
+                at += b - a
+                jumps[:, at - 1] = False
+            restart = jumps.any()
     param = next(model.parameters(), None)
-    dtype = (str(getattr(param, "dtype", None)), torch.is_autocast_enabled(x.device.type))
-    rows = agree(s.group, who=who, errors=errs,
-                 same={"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
-                       "parameter dtype / autocast": dtype, "has document_ids": int(ids is not None)},
-                 mine=mine, device=x.device, vectors=vectors)
+    same = {"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
+            "parameter dtype / autocast": (str(getattr(param, "dtype", None)), torch.is_autocast_enabled(x.device.type)),
+            "has document_ids": int(ids is not None)}
+    flags = {"default position_ids": wrong, "restarting position_ids": restart}
+    block_len, block_mask = L, mask
+    if u > 1:
+        errs, rows = exchange(s.ulysses_group, errors=errs, same={**same, "has attention_mask": int(mask is not None)},
+                              mine=flags, device=x.device, scope="Ulysses group")
+        flags = {k: max(row[k] for row in rows) for k in flags}  # the group's, carried to the ring
+        if not errs:
+            block_len = u * L
+            block_mask = None if mask is None else gather_block(mask.bool(), s.ulysses_group, u)
+            ids = None if ids is None else gather_block(ids, s.ulysses_group, u)
+    ring_lay = get_layout(s.layout)
+    # every rank sends the same keys (the row's size must not depend on the inputs); values default to 0
+    mine, vectors = {"padded": (block_mask == 0).any() if isinstance(block_mask, torch.Tensor) and not errs else 0,
+                     **flags, DECREASE: 0}, {}
+    if ids is not None and not errs:
+        doc_mine, vectors = agreement_fields(ids, ring_lay.chunks_per_rank)
+        mine.update(doc_mine)
+    rows = agree(s.group, who=who, errors=errs, same=same, mine=mine, device=x.device, vectors=vectors)
     for flag, why in (("default position_ids", f"got position_ids = arange({L}), the model's default for an "
                        "unsharded input, instead of their global positions"),
                       ("restarting position_ids", "got position_ids that restart inside the shard (packed "
                        "documents?) but no document_ids")):
-        ranks = [r for r, row in enumerate(rows) if row[flag]]
-        if ranks:
-            raise ValueError(f"{name}: shards of the ring (world {world}, layout {s.layout!r}) {why} (rank(s) "
-                             f"{ranks}); pass the batch through ds_ring.shard_batch and the model the position_ids "
-                             "(and document_ids) it returns")
-    docs = None if ids is None else from_agreement(rows, ids, lay, L, who)
-    return RingFacts(world, B, L, tuple(bool(row["padded"]) for row in rows), docs)
+        where = [p for p, row in enumerate(rows) if row[flag]]
+        if where:
+            raise ValueError(f"{name}: shards of the ring (world {world}, layout {lay.name!r}) {why} (ring "
+                             f"position(s) {where}); pass the batch through ds_ring.shard_batch and the model the "
+                             "position_ids (and document_ids) it returns")
+    docs = None if ids is None else from_agreement(rows, ids, ring_lay, block_len, who)
+    block_mask = None if u == 1 or block_mask is None else block_mask.bool()
+    return RingFacts(ring, B, block_len, tuple(bool(row["padded"]) for row in rows), docs, block_mask)
 
 
 def _fingerprint(model: nn.Module, s: RingSettings) -> int:
     """Equal on two ranks iff they run the same model class, config and ring settings: then every layer's shapes and
     options agree too, which is what lets the layers skip their own agreement."""
     return code((type(model).__name__, model.config.to_json_string(use_diff=False), s.layout, s.segment_lengths,
-                 s.dilation_rates))
+                 s.dilation_rates, _ulysses(s)[0]))
 
 
 # Token mixers that carry state along the sequence. Run shard by shard they would silently see only their shard,
@@ -310,6 +345,7 @@ def patch(
     segment_lengths: Sequence[int] | None = None,
     dilation_rates: Sequence[int] | None = None,
     local: bool = False,
+    ulysses_group: dist.ProcessGroup | None = None,
 ) -> nn.Module:
     """Switch ``model`` to ring-dilated attention in place and return it; ``unpatch`` restores it.
 
@@ -317,13 +353,15 @@ def patch(
     and "contiguous" by default). ``segment_lengths``/``dilation_rates`` select a LongNet dilated pattern (None:
     dense, exact attention). ``local=True`` runs exact attention on each rank's tensors as the whole sequence
     (unsharded evaluation / generation); ``ds_ring.local_attention(model)`` does that temporarily.
+    ``ulysses_group`` (or ``sp`` made with ``ulysses_size > 1``): two-dimensional sequence parallelism, Ulysses
+    all-to-all inside the group and the ring (``group``) across ring positions.
     """
     if sp is not None:
         if group is not None and group is not sp.group:
             raise ValueError("patch: pass either sp or group, not both (sp.group is the ring)")
         if layout is not None and layout != sp.layout:
             raise ValueError(f"patch: layout={layout!r} disagrees with sp.layout={sp.layout!r}; pass one of them")
-        group, layout = sp.group, sp.layout
+        group, layout, ulysses_group = sp.ring_group, sp.layout, sp.ulysses_group
     layout = get_layout(layout or "contiguous").name
     if (segment_lengths is None) != (dilation_rates is None):
         raise ValueError("patch: give both segment_lengths and dilation_rates (or neither for the dense pattern)")
@@ -339,6 +377,7 @@ def patch(
         segment_lengths=None if segment_lengths is None else tuple(int(x) for x in segment_lengths),
         dilation_rates=None if dilation_rates is None else tuple(int(x) for x in dilation_rates),
         local=local,
+        ulysses_group=ulysses_group,
     )
     if not hasattr(model, "_ds_ring_previous_attn"):
         model._ds_ring_previous_attn = model.config._attn_implementation
