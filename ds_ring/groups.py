@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .sharding import check_layout
-
+from .sharding import LAYOUTS, check_layout
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """Owns the groups of one rank. The model code never sees it; functions take it as an argument.
+    """The sequence-parallel axes of one rank and its groups. The model code never sees it; functions take it as an
+    argument.
 
     ``group`` is this rank's ring (``sp_size`` consecutive global ranks), ``dp_group`` the ranks that hold the same
     shard index in the other rings (they see different samples). ``layout`` is how sequences are cut over the ring.
@@ -27,53 +27,10 @@ class SequenceParallel:
     dp_size: int
     dp_rank: int
     layout: str = "contiguous"
-    # A group holding only this rank: DeepSpeed's model-parallel group (see below).
-    self_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def world_size(self) -> int:
         return self.sp_size * self.dp_size
-
-    # DeepSpeed's ``mpu`` protocol, the one of its own sequence parallelism (deepspeed 0.19:
-    # runtime/sequence_parallel/parallel_state_sp.py, utils/groups.py, runtime/engine.py, runtime/zero/*). ZeRO
-    # partitions parameters and reduces gradients over the sequence-data-parallel group (every rank of every ring).
-    # Measured on deepspeed 0.19.8, two things must hold:
-    # - no ``get_data_parallel_group``: ZeRO-3 partitions parameters over it when present, so with it the ring ranks
-    #   kept unreduced per-rank gradients (DeepSpeed's own mpu lacks it for this reason); the batch size then counts
-    #   world_size / sp_size data-parallel ranks, as it should.
-    # - the model-parallel group is this rank alone, not the ring: parameters are replicated over the ring, and with
-    #   the ring as model-parallel group ZeRO-1/2 counted gradient-norm terms only on ring rank 0 (a wrong norm, so
-    #   wrong clipping) and each ring rank looked for its own ``mp_rank_XX`` checkpoint file.
-    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
-        """Marker DeepSpeed looks for (``hasattr``) to treat this as a sequence-parallel mpu; groups already exist."""
-        raise RuntimeError("the groups are created by ds_ring.init_sequence_parallel; do not call this")
-
-    def get_sequence_parallel_group(self):
-        return self.group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.sp_size
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.sp_rank
-
-    def get_sequence_data_parallel_group(self):
-        return dist.group.WORLD
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.world_size
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    def get_model_parallel_group(self):
-        return self.self_group
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
 
 
 def init_distributed(backend: str | None = None, timeout: timedelta | float | None = None) -> None:
@@ -98,15 +55,82 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
     dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
 
 
+def _world_device() -> torch.device:
+    return torch.device("cuda" if "nccl" in str(dist.get_backend()) else "cpu")
+
+
 def _world_timeout() -> timedelta | None:
     """The default group's timeout. ``new_group`` does not inherit it (it takes torch's 30-minute default), so a ring
     whose peer hangs would block that long however short the user's timeout. Read from a private attribute: None
     (torch's default) if this torch lacks it."""
-    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
     try:
-        return dist.group.WORLD._get_backend(device).options._timeout
+        return dist.group.WORLD._get_backend(_world_device()).options._timeout
     except (AttributeError, RuntimeError):
         return None
+
+
+def _members_only_creation() -> bool:
+    """Whether a group can be created by its members alone. Not when a device is bound to the default group
+    (``init_process_group(device_id=...)``; ``deepspeed.init_distributed`` binds one on CUDA): torch then builds every
+    new group by splitting the default group's NCCL communicator (``ncclCommSplit``), a collective in which every
+    rank must take part, so a members-only creation would hang."""
+    return getattr(dist.group.WORLD, "bound_device_id", None) is None
+
+
+def new_group(partition: list[list[int]], timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """This rank's group of ``partition`` (disjoint lists of global ranks, the same on every rank; every rank must
+    call this in the same order). ``timeout`` defaults to the default group's.
+
+    Where it can (:func:`_members_only_creation`), only this rank's group is created, by its members
+    (``use_local_synchronization=True``): start-up work per rank then grows with the groups it belongs to, not with
+    the world (by default every rank enters every ``new_group``). torch 2.13 names such a group (its rendezvous prefix
+    in the store) by hashing its ranks with the number of groups this rank has registered, so (1) the members must
+    have registered the same number of groups before (:func:`init_sequence_parallel` checks it on every rank) and
+    (2) such a group is never destroyed on its own: the count would go down and the next group of the same ranks
+    would reuse the old name and meet stale rendezvous keys (a hang, seen here). It lives until the default group is
+    destroyed, which destroys every group. With a bound device every rank creates every group of ``partition``, in
+    order (``torch.distributed.split_group`` would do it in one call, untested here without GPUs).
+    """
+    rank, timeout = dist.get_rank(), timeout or _world_timeout()
+    mine = [ranks for ranks in partition if rank in ranks]
+    if len(mine) != 1:
+        raise ValueError(f"new_group: rank {rank} must be in exactly one group of the partition, got {partition}")
+    if _members_only_creation():
+        return dist.new_group(mine[0], timeout=timeout, use_local_synchronization=True)
+    groups = [dist.new_group(ranks, timeout=timeout) for ranks in partition]
+    return groups[partition.index(mine[0])]
+
+
+def _groups_registered() -> int:
+    """How many groups this rank has registered with torch (the count torch 2.13 hashes into local group names)."""
+    try:
+        return len(dist.distributed_c10d._world.pg_names)
+    except AttributeError:
+        return 0  # a torch without this registry: nothing to compare
+
+
+def _check_same_on_every_rank(sp_size: int, layout: str) -> None:
+    """Raise the same error on every rank when ranks disagree on sp_size or layout, or have made different numbers
+    of groups (local group names would then differ and the ring members would wait on each other until timeout).
+    One all-reduce (MAX of each value and of its negation) on the default group."""
+    vals = [sp_size, LAYOUTS.index(layout), _groups_registered()]
+    t = torch.tensor(vals + [-v for v in vals], dtype=torch.int64, device=_world_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = t[:3].tolist(), [-v for v in t[3:].tolist()]
+    names = ["sp_size", "layout", "the number of process groups created before"]
+    bad = [f"{n}: {lo[i] if i != 1 else LAYOUTS[lo[i]]!r} to {hi[i] if i != 1 else LAYOUTS[hi[i]]!r}"
+           for i, n in enumerate(names) if hi[i] != lo[i]]
+    if bad:
+        raise ValueError(f"init_sequence_parallel: ranks disagree on {'; '.join(bad)}. Call it with the same "
+                         "arguments on every rank, and create any other process groups in the same order on every "
+                         "rank before it")
+
+
+def _partitions(world: int, sp_size: int) -> dict[str, list[list[int]]]:
+    """The groups of each axis: ``"sp"`` the rings (``sp_size`` consecutive ranks), ``"dp"`` the ranks at the same
+    ring position in every ring. A new axis adds an entry here."""
+    return {"sp": [list(range(i, i + sp_size)) for i in range(0, world, sp_size)],
+            "dp": [list(range(j, world, sp_size)) for j in range(sp_size)]}
 
 
 def init_sequence_parallel(
@@ -119,8 +143,9 @@ def init_sequence_parallel(
     """Split the world into rings of ``sp_size`` consecutive ranks and data-parallel groups across them.
 
     ``sp_size=None`` puts every rank in one ring. Initialises torch.distributed from the environment if needed.
-    Every rank must call this with the same arguments (group creation is collective). The groups get ``timeout``,
-    by default the one the default group was initialised with.
+    Every rank must call this with the same arguments (checked: a mismatch raises on every rank). Each rank creates
+    only its own two groups (see :func:`new_group` for the exception). The groups get ``timeout``, by default the one
+    the default group was initialised with.
     """
     check_layout(layout)
     if not dist.is_initialized():
@@ -141,22 +166,12 @@ def init_sequence_parallel(
             f"sp_size={sp_size} must divide the world size {world}: choose a divisor of {world} "
             f"or launch a multiple of {sp_size} processes"
         )
-    dp_size = world // sp_size
+    _check_same_on_every_rank(sp_size, layout)
     if isinstance(timeout, (int, float)):
         timeout = timedelta(seconds=timeout)
-    timeout = timeout or _world_timeout()
-    sp_group = dp_group = None
-    for i in range(dp_size):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(i * sp_size, (i + 1) * sp_size)), timeout=timeout)
-        if rank // sp_size == i:
-            sp_group = g
-    for j in range(sp_size):
-        g = dist.new_group(list(range(j, world, sp_size)), timeout=timeout)
-        if rank % sp_size == j:
-            dp_group = g
-    self_group = None
-    for r in range(world):
-        g = dist.new_group([r], timeout=timeout)
-        if r == rank:
-            self_group = g
-    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout, self_group)
+    axes = _partitions(world, sp_size)
+    # Same order on every rank (ring, then data-parallel): overlapping local groups must be made in one global order.
+    sp_group, dp_group = new_group(axes["sp"], timeout), new_group(axes["dp"], timeout)
+    dp_size = world // sp_size
+    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout)
+
