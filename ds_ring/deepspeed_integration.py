@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .groups import SequenceParallel, new_group
+from .groups import SequenceParallel, new_group, release_captured_default_group
 
 __all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
            "initialize"]
@@ -73,6 +74,32 @@ class DeepSpeedMPU:
 
     def get_model_parallel_rank(self) -> int:
         return 0
+
+
+def release_references() -> None:
+    """Drop what DeepSpeed (0.19.8) keeps for the life of the process after ``engine.destroy()``; called by
+    ``ds_ring.teardown`` so that the model, and the process groups its parameters hold, can be freed:
+
+    - ``deepspeed.utils.groups.mpu``, the mpu given to ``initialize`` (when it is ours: it holds the groups);
+    - ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK``: ZeRO-3 pushes the top module at set-up and
+      never pops it;
+    - the ``functools.lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, which keeps every
+      coordinator it was called with (and through it the parameters).
+
+    Modules that are not imported are left alone.
+    """
+    ds_groups = sys.modules.get("deepspeed.utils.groups")
+    if isinstance(getattr(ds_groups, "mpu", None), DeepSpeedMPU):
+        ds_groups.mpu = None
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack.clear()
+    coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
+                          "PartitionedParameterCoordinator", None)
+    fn = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release") if coordinator else None
+    for f in (fn, *(c.cell_contents for c in getattr(fn, "__closure__", None) or ())):  # lru_cache under a wrapper
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
 
 
 class ConfigError(ValueError):
@@ -194,6 +221,9 @@ def initialize(
         model=model, optimizer=optimizer, model_parameters=model_parameters, lr_scheduler=lr_scheduler,
         config=config, mpu=DeepSpeedMPU(sp) if sp.sp_size > 1 or sp.dp_size > 1 else None, **kwargs,
     )
+    # deepspeed (imported above, maybe first here, after init_process_group) captures the default group in default
+    # arguments; without this, destroy_process_group() cannot free it (see ds_ring.groups.teardown).
+    release_captured_default_group()
     factor = gradient_factor(config, sp)
     if factor != 1.0:
         ds_backward = engine.backward

@@ -1,8 +1,11 @@
 """Process groups on 4 real gloo ranks (one spawn): ring and data-parallel groups hold the right ranks and reduce
-over them, ranks that disagree on the arguments all get the same error (no hang), and the DeepSpeed mpu adapter
-answers for the same groups."""
+over them, ranks that disagree on the arguments all get the same error (no hang), the DeepSpeed mpu adapter answers
+for the same groups, and teardown frees every group (so their threads are joined) or says which one is still held."""
 
 from __future__ import annotations
+
+import warnings
+import weakref
 
 import pytest
 import torch
@@ -14,6 +17,12 @@ WORLD, SP = 4, 2
 
 
 def _worker(rank: int, world: int) -> dict:
+    out, refs = _check_groups(rank)  # its SequenceParallel is gone once it returns
+    out["teardown"] = _teardown(refs)
+    return out
+
+
+def _check_groups(rank: int) -> tuple[dict, list[weakref.ref]]:
     import ds_ring
     from ds_ring.deepspeed_integration import DeepSpeedMPU
 
@@ -41,8 +50,9 @@ def _worker(rank: int, world: int) -> dict:
                mpu.get_model_parallel_rank()),
         "has_dp_group": hasattr(mpu, "get_data_parallel_group"),
     }
+    _ring_op_on(sp)
     out["every_rank_creates"] = _every_rank_creates_every_group()
-    return out
+    return out, [weakref.ref(g) for g in (dist.group.WORLD, sp.group, sp.dp_group)]
 
 
 def _every_rank_creates_every_group() -> tuple:
@@ -61,6 +71,35 @@ def _every_rank_creates_every_group() -> tuple:
     x = torch.tensor([float(2**dist.get_rank())])
     dist.all_reduce(x, group=sp.group)
     return ([dist.get_process_group_ranks(g) for g in (sp.group, sp.dp_group, mp_group)], x.item())
+
+
+def _ring_op_on(sp) -> None:
+    import ds_ring
+
+    q, k, v = (ds_ring.shard_sequence(torch.randn(1, 2, 16, 4), 2, sp.group, sp.layout) for _ in range(3))
+    out = ds_ring.ring_dilated_attention(q, k, v, causal=True, group=sp.group, layout=sp.layout)
+    ds_ring.gather_sequence(out, 2, sp.group, sp.layout)
+
+
+def _teardown(refs: list[weakref.ref]) -> dict:
+    import ds_ring
+
+    held = ds_ring.init_sequence_parallel(SP)  # still referenced at teardown: rank 0 must say so
+    with warnings.catch_warnings(record=True) as kept:
+        warnings.simplefilter("always")
+        ds_ring.teardown()  # spawn_local made the default group, not ds_ring: nothing is destroyed
+    t = torch.ones(1)
+    dist.all_reduce(t, group=held.group)  # still usable
+    with warnings.catch_warnings(record=True) as destroyed:
+        warnings.simplefilter("always")
+        ds_ring.teardown(destroy_default=True)
+    out = {"kept": ([str(w.message) for w in kept if "ds_ring" in str(w.message)], t.item()),
+           "warned": [str(w.message) for w in destroyed if "ds_ring" in str(w.message)],
+           "initialized": dist.is_initialized()}
+    held_ref = weakref.ref(held.group)
+    del held
+    out["alive"] = [r() is not None for r in refs + [held_ref]]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +123,20 @@ def test_rings_are_consecutive_ranks_and_dp_groups_cross_them(results):
         assert r["ranks"] == members
         assert r["sums"] == tuple(float(sum(2**m for m in g)) for g in members)
         assert r["every_rank_creates"] == ([*members, [rank]], float(sum(2**m for m in members[0])))
+
+
+def test_teardown_frees_every_group_and_names_the_ones_still_held(results):
+    for rank, r in enumerate(results):
+        t = r["teardown"]
+        assert t["kept"] == ([], 2.0)  # teardown() left spawn_local's default group and the ring usable
+        assert not t["initialized"]
+        assert t["alive"] == [False] * 4  # freed (their gloo threads joined), the held ring once dropped
+        if rank == 0:
+            assert len(t["warned"]) == 1, t["warned"]
+            assert ("the process group of ranks [0, 1], the process group of ranks [0, 2] are destroyed but still "
+                    "referenced" in t["warned"][0])  # the held ring and data-parallel groups, nothing else
+        else:
+            assert t["warned"] == []  # rank 0 only
 
 
 def test_deepspeed_mpu_answers_for_ds_ring_groups(results):
