@@ -26,8 +26,27 @@ DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+NO_MATPLOTLIB = ('matplotlib is not installed: the PNG plots are skipped this run (tables and JSON as usual); '
+                 'get them with pip install -e ".[bench]"')
+
+
+class _Parser(argparse.ArgumentParser):
+    """Turns the plots off, saying so, when matplotlib is missing (a ``.[test]`` install has none): every script
+    then runs and prints its tables instead of failing at the plot."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        if not ns.no_plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                print(NO_MATPLOTLIB, flush=True)
+                ns.no_plot = True
+        return ns
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke run of a few seconds")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the timed process(es)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per candidate before timing")

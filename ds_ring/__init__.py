@@ -7,7 +7,7 @@ from .comm import count_comm
 from .data import shard_batch, sp_dataloader
 from .deepspeed_integration import ConfigError, load_config
 from .deepspeed_integration import initialize as deepspeed_initialize
-from .groups import SequenceParallel, init_distributed, init_sequence_parallel
+from .groups import SequenceParallel, init_distributed, init_sequence_parallel, teardown
 from .layouts import LAYOUTS, Layout, get_layout
 from .loss import causal_lm_loss
 from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
@@ -33,5 +33,12 @@ __all__ = [
     "RingFacts", "SequenceParallel", "SequenceParallelMixin", "SequenceParallelTrainer", "causal_lm_loss",
     "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout", "init_distributed",
     "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes", "memory_estimate", "patch",
-    "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "unpatch",
+    "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "teardown", "unpatch",
 ]
+
+# Imported after init_process_group, transformers (through torch.distributed.nn) has just captured the default group
+# in default arguments: undo that, or destroy_process_group() cannot free it (see groups.teardown).
+from .groups import release_captured_default_group as _release  # noqa: E402
+
+_release()
+del _release

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("bench_kernel", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses")
+SCRIPTS = ("bench_kernel", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses", "bench_startup")
 
 
 def bench_dir() -> Path:

@@ -11,15 +11,96 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .groups import SequenceParallel
+from .groups import SequenceParallel, new_group, release_captured_default_group
 from .layouts import get_layout
 
-__all__ = ["ConfigError", "load_config", "check_config", "check_sequence_length", "gradient_factor", "initialize"]
+__all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
+           "initialize"]
+
+
+class DeepSpeedMPU:
+    """ds_ring's groups in DeepSpeed's ``mpu`` protocol, the one of its own sequence parallelism (deepspeed 0.19:
+    runtime/sequence_parallel/parallel_state_sp.py, utils/groups.py, runtime/engine.py, runtime/zero/*).
+
+    ZeRO partitions parameters and reduces gradients over the sequence-data-parallel group (every rank of every
+    ring). Measured on deepspeed 0.19.8, two things must hold:
+
+    - no ``get_data_parallel_group``: ZeRO-3 partitions parameters over it when present, so with it the ring ranks
+      kept unreduced per-rank gradients (DeepSpeed's own mpu lacks it for this reason); the batch size then counts
+      world_size / sp_size data-parallel ranks, as it should.
+    - the model-parallel group is this rank alone, not the ring: parameters are replicated over the ring, and with
+      the ring as model-parallel group ZeRO-1/2 counted gradient-norm terms only on ring rank 0 (a wrong norm, so
+      wrong clipping) and each ring rank looked for its own ``mp_rank_XX`` checkpoint file.
+    """
+
+    def __init__(self, sp: SequenceParallel):
+        """Collective (every rank, in the same order): makes this rank's single-rank model-parallel group."""
+        self.sp = sp
+        self._self_group = new_group([[r] for r in range(dist.get_world_size())])
+
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        """Marker DeepSpeed looks for (``hasattr``) to treat this as a sequence-parallel mpu; groups already exist."""
+        raise RuntimeError("the groups are created by ds_ring.init_sequence_parallel; do not call this")
+
+    def get_sequence_parallel_group(self):
+        return self.sp.group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sp.sp_size
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.sp.sp_rank
+
+    def get_sequence_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.sp.world_size
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def get_model_parallel_group(self):
+        return self._self_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def release_references() -> None:
+    """Drop what DeepSpeed (0.19.8) keeps for the life of the process after ``engine.destroy()``; called by
+    ``ds_ring.teardown`` so that the model, and the process groups its parameters hold, can be freed:
+
+    - ``deepspeed.utils.groups.mpu``, the mpu given to ``initialize`` (when it is ours: it holds the groups);
+    - ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK``: ZeRO-3 pushes the top module at set-up and
+      never pops it;
+    - the ``functools.lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, which keeps every
+      coordinator it was called with (and through it the parameters).
+
+    Modules that are not imported are left alone.
+    """
+    ds_groups = sys.modules.get("deepspeed.utils.groups")
+    if isinstance(getattr(ds_groups, "mpu", None), DeepSpeedMPU):
+        ds_groups.mpu = None
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack.clear()
+    coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
+                          "PartitionedParameterCoordinator", None)
+    fn = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release") if coordinator else None
+    for f in (fn, *(c.cell_contents for c in getattr(fn, "__closure__", None) or ())):  # lru_cache under a wrapper
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
 
 
 class ConfigError(ValueError):
@@ -137,8 +218,11 @@ def initialize(
     check_config(config, sp)
     engine, opt, loader, sched = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=model_parameters, lr_scheduler=lr_scheduler,
-        config=config, mpu=sp if sp.sp_size > 1 or sp.dp_size > 1 else None, **kwargs,
+        config=config, mpu=DeepSpeedMPU(sp) if sp.sp_size > 1 or sp.dp_size > 1 else None, **kwargs,
     )
+    # deepspeed (imported above, maybe first here, after init_process_group) captures the default group in default
+    # arguments; without this, destroy_process_group() cannot free it (see ds_ring.groups.teardown).
+    release_captured_default_group()
     factor = gradient_factor(config, sp)
     if factor != 1.0:
         ds_backward = engine.backward

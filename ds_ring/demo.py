@@ -65,7 +65,11 @@ def tiny_llama_config():
 def _rank_main(rank: int, world: int, args: argparse.Namespace) -> dict:
     # DeepSpeed calls torch.distributed APIs that torch 2.13 deprecates: one FutureWarning per call, per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    return _train(rank, args)
+    result = _train(rank, args)
+    import ds_ring
+
+    ds_ring.teardown()  # after _train returned (nothing holds the groups now): every rank exits 0
+    return result
 
 
 def _quiet_libraries(rank: int) -> None:

@@ -1,20 +1,29 @@
-"""Process groups for sequence parallelism: rings of ``sp_size`` consecutive ranks, data parallelism across them."""
+"""Process groups for sequence parallelism: rings of ``sp_size`` consecutive ranks, data parallelism across them,
+and the orderly end of a distributed run (``teardown``)."""
 
 from __future__ import annotations
 
+import gc
 import os
-from dataclasses import dataclass, field
+import sys
+import types
+import warnings
+import weakref
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .layouts import get_layout
+from .layouts import LAYOUTS, get_layout
+
+_CREATED_DEFAULT = False  # ds_ring initialised the default group: teardown destroys it (and with it every group)
 
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """Owns the groups of one rank. The model code never sees it; functions take it as an argument.
+    """The sequence-parallel axes of one rank and its groups. The model code never sees it; functions take it as an
+    argument.
 
     ``group`` is this rank's ring (``sp_size`` consecutive global ranks), ``dp_group`` the ranks that hold the same
     shard index in the other rings (they see different samples). ``layout`` is how sequences are cut over the ring.
@@ -27,8 +36,6 @@ class SequenceParallel:
     dp_size: int
     dp_rank: int
     layout: str = "contiguous"
-    # A group holding only this rank: DeepSpeed's model-parallel group (see below).
-    self_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -44,54 +51,15 @@ class SequenceParallel:
         """The all-to-all group of two-dimensional SP (none on a one-axis grid)."""
         return None
 
-    # DeepSpeed's ``mpu`` protocol, the one of its own sequence parallelism (deepspeed 0.19:
-    # runtime/sequence_parallel/parallel_state_sp.py, utils/groups.py, runtime/engine.py, runtime/zero/*). ZeRO
-    # partitions parameters and reduces gradients over the sequence-data-parallel group (every rank of every ring).
-    # Measured on deepspeed 0.19.8, two things must hold:
-    # - no ``get_data_parallel_group``: ZeRO-3 partitions parameters over it when present, so with it the ring ranks
-    #   kept unreduced per-rank gradients (DeepSpeed's own mpu lacks it for this reason); the batch size then counts
-    #   world_size / sp_size data-parallel ranks, as it should.
-    # - the model-parallel group is this rank alone, not the ring: parameters are replicated over the ring, and with
-    #   the ring as model-parallel group ZeRO-1/2 counted gradient-norm terms only on ring rank 0 (a wrong norm, so
-    #   wrong clipping) and each ring rank looked for its own ``mp_rank_XX`` checkpoint file.
-    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
-        """Marker DeepSpeed looks for (``hasattr``) to treat this as a sequence-parallel mpu; groups already exist."""
-        raise RuntimeError("the groups are created by ds_ring.init_sequence_parallel; do not call this")
-
-    def get_sequence_parallel_group(self):
-        return self.group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.sp_size
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.sp_rank
-
-    def get_sequence_data_parallel_group(self):
-        return dist.group.WORLD
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.world_size
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    def get_model_parallel_group(self):
-        return self.self_group
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
 
 def init_distributed(backend: str | None = None, timeout: timedelta | float | None = None) -> None:
     """Initialise the default process group from the launcher's environment (torchrun, deepspeed, accelerate).
 
     Does nothing when it is already initialised. ``backend`` defaults to NCCL with CUDA, else gloo. ``timeout``
     (seconds or timedelta; torch's default when None) bounds how long a collective waits for a dead rank.
+    A group initialised here is destroyed by :func:`teardown`.
     """
+    global _CREATED_DEFAULT
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -106,17 +74,86 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
     if isinstance(timeout, (int, float)):
         timeout = timedelta(seconds=timeout)
     dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
+    _CREATED_DEFAULT = True
+
+
+def _world_device() -> torch.device:
+    return torch.device("cuda" if "nccl" in str(dist.get_backend()) else "cpu")
 
 
 def _world_timeout() -> timedelta | None:
     """The default group's timeout. ``new_group`` does not inherit it (it takes torch's 30-minute default), so a ring
     whose peer hangs would block that long however short the user's timeout. Read from a private attribute: None
     (torch's default) if this torch lacks it."""
-    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
     try:
-        return dist.group.WORLD._get_backend(device).options._timeout
+        return dist.group.WORLD._get_backend(_world_device()).options._timeout
     except (AttributeError, RuntimeError):
         return None
+
+
+def _members_only_creation() -> bool:
+    """Whether a group can be created by its members alone. Not when a device is bound to the default group
+    (``init_process_group(device_id=...)``; ``deepspeed.init_distributed`` binds one on CUDA): torch then builds every
+    new group by splitting the default group's NCCL communicator (``ncclCommSplit``), a collective in which every
+    rank must take part, so a members-only creation would hang."""
+    return getattr(dist.group.WORLD, "bound_device_id", None) is None
+
+
+def new_group(partition: list[list[int]], timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """This rank's group of ``partition`` (disjoint lists of global ranks, the same on every rank; every rank must
+    call this in the same order). ``timeout`` defaults to the default group's.
+
+    Where it can (:func:`_members_only_creation`), only this rank's group is created, by its members
+    (``use_local_synchronization=True``): start-up work per rank then grows with the groups it belongs to, not with
+    the world (by default every rank enters every ``new_group``). torch 2.13 names such a group (its rendezvous prefix
+    in the store) by hashing its ranks with the number of groups this rank has registered, so (1) the members must
+    have registered the same number of groups before (:func:`init_sequence_parallel` checks it on every rank) and
+    (2) such a group is never destroyed on its own: the count would go down and the next group of the same ranks
+    would reuse the old name and meet stale rendezvous keys (a hang, seen here). It lives until the default group is
+    destroyed, which destroys every group. With a bound device every rank creates every group of ``partition``, in
+    order (``torch.distributed.split_group`` would do it in one call, untested here without GPUs).
+    """
+    rank, timeout = dist.get_rank(), timeout or _world_timeout()
+    mine = [ranks for ranks in partition if rank in ranks]
+    if len(mine) != 1:
+        raise ValueError(f"new_group: rank {rank} must be in exactly one group of the partition, got {partition}")
+    if _members_only_creation():
+        return dist.new_group(mine[0], timeout=timeout, use_local_synchronization=True)
+    groups = [dist.new_group(ranks, timeout=timeout) for ranks in partition]
+    return groups[partition.index(mine[0])]
+
+
+def _groups_registered() -> int:
+    """How many groups this rank has registered with torch (the count torch 2.13 hashes into local group names)."""
+    try:
+        return len(dist.distributed_c10d._world.pg_names)
+    except AttributeError:
+        return 0  # a torch without this registry: nothing to compare
+
+
+def _check_same_on_every_rank(sp_size: int, layout: str) -> None:
+    """Raise the same error on every rank when ranks disagree on sp_size or layout, or have made different numbers
+    of groups (local group names would then differ and the ring members would wait on each other until timeout).
+    One all-reduce (MAX of each value and of its negation) on the default group."""
+    layouts = list(LAYOUTS)
+    vals = [sp_size, layouts.index(layout), _groups_registered()]
+    t = torch.tensor(vals + [-v for v in vals], dtype=torch.int64, device=_world_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = t[:3].tolist(), [-v for v in t[3:].tolist()]
+    names = ["sp_size", "layout", "the number of process groups created before"]
+    bad = [f"{n}: {lo[i] if i != 1 else layouts[lo[i]]!r} to {hi[i] if i != 1 else layouts[hi[i]]!r}"
+           for i, n in enumerate(names) if hi[i] != lo[i]]
+    if bad:
+        raise ValueError(f"init_sequence_parallel: ranks disagree on {'; '.join(bad)}. Call it with the same "
+                         "arguments on every rank, and create any other process groups in the same order on every "
+                         "rank before it")
+
+
+def _partitions(world: int, sp_size: int) -> dict[str, list[list[int]]]:
+    """The groups of each axis: ``"sp"`` the rings (``sp_size`` consecutive ranks), ``"dp"`` the ranks at the same
+    ring position in every ring. A new axis adds an entry here."""
+    return {"sp": [list(range(i, i + sp_size)) for i in range(0, world, sp_size)],
+            "dp": [list(range(j, world, sp_size)) for j in range(sp_size)]}
 
 
 def init_sequence_parallel(
@@ -129,8 +166,9 @@ def init_sequence_parallel(
     """Split the world into rings of ``sp_size`` consecutive ranks and data-parallel groups across them.
 
     ``sp_size=None`` puts every rank in one ring. Initialises torch.distributed from the environment if needed.
-    Every rank must call this with the same arguments (group creation is collective). The groups get ``timeout``,
-    by default the one the default group was initialised with.
+    Every rank must call this with the same arguments (checked: a mismatch raises on every rank). Each rank creates
+    only its own two groups (see :func:`new_group` for the exception). The groups get ``timeout``, by default the one
+    the default group was initialised with.
     """
     layout = get_layout(layout).name
     if not dist.is_initialized():
@@ -151,22 +189,102 @@ def init_sequence_parallel(
             f"sp_size={sp_size} must divide the world size {world}: choose a divisor of {world} "
             f"or launch a multiple of {sp_size} processes"
         )
-    dp_size = world // sp_size
+    _check_same_on_every_rank(sp_size, layout)
     if isinstance(timeout, (int, float)):
         timeout = timedelta(seconds=timeout)
-    timeout = timeout or _world_timeout()
-    sp_group = dp_group = None
-    for i in range(dp_size):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(i * sp_size, (i + 1) * sp_size)), timeout=timeout)
-        if rank // sp_size == i:
-            sp_group = g
-    for j in range(sp_size):
-        g = dist.new_group(list(range(j, world, sp_size)), timeout=timeout)
-        if rank % sp_size == j:
-            dp_group = g
-    self_group = None
-    for r in range(world):
-        g = dist.new_group([r], timeout=timeout)
-        if r == rank:
-            self_group = g
-    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout, self_group)
+    axes = _partitions(world, sp_size)
+    # Same order on every rank (ring, then data-parallel): overlapping local groups must be made in one global order.
+    sp_group, dp_group = new_group(axes["sp"], timeout), new_group(axes["dp"], timeout)
+    dp_size = world // sp_size
+    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout)
+
+
+# ----- the end of a run --------------------------------------------------------------------------------------------
+#
+# A gloo group that is still alive when the interpreter finalizes can abort the process (SIGABRT, "terminate called
+# without an active exception") after everything else succeeded: its worker thread, still releasing the tensors of
+# the last collective, needs the GIL, and CPython ends it inside a noexcept C++ destructor. A group whose last
+# Python reference goes away while Python runs is destroyed at once and its threads are joined, so the cure is to
+# leave no reference behind. See docs/upstream_sigabrt.md.
+
+
+def release_captured_default_group() -> int:
+    """Make functions that captured the live default group as a default argument default to ``None`` again.
+
+    ``torch.distributed.nn.functional`` (imported by transformers through ``torch.distributed.fsdp``) and
+    deepspeed's ``comm/torch.py`` write ``group=group.WORLD`` as default arguments, evaluated at import. Imported
+    after ``init_process_group`` they hold the default group for good, so ``destroy_process_group()`` cannot free it.
+    ``None`` is what those defaults are when the modules are imported first, and it means "the default group" to
+    every torch.distributed call, so nothing changes for the callers. A scan of all functions (about 50 ms with
+    transformers and deepspeed loaded) rather than a list of known sites: any library can do this. Returns how many
+    defaults were reset.
+    """
+    world = dist.group.WORLD if dist.is_initialized() else None
+    if world is None:
+        return 0
+    n = 0
+    for f in gc.get_objects():
+        if type(f) is not types.FunctionType:  # not isinstance: it reads __class__, which some objects intercept
+            continue
+        if f.__defaults__ and any(d is world for d in f.__defaults__):
+            f.__defaults__ = tuple(None if d is world else d for d in f.__defaults__)
+            n += 1
+        if f.__kwdefaults__ and any(d is world for d in f.__kwdefaults__.values()):
+            f.__kwdefaults__ = {k: None if d is world else d for k, d in f.__kwdefaults__.items()}
+            n += 1
+    return n
+
+
+def _describe(group: dist.ProcessGroup) -> str:
+    if group is dist.group.WORLD:
+        return "the default process group"
+    return f"the process group of ranks {dist.get_process_group_ranks(group)}"
+
+
+def teardown(*, destroy_default: bool | None = None) -> None:
+    """End the distributed part of a run so that every rank exits with code 0. Call it on every rank at the end, once
+    the objects that use the groups (DeepSpeed engine, patched model, ``SequenceParallel``) are gone, e.g. after your
+    training function has returned.
+
+    1. waits for outstanding work: CUDA streams, then a barrier over all ranks;
+    2. drops what pins the groups: default arguments that captured the default group
+       (:func:`release_captured_default_group`), what DeepSpeed keeps after ``engine.destroy()``
+       (``deepspeed_integration.release_references``), and garbage cycles
+       (a finished engine or model is freed now, while Python runs);
+    3. when ds_ring initialised the default group (``init_distributed``, ``init_sequence_parallel``) or
+       ``destroy_default=True``: destroys it, and with it every group (ds_ring's included). Otherwise the groups
+       stay until the default group's owner destroys it (e.g. ``PartialState().destroy_process_group()`` with
+       accelerate); until then they remain usable.
+
+    A destroyed group that something still references stays alive until exit, where it can abort the process: rank
+    0 then warns naming it. Without a process group this does nothing; calling it twice is harmless.
+    """
+    global _CREATED_DEFAULT
+    if not dist.is_initialized():
+        return
+    if destroy_default is None:
+        destroy_default = _CREATED_DEFAULT
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    dist.barrier()
+    release_captured_default_group()
+    if "deepspeed" in sys.modules:
+        from .deepspeed_integration import release_references
+
+        release_references()
+    gc.collect()
+    if not destroy_default:
+        return
+    rank = dist.get_rank()
+    watched = [(_describe(g), weakref.ref(g)) for g in list(dist.distributed_c10d._world.pg_map)]
+    dist.destroy_process_group()
+    _CREATED_DEFAULT = False
+    alive = [name for name, ref in watched if ref() is not None]
+    if alive and rank == 0:
+        warnings.warn(
+            f"ds_ring.teardown: {', '.join(alive)} {'is' if len(alive) == 1 else 'are'} destroyed but still "
+            "referenced; the threads of a group stay alive until exit, where they can abort the process (SIGABRT). "
+            "Call teardown once the DeepSpeed engine, the patched model and the SequenceParallel are gone (e.g. "
+            "after your training function returns).",
+            RuntimeWarning, stacklevel=2,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
+import signal
 import socket
 import time
 import traceback
@@ -15,6 +16,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .groups import teardown
+
+EXIT_GRACE_S = 30.0  # how long a rank that returned its result may take to exit
+PEER_GRACE_S = 10.0  # how long the other ranks may take to report once one has failed
 
 
 def free_port() -> int:
@@ -32,12 +38,22 @@ def _worker(rank, world, port, threads, init_gloo, pg_timeout_s, fn, args, queue
         if init_gloo:
             dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s))
         # plain pickle copies tensors by value: torch's shared-memory handles would die with this process
-        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
+        result = pickle.dumps(fn(rank, world, *args))
+        teardown(destroy_default=True)  # the orderly end every script should have; the parent checks the exit code
+        queue.put((rank, "ok", result))
     except BaseException:  # every failure goes to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # after a failure: no barrier (the peers may be gone)
             dist.destroy_process_group()
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return f"did not exit within {EXIT_GRACE_S:.0f}s"
+    if code < 0:
+        return f"exited with code {code} ({signal.Signals(-code).name})"
+    return f"exited with code {code}"
 
 
 def spawn_local(
@@ -47,8 +63,10 @@ def spawn_local(
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
     Each process gets the launcher variables (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, ...), ``threads`` torch
-    threads and, with ``init_gloo``, a gloo process group. ``fn`` must be a module-level function. Raises
-    RuntimeError with every failed rank's traceback, when a rank dies without reporting, or after ``timeout_s``.
+    threads and, with ``init_gloo``, a gloo process group; after ``fn`` returns, each rank ends with
+    ``ds_ring.teardown``. ``fn`` must be a module-level function. Raises RuntimeError with every failed rank's
+    traceback, when a rank dies without reporting, after ``timeout_s``, and when a rank that returned its result then
+    exits with a non-zero code (e.g. SIGABRT at interpreter exit) or does not exit: a launcher would fail that run.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -58,31 +76,39 @@ def spawn_local(
              for r in range(world_size)]
     for p in procs:
         p.start()
-    results, errors = {}, []
+    results, errors, reported = {}, [], set()
     deadline = time.monotonic() + timeout_s
     try:
-        while len(results) + len(errors) < world_size:
+        while len(reported) < world_size:
             try:
                 rank, status, payload = queue.get(timeout=5)
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
                 if dead:
                     errors.append(f"rank(s) {dead} died without reporting (exit codes "
                                   f"{[procs[r].exitcode for r in dead]})")
                     break
                 if time.monotonic() > deadline:
-                    errors.append(f"no result from every rank within {timeout_s:.0f}s")
+                    silent = sorted(set(range(world_size)) - reported)
+                    errors.append(f"rank(s) {silent} did not report within "
+                                  + (f"{PEER_GRACE_S:.0f}s of the first failure" if errors else f"{timeout_s:.0f}s"))
                     break
                 continue
+            reported.add(rank)
             if status == "ok":
                 results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
+                # peers that finished wait in teardown's barrier for this rank: do not wait their timeout out
+                deadline = min(deadline, time.monotonic() + PEER_GRACE_S)
     finally:
         for p in procs:
-            p.join(timeout=5 if errors else 30)
+            p.join(timeout=5 if errors else EXIT_GRACE_S)
             if p.is_alive():
                 p.kill()
+    if not errors:
+        errors = [f"rank {r} returned its result but {_exit_status(p.exitcode)}" for r, p in enumerate(procs)
+                  if p.exitcode != 0]
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -164,6 +164,14 @@ def setup_logging(rank: int) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ds_ring.init_distributed(timeout=args.timeout)
+    code = train(args)
+    # After train() has returned, so that nothing holds the process groups any more: wait for every rank, free
+    # them and destroy the default group (ds_ring created it above). Ending otherwise can abort at exit (SIGABRT).
+    ds_ring.teardown()
+    return code
+
+
+def train(args) -> int:
     rank = dist.get_rank()
     setup_logging(rank)
     try:  # every rank checks the same arguments: all stop together, rank 0 says why
@@ -235,7 +243,6 @@ def main(argv=None) -> int:
     log.info("peak memory per rank: " + ", ".join(f"rank {r}: {p / 2**20:.0f} MiB" for r, p in enumerate(peaks))
              + (" (CUDA allocator)" if torch.cuda.is_available() else " (process peak RSS)"))
     engine.destroy()
-    dist.destroy_process_group()
     return 0
 
 
