@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .documents import PACKING_KEYS, document_ids_from, positions_in_documents
 from .groups import SequenceParallel
-from .layouts import get_layout
 from .sharding import shard_sequence
 
 # Per-token keys shard_batch understands, and the value that fills the padding added to make S divisible.
@@ -52,7 +51,7 @@ def shard_batch(
       ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
 
     S that does not divide by sp_size (2*sp_size for the zigzag layout) is padded on the right with masked tokens
-    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.layout``.
+    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.sequence_layout`` (the grid's under two-dimensional SP).
     """
     unknown = set(batch) - set(_TOKEN_KEYS) - set(PACKING_KEYS)
     if unknown:
@@ -69,7 +68,7 @@ def shard_batch(
         if batch[k].shape != input_ids.shape:
             raise ValueError(f"shard_batch: {k} has shape {tuple(batch[k].shape)}, expected {tuple(input_ids.shape)}")
     b, s = input_ids.shape
-    pad = get_layout(sp.layout).padded_length(s, sp.sp_size) - s
+    pad = sp.sequence_layout.padded_length(s, sp.sp_size) - s
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
@@ -96,7 +95,7 @@ def shard_batch(
         labels = batch["labels"]
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
         full["shift_labels"] = _pad_right(shifted, pad, ignore_index)
-    return {k: shard_sequence(v, 1, sp.group, sp.layout) for k, v in full.items()}
+    return {k: shard_sequence(v, 1, sp.group, sp.sequence_layout) for k, v in full.items()}
 
 
 class SPDataLoader(DataLoader):

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from .groups import SequenceParallel, new_group, release_captured_default_group
-from .layouts import get_layout
 
 __all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
            "initialize"]
@@ -182,7 +181,7 @@ def check_sequence_length(seq_len: int, sp: SequenceParallel, *, pad: bool) -> i
 
     With ``pad=False`` a length that does not shard is a ``ConfigError``.
     """
-    lay = get_layout(sp.layout)
+    lay = sp.sequence_layout
     err = lay.seq_len_error(seq_len, sp.sp_size)
     if err and not pad:
         raise ConfigError(f"{err}; padding is off: use a length divisible by {lay.divisor(sp.sp_size)} or enable "

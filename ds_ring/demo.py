@@ -112,7 +112,7 @@ def _train(rank: int, args: argparse.Namespace) -> dict:
     local = shard_batch(first, sp)
     local.pop("shift_labels")
     with torch.no_grad():
-        ring_logits = gather_sequence(model(**local).logits, 1, sp.group, sp.layout)
+        ring_logits = gather_sequence(model(**local).logits, 1, sp.group, sp.sequence_layout)
         with local_attention(model):
             dense_logits = model(input_ids=first["input_ids"]).logits
     err = (ring_logits - dense_logits).abs().max().item()

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .layouts import LAYOUTS, get_layout
+from .layouts import LAYOUTS, Layout, get_layout
 
 _CREATED_DEFAULT = False  # ds_ring initialised the default group: teardown destroys it (and with it every group)
 
@@ -25,8 +25,12 @@ class SequenceParallel:
     """The sequence-parallel axes of one rank and its groups. The model code never sees it; functions take it as an
     argument.
 
-    ``group`` is this rank's ring (``sp_size`` consecutive global ranks), ``dp_group`` the ranks that hold the same
-    shard index in the other rings (they see different samples). ``layout`` is how sequences are cut over the ring.
+    ``group`` is this rank's sequence-parallel group (``sp_size`` consecutive global ranks: one sequence is cut over
+    them), ``dp_group`` the ranks that hold the same shard index in the other groups (they see different samples).
+    ``layout`` is how sequences are cut over the ring. Two-dimensional (``ulysses_size`` u > 1): the group is a grid
+    of ``ring_size`` ring positions x u Ulysses ranks; ``ulysses_group`` holds the u consecutive ranks of this rank's
+    position (one node under the launchers' usual rank order), ``ring_group`` the ranks at this Ulysses index across
+    positions. With u = 1 the ring is the whole group.
     """
 
     group: dist.ProcessGroup | None
@@ -36,20 +40,42 @@ class SequenceParallel:
     dp_size: int
     dp_rank: int
     layout: str = "contiguous"
+    ulysses_size: int = 1
+    ulysses_group: dist.ProcessGroup | None = None
+    ring_group: dist.ProcessGroup | None = None
+
+    def __post_init__(self):
+        if self.sp_size % self.ulysses_size:
+            raise ValueError(f"ulysses_size={self.ulysses_size} must divide sp_size={self.sp_size}")
+        if self.ulysses_size == 1 and self.ring_group is None:  # one axis: the ring is the whole group
+            object.__setattr__(self, "ring_group", self.group)
 
     @property
     def world_size(self) -> int:
         return self.sp_size * self.dp_size
 
     @property
-    def ring_group(self) -> dist.ProcessGroup | None:
-        """The group K/V travel around (the whole sequence-parallel group on a one-axis grid)."""
-        return self.group
+    def ring_size(self) -> int:
+        return self.sp_size // self.ulysses_size
 
     @property
-    def ulysses_group(self) -> dist.ProcessGroup | None:
-        """The all-to-all group of two-dimensional SP (none on a one-axis grid)."""
-        return None
+    def ring_rank(self) -> int:
+        return self.sp_rank // self.ulysses_size
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sp_rank % self.ulysses_size
+
+    @property
+    def sequence_layout(self) -> Layout:
+        """How a sequence is cut over the whole group (the grid layout when two-dimensional): what shards inputs,
+        masks and labels, and gathers outputs back."""
+        return get_layout(self.layout, self.ulysses_size)
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """A sequence length must be a multiple of this to shard over the group."""
+        return self.sequence_layout.divisor(self.sp_size)
 
 
 def init_distributed(backend: str | None = None, timeout: timedelta | float | None = None) -> None:
@@ -131,16 +157,17 @@ def _groups_registered() -> int:
         return 0  # a torch without this registry: nothing to compare
 
 
-def _check_same_on_every_rank(sp_size: int, layout: str) -> None:
-    """Raise the same error on every rank when ranks disagree on sp_size or layout, or have made different numbers
-    of groups (local group names would then differ and the ring members would wait on each other until timeout).
-    One all-reduce (MAX of each value and of its negation) on the default group."""
+def _check_same_on_every_rank(sp_size: int, layout: str, ulysses_size: int) -> None:
+    """Raise the same error on every rank when ranks disagree on sp_size, ulysses_size or layout, or have made
+    different numbers of groups (local group names would then differ and the ring members would wait on each other
+    until timeout). One all-reduce (MAX of each value and of its negation) on the default group."""
     layouts = list(LAYOUTS)
-    vals = [sp_size, layouts.index(layout), _groups_registered()]
+    vals = [sp_size, layouts.index(layout), _groups_registered(), ulysses_size]
+    n = len(vals)
     t = torch.tensor(vals + [-v for v in vals], dtype=torch.int64, device=_world_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    hi, lo = t[:3].tolist(), [-v for v in t[3:].tolist()]
-    names = ["sp_size", "layout", "the number of process groups created before"]
+    hi, lo = t[:n].tolist(), [-v for v in t[n:].tolist()]
+    names = ["sp_size", "layout", "the number of process groups created before", "ulysses_size"]
     bad = [f"{n}: {lo[i] if i != 1 else layouts[lo[i]]!r} to {hi[i] if i != 1 else layouts[hi[i]]!r}"
            for i, n in enumerate(names) if hi[i] != lo[i]]
     if bad:
@@ -149,23 +176,33 @@ def _check_same_on_every_rank(sp_size: int, layout: str) -> None:
                          "rank before it")
 
 
-def _partitions(world: int, sp_size: int) -> dict[str, list[list[int]]]:
-    """The groups of each axis: ``"sp"`` the rings (``sp_size`` consecutive ranks), ``"dp"`` the ranks at the same
-    ring position in every ring. A new axis adds an entry here."""
-    return {"sp": [list(range(i, i + sp_size)) for i in range(0, world, sp_size)],
-            "dp": [list(range(j, world, sp_size)) for j in range(sp_size)]}
+def _partitions(world: int, sp_size: int, ulysses_size: int = 1) -> dict[str, list[list[int]]]:
+    """The groups of each axis: ``"sp"`` the sequence-parallel groups (``sp_size`` consecutive ranks), ``"dp"`` the
+    ranks at the same index in every sp group; two-dimensional, inside each sp group, ``"ulysses"`` the u consecutive
+    ranks of a ring position and ``"ring"`` the ranks at one Ulysses index across positions."""
+    u = ulysses_size
+    out = {"sp": [list(range(i, i + sp_size)) for i in range(0, world, sp_size)],
+           "dp": [list(range(j, world, sp_size)) for j in range(sp_size)]}
+    if u > 1:
+        out["ulysses"] = [list(range(i, i + u)) for i in range(0, world, u)]
+        out["ring"] = [list(range(g + j, g + sp_size, u)) for g in range(0, world, sp_size) for j in range(u)]
+    return out
 
 
 def init_sequence_parallel(
     sp_size: int | None = None,
     *,
+    ulysses_size: int = 1,
     layout: str = "contiguous",
     backend: str | None = None,
     timeout: timedelta | float | None = None,
 ) -> SequenceParallel:
     """Split the world into rings of ``sp_size`` consecutive ranks and data-parallel groups across them.
 
-    ``sp_size=None`` puts every rank in one ring. Initialises torch.distributed from the environment if needed.
+    ``sp_size=None`` puts every rank in one ring. ``ulysses_size`` u > 1: two-dimensional sequence parallelism, each
+    sp group a grid of sp_size / u ring positions x u Ulysses ranks on consecutive global ranks (one node under the
+    launchers' usual rank order): the Ulysses all-to-all runs inside a node, the ring across positions. u = 1 is the
+    plain ring, u = sp_size pure Ulysses. Initialises torch.distributed from the environment if needed.
     Every rank must call this with the same arguments (checked: a mismatch raises on every rank). Each rank creates
     only its own two groups (see :func:`new_group` for the exception). The groups get ``timeout``, by default the one
     the default group was initialised with.
@@ -173,8 +210,9 @@ def init_sequence_parallel(
     layout = get_layout(layout).name
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            if sp_size not in (None, 1):
-                raise ValueError(f"sp_size={sp_size} needs a distributed launch; this is a single process")
+            if sp_size not in (None, 1) or ulysses_size != 1:
+                raise ValueError(f"sp_size={sp_size}, ulysses_size={ulysses_size} need a distributed launch; this "
+                                 "is a single process")
             return SequenceParallel(None, None, 1, 0, 1, 0, layout)
         init_distributed(backend, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -189,14 +227,19 @@ def init_sequence_parallel(
             f"sp_size={sp_size} must divide the world size {world}: choose a divisor of {world} "
             f"or launch a multiple of {sp_size} processes"
         )
-    _check_same_on_every_rank(sp_size, layout)
+    if isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int) or ulysses_size < 1 or \
+            sp_size % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size!r} must be a positive divisor of sp_size={sp_size}: the sp "
+                         f"group is a grid of sp_size / ulysses_size ring positions x ulysses_size ranks")
+    _check_same_on_every_rank(sp_size, layout, ulysses_size)
     if isinstance(timeout, (int, float)):
         timeout = timedelta(seconds=timeout)
-    axes = _partitions(world, sp_size)
-    # Same order on every rank (ring, then data-parallel): overlapping local groups must be made in one global order.
-    sp_group, dp_group = new_group(axes["sp"], timeout), new_group(axes["dp"], timeout)
-    dp_size = world // sp_size
-    return SequenceParallel(sp_group, dp_group, sp_size, rank % sp_size, dp_size, rank // sp_size, layout)
+    axes = _partitions(world, sp_size, ulysses_size)
+    # Same order on every rank (sp, data-parallel, then Ulysses and ring): overlapping local groups must be made in
+    # one global order.
+    groups = {name: new_group(partition, timeout) for name, partition in axes.items()}
+    return SequenceParallel(groups["sp"], groups["dp"], sp_size, rank % sp_size, world // sp_size, rank // sp_size,
+                            layout, ulysses_size, groups.get("ulysses"), groups.get("ring"))
 
 
 # ----- the end of a run --------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class SequenceParallelMixin:
       ``world_size / sp_size`` rings are the data-parallel ranks, so ``per_device_train_batch_size`` (and
       ``per_device_eval_batch_size``) is the batch of ONE RING.
     - ``layout``: how sequences are cut over a ring, ``"zigzag"`` (default: balanced causal work) or ``"contiguous"``.
+    - ``ulysses_size``: two-dimensional sequence parallelism (Ulysses all-to-all inside groups of that many ranks, the
+      ring across them; see ``ds_ring.init_sequence_parallel``); the whole ``sp_size`` group is still one sequence.
     - ``segment_lengths`` / ``dilation_rates``: a LongNet dilated pattern (default: dense, exact attention).
     - ``sp``: an existing ``ds_ring.SequenceParallel`` to reuse instead of making new groups.
 
@@ -72,6 +74,7 @@ class SequenceParallelMixin:
         *args: Any,
         sp_size: int | None = None,
         layout: str | None = None,
+        ulysses_size: int | None = None,
         segment_lengths: Sequence[int] | None = None,
         dilation_rates: Sequence[int] | None = None,
         sp: SequenceParallel | None = None,
@@ -80,10 +83,11 @@ class SequenceParallelMixin:
         super().__init__(*args, **kwargs)
         self._check_trainer_setup()
         if sp is None:
-            sp = init_sequence_parallel(sp_size, layout=layout or "zigzag")
-        elif (sp_size is not None and sp_size != sp.sp_size) or (layout is not None and layout != sp.layout):
-            raise ValueError(f"sp_size={sp_size!r} / layout={layout!r} disagree with the given sp ({sp.sp_size}, "
-                             f"{sp.layout!r}): pass sp alone")
+            sp = init_sequence_parallel(sp_size, layout=layout or "zigzag", ulysses_size=ulysses_size or 1)
+        elif any(given is not None and given != have for given, have in
+                 ((sp_size, sp.sp_size), (layout, sp.layout), (ulysses_size, sp.ulysses_size))):
+            raise ValueError(f"sp_size={sp_size!r} / layout={layout!r} / ulysses_size={ulysses_size!r} disagree with "
+                             f"the given sp ({sp.sp_size}, {sp.layout!r}, {sp.ulysses_size}): pass sp alone")
         if self.args.world_size != sp.world_size:
             raise RuntimeError(
                 f"accelerate sees {self.args.world_size} process(es) but torch.distributed has {sp.world_size}: on a "
@@ -200,7 +204,7 @@ class SequenceParallelMixin:
                 loss = loss.detach()
         if prediction_loss_only:
             return loss, None, None
-        logits = gather_sequence(outputs.logits.detach(), 1, self.sp.group, self.sp.layout)
+        logits = gather_sequence(outputs.logits.detach(), 1, self.sp.group, self.sp.sequence_layout)
         return loss, logits[:, : inputs["input_ids"].shape[1]], labels
 
     # ----- bookkeeping that counts ranks -------------------------------------------------------------------------

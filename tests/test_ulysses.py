@@ -46,39 +46,29 @@ def _inputs(case):
     return q, k, v, dout, kpm, docs
 
 
-def _groups(u: int, rank: int):
-    """This rank's Ulysses group (u consecutive ranks) and ring (same Ulysses rank across positions); every rank
-    creates every group, in one order."""
-    ug = rg = None
-    for r in range(WORLD // u):
-        g = dist.new_group(list(range(r * u, (r + 1) * u)))
-        if rank // u == r:
-            ug = g
-    for j in range(u):
-        g = dist.new_group(list(range(j, WORLD, u)))
-        if rank % u == j:
-            rg = g
-    return ug, rg
-
-
 def _job(rank, world, cases):
     out = {}
     for u, R in GRIDS:
-        ug, rg = _groups(u, rank)
+        sps = {lay: ds_ring.init_sequence_parallel(WORLD, ulysses_size=u, layout=lay)
+               for lay in ("contiguous", "zigzag")}
+        ug, rg = sps["zigzag"].ulysses_group, sps["zigzag"].ring_group
+        assert (sps["zigzag"].ring_size, sps["zigzag"].ulysses_size) == (R, u)
         for ci, case in enumerate(cases):
             q, k, v, dout, kpm, docs = _inputs(case)
-            lay = get_layout(case["layout"], u)
-            pos = lay.positions(S // WORLD, WORLD, rank)
+            sp = sps[case["layout"]]
+            pos = sp.sequence_layout.positions(S // WORLD, WORLD, sp.sp_rank)
             ql, kl, vl = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
             with ds_ring.count_comm() as counter:
                 o = ds_ring.ring_dilated_attention(
                     ql, kl, vl, case.get("segs"), case.get("rates"), case["causal"],
-                    None if kpm is None else kpm[:, pos], case.get("window"), group=rg, layout=case["layout"],
-                    ulysses_group=ug, document_ids=None if docs is None else docs[:, pos],
+                    None if kpm is None else kpm[:, pos], case.get("window"), group=sp.ring_group,
+                    layout=case["layout"], ulysses_group=sp.ulysses_group,
+                    document_ids=None if docs is None else docs[:, pos],
                 )
                 o.backward(dout[:, :, pos])
             out[(u, ci)] = ([t.detach() for t in (o, ql.grad, kl.grad, vl.grad)], pos, dict(counter.collectives))
         out[("bytes", u)] = _bytes(rank, u, ug, rg)
+    out["hf"] = _hf(rank, world)
     out["copies"] = _copies(rank, world)
     return out
 
@@ -178,55 +168,87 @@ def test_bytes_equal_the_cost_model(results, u):
 
 
 def _hf(rank, world):
-    """A Llama at (u, ring) = (2, 2), padded and packed rows, against the unpatched model in one process."""
+    """A Llama at (u, ring) = (2, 2) through shard_batch / patch / causal_lm_loss, on a padded batch and a packed one,
+    and under ZeRO-3: logits and gradients against the unpatched model in one process."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from deepspeed.utils import safe_get_full_grad
+    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
 
-    ug, rg = _groups(2, rank)
-    sp_layout = get_layout("zigzag", 2)
+    sp = ds_ring.init_sequence_parallel(WORLD, ulysses_size=2, layout="zigzag")
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, use_cache=False)
     torch.manual_seed(3)
     model = LlamaForCausalLM(cfg).train()
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(1, 64, (2, 32), generator=g)
+    ids = torch.randint(1, 64, (2, 30), generator=g)  # 30: shard_batch pads to the grid's multiple of 8
     mask = torch.ones_like(ids)
-    mask[1, 25:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    ref = model(input_ids=ids, attention_mask=mask, labels=labels)
-    ref.loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    mask[1, 23:] = 0
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    docs = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (9, 14, 5, 4)]
+    packed = DataCollatorWithFlattening()([{"input_ids": d, "labels": d} for d in docs])
+    out = {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        model.zero_grad()
+        if name == "padded":
+            ref = model(input_ids=ids, attention_mask=mask, labels=batch["labels"])
+        else:  # each document alone: summed token losses over all targets
+            total, n = 0.0, 0
+            for d in docs:
+                t = torch.tensor([d])
+                total = total + torch.nn.functional.cross_entropy(model(input_ids=t).logits[0, :-1], t[0, 1:],
+                                                                  reduction="sum")
+                n += len(d) - 1
+            ref = type("R", (), {"loss": total / n})()
+        ref.loss.backward()
+        ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        patched = ds_ring.patch(copy.deepcopy(model), sp=sp)
+        patched.zero_grad()
+        local = ds_ring.shard_batch(batch, sp)
+        labels = local.pop("shift_labels")
+        with ds_ring.count_comm() as c:
+            logits = patched(**local).logits
+        loss = ds_ring.causal_lm_loss(logits, labels, sp)
+        loss.backward()
+        err = 0.0
+        for k, p in patched.named_parameters():
+            dist.all_reduce(p.grad, group=sp.group)
+            err = max(err, ((p.grad - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp(min=1e-6)).item())
+        out[name] = {"loss": abs(loss.item() - ref.loss.item()) / ref.loss.item(), "grads": err,
+                     "collectives": dict(c.collectives)}
+        if name == "padded":
+            full = ds_ring.gather_sequence(logits.detach(), 1, sp.group, sp.sequence_layout)[:, :30]
+            out[name]["logits"] = ((full - ref.logits.detach())[mask.bool()].abs().max()
+                                   / ref.logits.detach().abs().max()).item()
+    # ZeRO-3 over the 2D grid: DeepSpeed reduces over every rank; the ring's shares must add up to one process
     model.zero_grad()
-    patched = ds_ring.patch(copy.deepcopy(model), group=rg, ulysses_group=ug, layout="zigzag")
-    pos = sp_layout.positions(32 // world, world, rank)
-    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    with ds_ring.count_comm() as c:
-        logits = patched(input_ids=ids[:, pos], attention_mask=mask[:, pos], position_ids=pos.expand(2, -1)).logits
-    # the mean over the whole sequence: every rank's token sum over the total count (no helper: independent)
-    total = (shift != -100).sum()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shift[:, pos].flatten(), ignore_index=-100,
-                                             reduction="sum") / total
-    loss.backward()
-    grads = {}
-    for n, p in patched.named_parameters():
-        dist.all_reduce(p.grad)
-        grads[n] = p.grad
-    full = torch.zeros_like(ref.logits)
-    parts = [torch.empty_like(logits) for _ in range(world)]
-    dist.all_gather(parts, logits.detach().contiguous())
-    for r_, part in enumerate(parts):
-        full[:, sp_layout.positions(32 // world, world, r_)] = part
-    real = mask.bool()
-    err_logits = ((full - ref.logits.detach())[real].abs().max() / ref.logits.detach().abs().max()).item()
-    err_grads = max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-6)).item()
-                    for n in ref_grads)
-    return {"logits": err_logits, "grads": err_grads, "collectives": dict(c.collectives)}
+    ref = model(input_ids=ids, attention_mask=mask, labels=padded["labels"])
+    ref.loss.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    patched = ds_ring.patch(copy.deepcopy(model), sp=sp)
+    engine, *_ = ds_ring.deepspeed_initialize(
+        patched, sp, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "steps_per_print": 10**9,
+                      "zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": False,
+                      "zero_allow_untested_optimizer": True},
+        optimizer=torch.optim.SGD(patched.parameters(), lr=0.1))
+    local = ds_ring.shard_batch(padded, sp)
+    labels = local.pop("shift_labels")
+    engine.backward(ds_ring.causal_lm_loss(engine(**local).logits, labels, sp))
+    out["zero3"] = max(((safe_get_full_grad(p) - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp(min=1e-6))
+                       .item() for k, p in engine.module.named_parameters())
+    engine.destroy()
+    return out
 
 
-def test_hf_model_at_2x2_matches_unpatched_one_process():
-    for res in run_distributed(_hf, WORLD):
-        assert res["logits"] < 1e-4 and res["grads"] < 1e-4, res
-        # per forward: the Ulysses stage and the ring stage of the agreement, the mask gathered once; 4 all-to-alls
-        # per layer (q, k, v in, out back)
-        assert res["collectives"] == {"agreement": 2, "ulysses all-gather": 1, "ulysses all-to-all": 8}, res
+def test_hf_model_at_2x2_matches_unpatched_one_process(results):
+    for res in (r["hf"] for r in results):
+        for name in ("padded", "packed"):
+            r = res[name]
+            assert max(v for k, v in r.items() if k != "collectives") < 1e-4, (name, r)
+        # per forward: the Ulysses stage and the ring stage of the agreement (a second ring exchange for packed
+        # documents), the mask (document ids) gathered once; 4 all-to-alls per layer (q, k, v in, out back)
+        assert res["padded"]["collectives"] == {"agreement": 2, "ulysses all-gather": 1,
+                                                "ulysses all-to-all": 8}, res
+        assert res["packed"]["collectives"] == {"agreement": 3, "ulysses all-gather": 2,
+                                                "ulysses all-to-all": 8}, res
+        assert res["zero3"] < 1e-4, res
