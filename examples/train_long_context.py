@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DeepSpeed config JSON (default: accelerate's deepspeed_config_file, else "
                    "ds_config/zero3.json)")
     p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel ring (default: all)")
+    p.add_argument("--ulysses-size", type=int, default=1,
+                   help="two-dimensional SP: Ulysses all-to-all inside groups of this many consecutive ranks (one "
+                   "node), the ring across them (default 1: the ring alone)")
     p.add_argument("--layout", default="zigzag", choices=list(LAYOUTS), help="sequence layout on a ring")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (split over the ring)")
     p.add_argument("--no-pad", action="store_true", help="refuse sequence lengths the ring cannot shard evenly")
@@ -175,7 +178,7 @@ def train(args) -> int:
     rank = dist.get_rank()
     setup_logging(rank)
     try:  # every rank checks the same arguments: all stop together, rank 0 says why
-        sp = ds_ring.init_sequence_parallel(args.sp_size, layout=args.layout)
+        sp = ds_ring.init_sequence_parallel(args.sp_size, layout=args.layout, ulysses_size=args.ulysses_size)
         ds_path = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or str(DEFAULT_DS_CONFIG)
         seq_len = check_sequence_length(args.seq_len, sp, pad=not args.no_pad)
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -198,7 +201,8 @@ def train(args) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     engine, *_ = ds_initialize(model, sp, config, optimizer=opt)
     stage = config["zero_optimization"]["stage"]
-    log.info(f"ds_ring: world {sp.world_size} = {sp.dp_size} ring(s) x sp_size {sp.sp_size}, layout {sp.layout}, "
+    log.info(f"ds_ring: world {sp.world_size} = {sp.dp_size} ring(s) x sp_size {sp.sp_size} ({sp.ring_size} ring "
+             f"positions x Ulysses {sp.ulysses_size}), layout {sp.layout}, "
              f"pattern {args.pattern}, ZeRO-{stage} ({ds_path}), seq_len {seq_len} "
              f"({seq_len // sp.sp_size} tokens per rank)")
 

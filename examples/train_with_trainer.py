@@ -32,6 +32,8 @@ class ScriptArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code"})
     sp_size: int | None = field(default=None, metadata={"help": "ranks per sequence-parallel ring (default: all)"})
     layout: str = field(default="zigzag", metadata={"help": "sequence layout on a ring: zigzag or contiguous"})
+    ulysses_size: int = field(default=1, metadata={"help": "two-dimensional SP: Ulysses all-to-all inside groups of "
+                                                           "this many consecutive ranks, the ring across them"})
     pattern: str = field(default="dense", metadata={"help": "'dense' (exact) or LongNet 'SEGMENTS:RATES'"})
     seq_len: int = field(default=512, metadata={"help": "tokens per sequence (split over the ring)"})
     key_len: int = field(default=4, metadata={"help": "passkey tokens"})
@@ -84,7 +86,8 @@ def run(argv: list[str] | None = None) -> None:
     segments, rates = parse_pattern(script.pattern)
     trainer = ds_ring.SequenceParallelTrainer(
         model=model, args=training, train_dataset=train, eval_dataset=val,
-        sp_size=script.sp_size, layout=script.layout, segment_lengths=segments, dilation_rates=rates,
+        sp_size=script.sp_size, layout=script.layout, ulysses_size=script.ulysses_size, segment_lengths=segments,
+        dilation_rates=rates,
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     metrics = trainer.evaluate()
