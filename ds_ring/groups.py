@@ -211,8 +211,9 @@ def init_sequence_parallel(
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             if sp_size not in (None, 1) or ulysses_size != 1:
-                raise ValueError(f"sp_size={sp_size}, ulysses_size={ulysses_size} need a distributed launch; this "
-                                 "is a single process")
+                what = f"sp_size={sp_size}" + (f", ulysses_size={ulysses_size}" if ulysses_size != 1 else "")
+                raise ValueError(f"{what} needs a distributed launch (torchrun, deepspeed or accelerate launch); "
+                                 "this is a single process")
             return SequenceParallel(None, None, 1, 0, 1, 0, layout)
         init_distributed(backend, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
