@@ -11,6 +11,7 @@ from .loss import causal_lm_loss, chunked_causal_lm_loss
 from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
 from .memory_options import MemoryOptions, offload_context, optimize_memory, restore_memory
 from .modules import RingDilatedAttention, RingDilatedMultiheadAttention
+from .planner import plan
 from .sharding import gather_sequence, shard_sequence
 from .transformers_integration import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
 
@@ -20,6 +21,6 @@ __all__ = [
     "ConfigError", "MemoryEstimate", "MemoryOptions", "RingDilatedAttention", "RingDilatedMultiheadAttention",
     "SequenceParallel", "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize",
     "gather_sequence", "init_distributed", "init_sequence_parallel", "load_config", "local_attention",
-    "measure_peak_bytes", "memory_estimate", "offload_context", "optimize_memory", "patch", "restore_memory",
+    "measure_peak_bytes", "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
     "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "unpatch",
 ]
