@@ -230,13 +230,31 @@ def _measure(step, context, S, cfg, seed):
 
 
 def _fit(points):
-    """Line through the two (S, peak) points nearest the cap from below and above (least squares on all if fewer)."""
+    """Least-squares line (intercept, slope) through (S, peak) points."""
     xs, ys = zip(*points)
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
     return my - b * mx, b
+
+
+def _aim(runs, cap, lo, grid):
+    """Where the next step goes: between the longest fitting and the shortest failing length, the line through their
+    peaks (its slope is positive whatever the run-to-run noise); with no failure yet, the least-squares line through
+    the fitting ones, at most 1.5x the longest that fits."""
+    fit = [(r["S"], r["peak"]) for r in runs if r["fits"]]
+    over = [(r["S"], r["peak"]) for r in runs if not r["fits"] and r["peak"] is not None]
+    if fit and over:
+        (s1, p1), (s2, p2) = max(fit), min(over)
+        if s2 > s1 and p2 > p1:
+            return int(s1 + (cap - p1) * (s2 - s1) / (p2 - p1))
+        return (s1 + s2) // 2
+    if over:  # nothing fits yet (or the step ran out of memory): halve
+        return min(s for s, _ in over) // 2
+    a, b = _fit(fit) if len({s for s, _ in fit}) > 1 else (0.0, 0.0)
+    target = int((cap - a) / b) if b > 0 else 2 * max(lo, grid)
+    return min(target, int(1.5 * max(lo, grid)))
 
 
 def search_worker(rank, world, payload):
@@ -274,10 +292,8 @@ def search_worker(rank, world, payload):
         step_size = max(grid, int(lo * cfg["resolution"]) // grid * grid)
         if (hi is not None and hi - lo <= step_size) or time.monotonic() > deadline:
             break
-        if target is None:  # the line through the two measured peaks nearest the cap
-            pts = sorted(((r["S"], r["peak"]) for r in runs if r["peak"] is not None), key=lambda p: abs(p[1] - cap))
-            a, b = _fit(pts[:2]) if len({x for x, _ in pts[:2]}) > 1 else (0.0, 0.0)
-            target = int((cap - a) / b) if b > 0 else 2 * max(lo, grid)
+        if target is None:
+            target = _aim(runs, cap, lo, grid)
         target = target // grid * grid
         if target <= lo:  # always inside (lo, hi), one step away from what is known
             target = lo + step_size
