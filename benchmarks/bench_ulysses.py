@@ -73,6 +73,29 @@ def _batch(S, vocab, seed):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def shard_ulysses(batch, sp_rank, sp_world):
+    """This rank's part of a full batch, as DeepSpeed's ``UlyssesSPDataLoaderAdapter.refill`` makes it: global
+    ``position_ids``, labels shifted into ``shift_labels`` before a contiguous split."""
+    b = dict(batch)
+    b["position_ids"] = torch.arange(b["input_ids"].shape[1]).unsqueeze(0)
+    labels = torch.nn.functional.pad(b.pop("labels"), (0, 1), value=-100)
+    b["shift_labels"] = labels[..., 1:].contiguous()
+    chunk = b["input_ids"].shape[1] // sp_world
+    return {k: v[:, chunk * sp_rank: chunk * (sp_rank + 1)] for k, v in b.items()}
+
+
+def ulysses_mean(local_loss, shift_labels, group):
+    """transformers' ``deepspeed_sp_compute_loss``: each rank's mean loss, all-gathered (differentiable) over the
+    SP group and averaged weighted by valid tokens."""
+    import torch.distributed.nn.functional as dist_fn
+
+    losses = torch.stack(dist_fn.all_gather(local_loss, group=group))
+    good = (shift_labels != -100).view(-1).sum()
+    goods = torch.stack(dist_fn.all_gather(good, group=group))
+    safe = torch.where(goods > 0, losses, torch.zeros_like(losses))
+    return (safe * goods).sum() / goods.sum().clamp(min=1)
+
+
 def _worker(rank, world, cfg):
     warnings.filterwarnings("ignore")
     os.environ.setdefault("ACCELERATE_DISABLE_RICH", "1")
@@ -118,24 +141,11 @@ def _worker(rank, world, cfg):
         eng_r.step()
         return loss.item()
 
-    def shard_ulysses(batch):
-        # UlyssesSPDataLoaderAdapter.refill, for one sample every SP rank already holds.
-        b = dict(batch)
-        b["position_ids"] = torch.arange(b["input_ids"].shape[1]).unsqueeze(0)
-        labels = torch.nn.functional.pad(b.pop("labels"), (0, 1), value=-100)
-        b["shift_labels"] = labels[..., 1:].contiguous()
-        chunk = b["input_ids"].shape[1] // sp_world_u
-        return {k: v[:, chunk * sp_rank_u: chunk * (sp_rank_u + 1)] for k, v in b.items()}
-
     def step_ulysses(batch):
-        inputs = shard_ulysses(batch)
+        inputs = shard_ulysses(batch, sp_rank_u, sp_world_u)
         inputs["labels"] = inputs["shift_labels"]  # transformers.integrations.deepspeed.deepspeed_sp_compute_loss
         out = eng_u(**inputs, use_cache=False)
-        losses = torch.stack(torch.distributed.nn.functional.all_gather(out.loss, group=sp_group_u))
-        good = (inputs["shift_labels"] != -100).view(-1).sum()
-        goods = torch.stack(torch.distributed.nn.functional.all_gather(good, group=sp_group_u))
-        safe = torch.where(goods > 0, losses, torch.zeros_like(losses))
-        loss = (safe * goods).sum() / goods.sum().clamp(min=1)
+        loss = ulysses_mean(out.loss, inputs["shift_labels"], sp_group_u)
         eng_u.backward(loss)
         eng_u.step()
         return loss.item()

@@ -9,9 +9,11 @@ from .deepspeed_integration import ConfigError, load_config
 from .deepspeed_integration import initialize as deepspeed_initialize
 from .groups import SequenceParallel, init_distributed, init_sequence_parallel, teardown
 from .layouts import LAYOUTS, Layout, get_layout
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, chunked_causal_lm_loss
 from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
+from .memory_options import MemoryOptions, offload_context, optimize_memory, restore_memory
 from .modules import RingDilatedAttention, RingDilatedMultiheadAttention
+from .planner import plan
 from .sharding import gather_sequence, shard_sequence
 from .transformers_integration import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
 
@@ -29,10 +31,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ds_ring' has no attribute {name!r}")
 
 __all__ = [
-    "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "RingDilatedAttention", "RingDilatedMultiheadAttention",
-    "RingFacts", "SequenceParallel", "SequenceParallelMixin", "SequenceParallelTrainer", "causal_lm_loss",
-    "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout", "init_distributed",
-    "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes", "memory_estimate", "patch",
+    "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "MemoryOptions", "RingDilatedAttention",
+    "RingDilatedMultiheadAttention", "RingFacts", "SequenceParallel", "SequenceParallelMixin", "SequenceParallelTrainer",
+    "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout",
+    "init_distributed", "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes",
+    "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
     "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "teardown", "unpatch",
 ]
 

@@ -1,21 +1,33 @@
-"""Sequence-parallel causal-LM loss: the mean over every valid token of the whole (sharded) sequence."""
+"""Sequence-parallel causal-LM loss: the mean over every valid token of the whole (sharded) sequence.
+
+Two forms with one contract: ``causal_lm_loss`` on full logits, and ``chunked_causal_lm_loss``, which takes the
+final hidden states and the LM head and never holds more than one chunk of the sequence's logits.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .groups import SequenceParallel
 
+# Default chunk of the chunked loss: 2**24 logits (64 MiB in fp32) per chunk, i.e. 512 tokens for a 32k vocabulary,
+# 128 for 128k. Small enough to stay well under the hidden states of a long shard, large enough for full-speed matmuls.
+LOSS_CHUNK_ELEMENTS = 2**24
+
 
 def causal_lm_loss(
-    logits: torch.Tensor, shift_labels: torch.Tensor, sp: SequenceParallel, *, ignore_index: int = -100
+    logits: torch.Tensor, shift_labels: torch.Tensor, sp: SequenceParallel | None, *, ignore_index: int = -100
 ) -> torch.Tensor:
     """Cross-entropy (computed in fp32) averaged over all valid tokens of the ring's whole sequence.
 
     ``logits`` (B, L, V) and ``shift_labels`` (B, L) are this rank's shard (``shift_labels`` from
-    ``ds_ring.shard_batch``: already shifted, ``ignore_index`` where there is no target).
+    ``ds_ring.shard_batch``: already shifted, ``ignore_index`` where there is no target). ``sp=None``: one rank.
 
     Contract:
     - VALUE: the global mean ``sum of token losses over the ring / number of valid tokens over the ring``, identical
@@ -35,10 +47,143 @@ def causal_lm_loss(
     local_sum = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=ignore_index, reduction="sum"
     )
+    return _ring_mean(local_sum, labels, sp, ignore_index)
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    shift_labels: torch.Tensor,
+    sp: SequenceParallel | None,
+    *,
+    ignore_index: int = -100,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """``causal_lm_loss(lm_head(hidden_states), shift_labels, sp)`` without ever holding the (B, L, V) logits.
+
+    ``hidden_states`` (B, L, h): the LM head's input (after the final norm); ``lm_head``: a linear layer with
+    ``weight`` (V, h) and optional ``bias`` (V); ``shift_labels`` (B, L) as for ``causal_lm_loss``, whose contract
+    (value, gradient share, ignored targets, ranks without a valid target) this function keeps.
+
+    The sequence is cut into chunks of ``chunk_tokens`` rows (default: ``LOSS_CHUNK_ELEMENTS // V``). Each chunk's
+    logits, fp32 log-sum-exp and softmax gradient are computed and dropped inside forward, which keeps only dL/dx
+    (B, L, h) and dL/dW (V, h, fp32); backward scales them by the incoming gradient. Memory: one chunk's logits
+    instead of (B, L, V) logits, their fp32 copy and their gradient; compute: the same three LM-head matmuls.
+
+    Under ZeRO-3 the head's weight is gathered once for all chunks: the loss runs as ``lm_head``'s own forward, so
+    DeepSpeed's module hooks gather and release the partitioned weight around it (and around its backward) exactly as
+    for ``lm_head(hidden_states)``.
+    """
+    if hidden_states.shape[:-1] != shift_labels.shape:
+        raise ValueError(
+            f"chunked_causal_lm_loss: hidden_states {tuple(hidden_states.shape)} must be (B, L, h) for shift_labels "
+            f"{tuple(shift_labels.shape)} (B, L)"
+        )
+    weight = getattr(lm_head, "weight", None)
+    if weight is None or weight.dim() != 2 and not hasattr(weight, "ds_shape"):
+        raise ValueError(f"chunked_causal_lm_loss: lm_head must be a linear layer with a (V, h) weight, got "
+                         f"{type(lm_head).__name__}")
+    vocab = int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3 keeps the shape
+    chunk = chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    if chunk < 1:
+        raise ValueError(f"chunked_causal_lm_loss: chunk_tokens must be >= 1, got {chunk_tokens}")
+    labels = shift_labels.to(hidden_states.device).reshape(-1)
+
+    def head_loss(x: torch.Tensor) -> torch.Tensor:  # reads the weight when lm_head's hooks have gathered it
+        return _ChunkedLMHeadLoss.apply(x, lm_head.weight, getattr(lm_head, "bias", None), labels, chunk,
+                                        ignore_index)
+
+    local_sum = call_as_forward(lm_head, head_loss, hidden_states)
+    return _ring_mean(local_sum, labels, sp, ignore_index)
+
+
+def call_as_forward(module: nn.Module, fn: Callable, *args):
+    """``fn(*args)`` run through ``module.__call__`` as if it were ``module.forward``.
+
+    The module's hooks fire around it: under ZeRO-3, DeepSpeed gathers the module's partitioned parameters before
+    ``fn`` and releases them after, and registers the same around the backward of ``fn``'s outputs.
+    """
+    previous = module.__dict__.get("forward")  # an instance-level forward (another patch) is put back afterwards
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def _ring_mean(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None,
+               ignore_index: int) -> torch.Tensor:
+    """The global mean with this rank's gradient share (the contract of ``causal_lm_loss``)."""
     # float64 keeps the token count exact and the sum stable across many ranks.
     stats = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
-    if sp.sp_size > 1:
+    if sp is not None and sp.sp_size > 1:
         dist.all_reduce(stats, group=sp.group)
     global_sum, count = stats[0], stats[1].clamp(min=1)
     local_part = local_sum / count.float()
     return local_part + ((global_sum / count).float() - local_part).detach()
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """Sum of token cross-entropies of ``x @ W.T + b`` (fp32), chunk by chunk; gradients made in forward.
+
+    Why not DeepSpeed's ``TiledFusedLogitsLoss``: it also makes gradients in forward, but pushes the weight's
+    gradient into ``.grad`` there with an incoming gradient of 1 and scales only dL/dx by the real incoming gradient
+    in backward. Every factor applied after it (the mean over valid tokens, ds_ring's ZeRO-3 factor sp_size,
+    DeepSpeed's 1/gradient_accumulation_steps, an fp16 loss scale) then misses the LM head's weight (measured: with
+    the sum-then-divide recipe of ArcticTraining the weight's gradient is n_valid times too large). Here dL/dW is
+    returned from backward like any other gradient, scaled by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, chunk, ignore_index):
+        x2 = x.reshape(-1, x.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = torch.empty_like(x2) if need_x else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x2.shape[0], chunk):
+            xc, yc = x2[s:s + chunk], labels[s:s + chunk]
+            logits = F.linear(xc, weight, bias).float()  # the model's dtype, then fp32, as causal_lm_loss does
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = yc != ignore_index
+            target = yc.clamp(min=0).unsqueeze(1)
+            total += torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
+            if not (need_x or need_w or need_b):
+                continue
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            grad.scatter_add_(1, target, -valid.to(grad.dtype).unsqueeze(1))  # minus the one-hot target
+            grad.mul_(valid.unsqueeze(1))  # ignored targets have no gradient
+            g = grad.to(x.dtype)
+            if need_x:
+                torch.mm(g, weight, out=dx[s:s + chunk])
+            if need_w:
+                if g.dtype == torch.float32:
+                    dw.addmm_(g.t(), xc)
+                else:  # a half-precision product per chunk, summed in fp32
+                    dw += torch.mm(g.t(), xc)
+            if need_b:
+                db += grad.sum(0)
+        ctx.grads = (dx, dw, db)
+        ctx.x_shape, ctx.w_dtype = x.shape, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        if ctx.grads is None:
+            raise RuntimeError("chunked_causal_lm_loss: backward ran twice through the same loss; its gradients are "
+                               "made once in forward (retain_graph is not supported)")
+        dx, dw, db = ctx.grads
+        ctx.grads = None
+        if dx is not None:
+            dx = dx.mul_(g).view(ctx.x_shape)
+        if dw is not None:
+            dw = dw.mul_(g).to(ctx.w_dtype)
+        if db is not None:
+            db = db.mul_(g).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None

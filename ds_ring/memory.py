@@ -17,6 +17,7 @@ class MemoryEstimate:
     backward_peak_bytes: int  # peak the op allocates from forward's start to backward's end (out, lse included)
     single_rank_peak_bytes: int  # the same op with the whole sequence on one rank
     world_size: int
+    ring_buffer_bytes: int = 0  # K/V (+ mask) receive buffers, part of both peaks
 
     @property
     def peak_bytes(self) -> int:
@@ -80,7 +81,8 @@ def memory_estimate(
     bufs = min(2, world_size - 1) if communicates else 0
     saved, fwd, bwd = _peaks(batch_size, num_heads, Hkv, L, head_dim, e, key_padding_mask, bufs)
     s1, f1, b1 = _peaks(batch_size, num_heads, Hkv, seq_len, head_dim, e, key_padding_mask, 0)
-    return MemoryEstimate(saved, fwd, bwd, max(f1, b1), world_size)
+    buffers = bufs * batch_size * L * (2 * Hkv * head_dim * e + (1 if key_padding_mask else 0))
+    return MemoryEstimate(saved, fwd, bwd, max(f1, b1), world_size, buffers)
 
 
 def measure_peak_bytes(fn: Callable[[], object]) -> int:

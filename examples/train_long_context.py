@@ -38,6 +38,7 @@ from ds_ring.deepspeed_integration import initialize as ds_initialize
 from ds_ring.demo import passkey_batch, parse_pattern, tiny_llama_config
 from ds_ring.layouts import LAYOUTS
 from ds_ring.loss import causal_lm_loss
+from ds_ring.memory_options import parse_memory_options
 from ds_ring.transformers_integration import patch
 
 log = logging.getLogger("train_long_context")
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (split over the ring)")
     p.add_argument("--no-pad", action="store_true", help="refuse sequence lengths the ring cannot shard evenly")
     p.add_argument("--pattern", default="dense", help="'dense' (exact) or LongNet 'SEGMENTS:RATES', e.g. '256,512:1,2'")
+    p.add_argument("--memory", default="off", help="memory options (ds_ring.optimize_memory): 'off', 'long' (all), or "
+                   "a comma list of checkpointing,chunked_loss,tiled_mlp,offload")
     p.add_argument("--data", default="passkey", help="'passkey' (synthetic) or a path to a UTF-8 text file")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per ring per micro-step")
@@ -78,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model(args, sp, config: dict):
+def build_model(args, sp, config: dict, memory: dict | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     segments, rates = parse_pattern(args.pattern)
@@ -94,7 +97,8 @@ def build_model(args, sp, config: dict):
         cfg = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         cfg.use_cache = False
         model = AutoModelForCausalLM.from_pretrained(args.model, config=cfg, trust_remote_code=args.trust_remote_code)
-    return patch(model, sp=sp, segment_lengths=segments, dilation_rates=rates)
+    patch(model, sp=sp, segment_lengths=segments, dilation_rates=rates)
+    return model if memory is None else ds_ring.optimize_memory(model, sp, **memory)
 
 
 class TextChunks(torch.utils.data.Dataset):
@@ -188,6 +192,7 @@ def train(args) -> int:
         })
         check_config(config, sp)
         parse_pattern(args.pattern)
+        memory = parse_memory_options(args.memory)
         if args.data != "passkey" and args.model is None:
             raise ConfigError("--data with a text file needs --model (for its tokenizer); the tiny default has none")
     except (ConfigError, ValueError) as e:
@@ -197,7 +202,7 @@ def train(args) -> int:
     if seq_len != args.seq_len:
         log.info(f"--seq-len {args.seq_len} padded to {seq_len} so that it shards over the ring")
 
-    model = build_model(args, sp, config)
+    model = build_model(args, sp, config, memory)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     engine, *_ = ds_initialize(model, sp, config, optimizer=opt)
     stage = config["zero_optimization"]["stage"]
@@ -223,8 +228,12 @@ def train(args) -> int:
     for step, batch in batches(args, sp, engine.module.config.vocab_size, start):
         local = shard_batch(batch, sp, pad_token_id=engine.module.config.pad_token_id or 0)
         labels = local.pop("shift_labels")
-        loss = causal_lm_loss(engine(**local).logits, labels, sp)
-        engine.backward(loss)
+        with ds_ring.offload_context(engine.module):  # a no-op unless --memory offloads checkpoints
+            if memory and memory["chunked_loss"]:
+                loss = engine(**local, shift_labels=labels).loss  # the chunked loss: no logits
+            else:
+                loss = causal_lm_loss(engine(**local).logits, labels, sp)
+            engine.backward(loss)
         engine.step()
         loss_sum, n_micro = loss_sum + loss.item(), n_micro + 1
         if n_micro == args.grad_accum:  # DeepSpeed stepped the optimizer

@@ -1,0 +1,273 @@
+"""The memory options of a long-sequence training step, switched on together by ``optimize_memory``.
+
+At long sequences a training step's memory is mostly outside attention (issue 11): the (B, L, V) logits and their
+fp32 copy and gradient, the MLP's (B, L, intermediate) activations, and what each layer keeps for backward. Four
+options cut them, each selectable alone:
+
+* ``checkpointing``: transformers' activation checkpointing (non-reentrant) keeps only each decoder layer's input;
+* ``chunked_loss``: the model's forward, given ``shift_labels``, returns ``ds_ring.chunked_causal_lm_loss`` of its
+  final hidden states (no logits at all);
+* ``tiled_mlp``: every decoder layer's MLP runs through DeepSpeed's ``TiledMLP`` (ALST), ``mlp_chunk_tokens`` rows at
+  a time in forward and again in backward;
+* ``offload``: DeepSpeed's ``CheckpointHiddenStatesOffload`` (ALST) keeps the checkpointed layer inputs in pinned host
+  memory; it acts only on an accelerator (DeepSpeed skips tensors that are not on one), and runs inside
+  ``offload_context(model)`` around each step's forward and backward.
+
+``ds_ring.plan`` predicts the per-rank memory of a step with any combination of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .groups import SequenceParallel
+from .loss import chunked_causal_lm_loss
+
+# Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What ``optimize_memory`` switched on for a model (``model._ds_ring_memory``)."""
+
+    checkpointing: bool = True
+    chunked_loss: bool = True
+    tiled_mlp: bool = True
+    offload: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
+    loss_chunk_tokens: int | None = None  # None: ds_ring.loss.LOSS_CHUNK_ELEMENTS // vocab
+    mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
+
+
+def optimize_memory(
+    model: nn.Module,
+    sp: SequenceParallel | None = None,
+    *,
+    checkpointing: bool = True,
+    chunked_loss: bool = True,
+    tiled_mlp: bool = True,
+    offload: bool | str = "auto",
+    loss_chunk_tokens: int | None = None,
+    mlp_chunk_tokens: int | None = None,
+) -> nn.Module:
+    """Switch ``model`` (a transformers causal LM) to the long-sequence memory options in place; return it.
+
+    All options on (the default) is the one switch; turn single ones off to select the others alone. Call it before
+    ``deepspeed.initialize``; ``restore_memory(model)`` undoes it. ``sp`` (the ring) is needed by the chunked loss:
+    the forward then returns ``causal_lm_loss``'s value and gradient share (``out.loss``; ``out.logits`` is None)
+    when called with ``shift_labels`` from ``ds_ring.shard_batch``. Run each step's forward and backward inside
+    ``with ds_ring.offload_context(model):`` (a no-op unless offload is active).
+    """
+    if hasattr(model, "_ds_ring_memory"):
+        raise ValueError("optimize_memory: the model is already optimized; call ds_ring.restore_memory(model) first")
+    if offload not in (True, False, "auto"):
+        raise ValueError(f"optimize_memory: offload must be True, False or 'auto', got {offload!r}")
+    if offload is True and not checkpointing and not getattr(model, "is_activation_checkpointing", False):
+        raise ValueError("optimize_memory: offload=True moves the checkpointed layer inputs to the host and needs "
+                         "checkpointing=True (or activation checkpointing already enabled on the model)")
+    for name, v in (("loss_chunk_tokens", loss_chunk_tokens), ("mlp_chunk_tokens", mlp_chunk_tokens)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"optimize_memory: {name} must be a positive int or None, got {v!r}")
+    opts = MemoryOptions(checkpointing, chunked_loss, tiled_mlp, offload, loss_chunk_tokens, mlp_chunk_tokens)
+    if tiled_mlp:
+        try:
+            from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP  # noqa: F401
+        except ImportError as e:
+            raise ImportError("optimize_memory(tiled_mlp=True) runs DeepSpeed's TiledMLP (deepspeed.runtime."
+                              "sequence_parallel.ulysses_sp, DeepSpeed 0.19 tested): upgrade deepspeed or pass "
+                              "tiled_mlp=False") from e
+    mlps = _token_wise_mlps(model) if tiled_mlp else []
+    if chunked_loss:
+        _check_plain_lm_head(model)
+    undo = []
+    if checkpointing and not model.is_activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        undo.append(model.activation_checkpointing_disable)
+    if chunked_loss:
+        model.forward = types.MethodType(_chunked_loss_forward, model)
+        undo.append(lambda: model.__dict__.pop("forward"))
+    if mlps:
+        chunk = mlp_chunk_tokens or model.config.get_text_config().hidden_size
+        base = getattr(model, "base_model", model)  # also reached when the decoder is called on its own
+        handle = base.register_forward_pre_hook(_agree_on_tiles, with_kwargs=True)
+        undo.append(handle.remove)
+        undo.append(lambda: base.__dict__.pop("_ds_ring_tiles_agreed", None))
+        for mlp in mlps:
+            mlp._ds_ring_tiles = (base, chunk)
+            mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
+            undo.append(lambda m=mlp: (m.__dict__.pop("forward"), delattr(m, "_ds_ring_tiles")))
+    model._ds_ring_memory = opts
+    model._ds_ring_memory_sp = sp
+    model._ds_ring_memory_undo = undo
+    return model
+
+
+PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload")
+
+
+def parse_memory_options(text: str) -> dict[str, bool | str] | None:
+    """A command-line spelling of the options: ``"long"`` (all on, offload on an accelerator), ``"off"`` (None: do
+    not call ``optimize_memory``), or a comma list of ``checkpointing, chunked_loss, tiled_mlp, offload`` (the
+    others off). Returns ``optimize_memory``'s keyword arguments."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    if text == "long":
+        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload="auto")
+    parts = [p.strip().replace("-", "_") for p in text.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"memory options {text!r}: use 'long', 'off' or a comma list of {', '.join(PARTS)} "
+                         f"(unknown: {unknown})")
+    return {p: p in parts for p in PARTS}
+
+
+def restore_memory(model: nn.Module) -> nn.Module:
+    """Undo ``optimize_memory``."""
+    if not hasattr(model, "_ds_ring_memory"):
+        raise ValueError("restore_memory: the model was not optimized with ds_ring.optimize_memory")
+    for fn in reversed(model._ds_ring_memory_undo):
+        fn()
+    for attr in ("_ds_ring_memory", "_ds_ring_memory_sp", "_ds_ring_memory_undo", "_ds_ring_offload",
+                 "_ds_ring_offload_warned"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def offload_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The context one training step's forward AND backward run in: DeepSpeed's ``CheckpointHiddenStatesOffload``
+    when offload is on for ``model`` and its parameters are on an accelerator, else a no-op.
+
+    One offload manager per model, reused every step (as DeepSpeed recommends).
+    """
+    opts: MemoryOptions | None = getattr(model, "_ds_ring_memory", None)
+    if opts is None or opts.offload is False:
+        return contextlib.nullcontext()
+    on_accelerator = next(model.parameters()).device.type != "cpu"
+    if not on_accelerator:
+        if opts.offload is True and not getattr(model, "_ds_ring_offload_warned", False):
+            warnings.warn("ds_ring.offload_context: the model is on the CPU; DeepSpeed's checkpoint offload only moves "
+                          "tensors off an accelerator, so nothing is offloaded", stacklevel=2)
+            model._ds_ring_offload_warned = True
+        return contextlib.nullcontext()
+    if "_ds_ring_offload" not in model.__dict__:
+        from deepspeed.runtime.activation_checkpointing.offload_activations import (
+            get_checkpoint_hidden_states_offloading_ctx_manager,
+        )
+
+        model._ds_ring_offload = get_checkpoint_hidden_states_offloading_ctx_manager()
+    return model._ds_ring_offload
+
+
+# ----- chunked loss ------------------------------------------------------------------------------------------------
+
+def _check_plain_lm_head(model: nn.Module) -> None:
+    name = type(model).__name__
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight") or getattr(model, "base_model", model) is model:
+        raise NotImplementedError(f"optimize_memory(chunked_loss=True): {name} is not a causal LM with a base model "
+                                  "and a linear LM head (get_output_embeddings()); pass chunked_loss=False")
+    cfg = model.config.get_text_config()
+    for key in _LOGIT_TRANSFORMS:
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"optimize_memory(chunked_loss=True): {name} transforms its logits after the "
+                                      f"LM head (config.{key}={getattr(cfg, key)}), which the chunked loss does not "
+                                      "do; pass chunked_loss=False")
+
+
+def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                          shift_labels=None, labels=None, **kwargs):
+    """Forward of a model with the chunked loss: with ``shift_labels`` (or ``labels`` on one rank), the decoder runs
+    and ``out.loss`` is ``chunked_causal_lm_loss`` of its last hidden states (``out.logits`` is None); without
+    labels, the model's own forward (logits for evaluation or generation)."""
+    sp = self._ds_ring_memory_sp
+    if shift_labels is None and labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  inputs_embeds=inputs_embeds, **kwargs)
+    if kwargs.pop("num_items_in_batch", None) is not None:
+        raise NotImplementedError("the chunked loss averages over the ring's valid tokens (causal_lm_loss's "
+                                  "contract); num_items_in_batch is not supported")
+    if shift_labels is None:
+        if sp is not None and sp.sp_size > 1:
+            raise ValueError("with a ring of several ranks pass shift_labels (from ds_ring.shard_batch), not labels: "
+                             "a shard cannot shift its labels alone")
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          inputs_embeds=inputs_embeds, **kwargs)
+    opts: MemoryOptions = self._ds_ring_memory
+    loss = chunked_causal_lm_loss(out[0], self.get_output_embeddings(), shift_labels, sp,
+                                  chunk_tokens=opts.loss_chunk_tokens)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+# ----- tiled MLP ---------------------------------------------------------------------------------------------------
+
+def _token_wise_mlps(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's ``mlp``: dense, token-wise MLPs only (a MoE block routes and returns more than a tensor)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    name = type(model).__name__
+    mlps = [layer.mlp for layer in model.modules()
+            if isinstance(layer, GradientCheckpointingLayer) and isinstance(getattr(layer, "mlp", None), nn.Module)]
+    if not mlps:
+        raise NotImplementedError(f"optimize_memory(tiled_mlp=True): no decoder layer of {name} has an `mlp` module; "
+                                  "pass tiled_mlp=False")
+    for mlp in mlps:
+        cls = type(mlp).__name__
+        if any(k in cls.lower() for k in ("moe", "sparse", "expert")):
+            raise NotImplementedError(f"optimize_memory(tiled_mlp=True): {name}'s {cls} is a mixture of experts, "
+                                      "which TiledMLP does not tile; pass tiled_mlp=False")
+    return mlps
+
+
+def _plain_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return type(mlp).forward(mlp, x)
+
+
+def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    base, chunk = self._ds_ring_tiles
+    tiles = base.__dict__.get("_ds_ring_tiles_agreed") or math.ceil(x.shape[-2] / chunk)
+    if tiles <= 1:
+        return _plain_mlp(self, x)
+    return TiledMLP.apply(_plain_mlp, self, x, tiles, [p for p in self.parameters() if p.requires_grad])
+
+
+def _agree_on_tiles(base: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the decoder: under ZeRO-3, the number of MLP tiles every rank runs.
+
+    Every tile gathers the MLP's partitioned weights on all ranks of the ZeRO group, so all must run the same number
+    of tiles: the longest local length is agreed (one all-gather of one integer per forward), and lengths that
+    ``torch.chunk`` would cut into different numbers of tiles raise the same error on every rank.
+    """
+    base._ds_ring_tiles_agreed = None
+    x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if x is None and args:
+        x = args[0]
+    if x is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if not any(hasattr(p, "ds_id") for p in base.parameters()):  # not partitioned by ZeRO-3: nothing to agree on
+        return
+    mine = torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device)
+    lengths = torch.empty(dist.get_world_size(), dtype=torch.int64, device=x.device)
+    dist.all_gather_into_tensor(lengths, mine)
+    lengths = lengths.tolist()
+    chunk = next(m._ds_ring_tiles[1] for m in base.modules() if hasattr(m, "_ds_ring_tiles"))
+    tiles = math.ceil(max(lengths) / chunk)
+    counts = {len(range(0, n, math.ceil(n / tiles))) for n in lengths}
+    if len(counts) > 1:
+        raise ValueError(f"tiled MLP under ZeRO-3: the local sequence lengths {sorted(set(lengths))} would be cut into "
+                         f"different numbers of tiles ({sorted(counts)}), and every tile gathers weights on all ranks; "
+                         "use equal lengths on every rank or a larger mlp_chunk_tokens")
+    base._ds_ring_tiles_agreed = tiles

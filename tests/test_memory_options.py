@@ -1,0 +1,222 @@
+"""The chunked loss and the memory options (ds_ring.optimize_memory) on real gloo ranks, in one spawn of 2 ranks.
+
+* ``chunked_causal_lm_loss`` against a float64 cross-entropy of the full logits: value, gradients of the hidden states,
+  LM head weight and bias; ignored targets, a rank with no valid target, a ring with none.
+* A Llama at P=2 with ring attention and each memory option (and all of them) against the unpatched model on the
+  full sequence in one process: loss and every parameter gradient (summed over the ring).
+* The same under ZeRO-3 with every parameter partitioned (the LM head tied to the embedding, MLP weights gathered per
+  tile) and 2 gradient-accumulation micro-steps: DeepSpeed's reduced gradients against the one-process mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_utils import run_distributed
+
+V, H, B, L = 37, 16, 2, 12  # vocabulary, hidden, batch, tokens per rank (chunks of 5 do not divide it)
+VOCAB, SEQ = 96, 24
+PARTS = {
+    "all": {},
+    "checkpointing": dict(chunked_loss=False, tiled_mlp=False),
+    "chunked_loss": dict(checkpointing=False, tiled_mlp=False),
+    "tiled_mlp": dict(checkpointing=False, chunked_loss=False),
+}
+
+
+def _loss_case(sp, labels_full, seed):
+    """This rank's chunked loss on its shard; returns the loss and the ring-summed gradients (the contract)."""
+    import ds_ring
+
+    g = torch.Generator().manual_seed(seed)
+    hidden_full = torch.randn(B, L * sp.sp_size, H, generator=g)
+    head = torch.nn.Linear(H, V, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+        head.bias.copy_(torch.randn(V, generator=g))
+    leaf = hidden_full.clone().requires_grad_(True)
+    x = ds_ring.shard_sequence(leaf, 1, sp.group, sp.layout)
+    y = ds_ring.shard_sequence(labels_full, 1, sp.group, sp.layout)
+    loss = ds_ring.chunked_causal_lm_loss(x, head, y, sp, chunk_tokens=5)
+    (2.5 * loss).backward()  # an incoming gradient other than 1 must reach every gradient
+    grads = [leaf.grad, head.weight.grad, head.bias.grad]
+    for t in grads:
+        dist.all_reduce(t, group=sp.group)
+    return {"loss": loss.item(), "grads": grads, "hidden": hidden_full, "weight": head.weight.detach().clone(),
+            "bias": head.bias.detach().clone(), "labels": labels_full}
+
+
+def build_model(tied: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+                      tie_word_embeddings=tied, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).float()
+
+
+def batches(seed: int, n: int) -> list[dict]:
+    """Random token batches; row 1 right-padded (labels -100 there) so shards hold unequal valid targets."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (B, SEQ), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, SEQ - 9:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def _model_case(sp, base, batch, options):
+    """Loss and ring-summed gradients of the patched model (ring attention + memory options) on one batch."""
+    import ds_ring
+
+    model = ds_ring.patch(copy.deepcopy(base), sp=sp).train()
+    ds_ring.optimize_memory(model, sp, loss_chunk_tokens=5, mlp_chunk_tokens=4, **options)
+    local = ds_ring.shard_batch(batch, sp)
+    labels = local.pop("shift_labels")
+    if model._ds_ring_memory.chunked_loss:
+        loss = model(**local, shift_labels=labels).loss
+    else:
+        loss = ds_ring.causal_lm_loss(model(**local).logits, labels, sp)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for t in grads.values():
+        dist.all_reduce(t, group=sp.group)
+    return loss.item(), grads
+
+
+def _zero3_case(sp, base, micro_batches):
+    """ZeRO-3, every parameter partitioned, 2 micro-steps: DeepSpeed's full gradients before the step."""
+    from deepspeed.utils import safe_get_full_grad
+
+    import ds_ring
+
+    model = ds_ring.optimize_memory(ds_ring.patch(copy.deepcopy(base), sp=sp), sp, loss_chunk_tokens=5,
+                                    mlp_chunk_tokens=4)
+    config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": len(micro_batches),
+              "gradient_clipping": 0.0, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9}
+    engine, *_ = ds_ring.deepspeed_initialize(model, sp, config,
+                                              optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    partitioned = engine.module.lm_head.weight.numel() == 0  # gathered only inside a module's forward/backward
+    losses = []
+    for batch in micro_batches:
+        local = ds_ring.shard_batch(batch, sp)
+        labels = local.pop("shift_labels")
+        with ds_ring.offload_context(engine.module):
+            loss = engine(**local, shift_labels=labels).loss
+            engine.backward(loss)
+        losses.append(loss.item())
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+    engine.step()
+    engine.destroy()
+    return losses, grads, partitioned
+
+
+def _worker(rank, world):
+    warnings.filterwarnings("ignore")
+    import ds_ring
+
+    sp = ds_ring.init_sequence_parallel(world, layout="zigzag")
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, V, (B, L * world), generator=g)
+    mine = ds_ring.shard_sequence(torch.arange(L * world)[None], 1, sp.group, sp.layout)[0].tolist()
+    held = [None] * world
+    dist.all_gather_object(held, mine)
+    labels[:, held[0]] = -100  # ring rank 0 holds no valid target
+    labels[1, -3:] = -100
+    out = {"loss": {"unequal": _loss_case(sp, labels, 0), "none": _loss_case(sp, torch.full_like(labels, -100), 1)}}
+
+    base = build_model(tied=False)
+    batch = batches(5, 1)[0]
+    out["model"] = {name: _model_case(sp, base, batch, opts) for name, opts in PARTS.items()}
+    out["model_batch"] = batch
+    tied = build_model(tied=True)
+    out["zero3"] = _zero3_case(sp, tied, batches(7, 2))
+    return out if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_worker, 2)[0]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def test_chunked_loss_matches_float64_cross_entropy(results):
+    r = results["loss"]["unequal"]
+    x = r["hidden"].double().requires_grad_(True)
+    w = r["weight"].double().requires_grad_(True)
+    b = r["bias"].double().requires_grad_(True)
+    ref = F.cross_entropy(F.linear(x, w, b).reshape(-1, V), r["labels"].reshape(-1), ignore_index=-100)
+    (2.5 * ref).backward()
+    assert abs(r["loss"] - ref.item()) <= 1e-5 * abs(ref.item())
+    for got, want in zip(r["grads"], (x.grad, w.grad, b.grad)):
+        assert _rel(got, want) < 1e-5, _rel(got, want)
+
+
+def test_chunked_loss_with_no_valid_target_is_zero(results):
+    r = results["loss"]["none"]
+    assert r["loss"] == 0.0
+    assert all(torch.count_nonzero(t) == 0 for t in r["grads"])
+
+
+def _reference(base, batches_):
+    """One process, unpatched model, full sequences: the mean of the batches' HF losses and its gradients."""
+    model = copy.deepcopy(base)
+    losses = [model(**b).loss for b in batches_]
+    (sum(losses) / len(losses)).backward()
+    return [x.item() for x in losses], {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("part", list(PARTS))
+def test_memory_options_keep_loss_and_gradients(results, part):
+    ref_loss, ref_grads = _reference(build_model(tied=False), [results["model_batch"]])
+    loss, grads = results["model"][part]
+    assert abs(loss - ref_loss[0]) < 1e-5 * abs(ref_loss[0])
+    worst = max(_rel(grads[n], g) for n, g in ref_grads.items())
+    assert worst < 1e-5, (part, worst)
+
+
+def test_zero3_partitioned_tied_head_and_tiles_with_accumulation(results):
+    losses, grads, partitioned = results["zero3"]
+    assert partitioned
+    ref_losses, ref_grads = _reference(build_model(tied=True), batches(7, 2))
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-5
+    worst = max(_rel(grads[n], g) for n, g in ref_grads.items())
+    assert worst < 1e-5, worst
+
+
+def test_options_validation_and_parsing():
+    import ds_ring
+    from ds_ring.memory_options import parse_memory_options
+
+    assert parse_memory_options("off") is None
+    assert parse_memory_options("long")["offload"] == "auto"
+    assert parse_memory_options("chunked_loss,tiled-mlp") == {"checkpointing": False, "chunked_loss": True,
+                                                              "tiled_mlp": True, "offload": False}
+    with pytest.raises(ValueError, match="unknown"):
+        parse_memory_options("chunked_loss,fast")
+    model = build_model(tied=False)
+    ds_ring.optimize_memory(model)
+    with pytest.raises(ValueError, match="already optimized"):
+        ds_ring.optimize_memory(model)
+    ds_ring.restore_memory(model)
+    assert "forward" not in model.__dict__ and not model.is_activation_checkpointing
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        ds_ring.optimize_memory(model, checkpointing=False, offload=True)
+    with pytest.warns(UserWarning, match="nothing is offloaded"):
+        ds_ring.optimize_memory(model, offload=True)
+        ctx = ds_ring.offload_context(model)
+    assert ctx.__class__.__name__ == "nullcontext"

@@ -1,0 +1,125 @@
+"""The memory planner (ds_ring.plan, ds-ring plan) against real models and measured steps, in process (seconds).
+
+The P=2 ZeRO-3 agreement at benchmark scale is in benchmarks/bench_longest.py; here one process, no DeepSpeed: a
+whole training step (forward, backward, AdamW step) of two small Llama shapes with ds_ring's attention, with and
+without the memory options, measured by the profiler's allocation events against the plan's step peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ds_ring
+from ds_ring.cli import main as cli_main
+from ds_ring.planner import ModelShape, parse_bytes, plan
+
+SHAPES = {  # name: (config, sequence length)
+    "tied, h=64": (dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), 4096),
+    "untied, h=96": (dict(vocab_size=3000, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                          num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False), 2048),
+}
+MODES = {"off": None, "long": dict(offload=False)}
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**cfg, max_position_embeddings=8192, use_cache=False))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_parameter_count_matches_the_model(shape):
+    cfg, _ = SHAPES[shape]
+    model = _model(cfg)
+    assert ModelShape.from_config(model.config).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the spawned ranks of the other tests; a loaded 2-core box crawls with more
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_step_peak_within_20_percent_of_measured(shape, mode, one_thread):
+    cfg, S = SHAPES[shape]
+    opts = MODES[mode]
+    model = ds_ring.patch(_model(cfg)).train()  # one process: ds_ring's attention runs locally
+    if opts is not None:
+        ds_ring.optimize_memory(model, None, **opts)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, cfg["vocab_size"], (1, S))
+    labels = torch.nn.functional.pad(ids, (0, 1), value=-100)[..., 1:]
+
+    def step():
+        if opts is None:
+            loss = ds_ring.causal_lm_loss(model(input_ids=ids).logits, labels, None)
+        else:
+            loss = model(input_ids=ids, shift_labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # gradients are held between steps, as the plan counts them
+
+    step()  # creates the gradients and AdamW's moments
+    measured = ds_ring.measure_peak_bytes(step)
+    on = opts is not None
+    p = plan(cfg, S, sp_size=1, zero_stage=0, dtype="fp32", layout="contiguous", checkpointing=on,
+             chunked_loss=on, tiled_mlp=on)
+    assert 0.8 <= measured / p.step_peak_bytes <= 1.2, (measured, p.phases)
+
+
+def test_longest_sequence_is_the_boundary_and_options_help():
+    cfg, _ = SHAPES["untied, h=96"]
+    kw = dict(sp_size=4, zero_stage=3, device_memory="1GiB")
+    long, off = plan(cfg, **kw), plan(cfg, checkpointing=False, chunked_loss=False, tiled_mlp=False, **kw)
+    for p in (long, off):
+        grain = 8  # zigzag over 4 ranks
+        assert p.seq_len == p.longest_seq_len and p.fits
+        assert not plan(cfg, p.seq_len + grain, **kw, **{k: v for k, v in p.options.items()
+                                                         if k != "offload_checkpoints"}).fits
+    assert long.longest_seq_len > 3 * off.longest_seq_len
+    with pytest.raises(ValueError, match="multiple of 8"):
+        plan(cfg, 1001, sp_size=4)
+    with pytest.raises(ValueError, match="not even"):
+        plan(cfg, sp_size=1, device_memory="1MiB")
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("2GiB") == 2 * 2**30 and parse_bytes(512) == 512
+
+
+def test_offload_moves_states_to_the_host():
+    cfg = dict(SHAPES["untied, h=96"][0], num_hidden_layers=8)
+    on = plan(cfg, 4096, sp_size=2, offload_optimizer=True, offload_params=True, offload_checkpoints=True)
+    off = plan(cfg, 4096, sp_size=2)
+    assert on.persistent["parameters"] == 0 and on.host["parameters"] == off.persistent["parameters"]
+    assert on.host["optimizer states"] == off.persistent["optimizer states (fp32 master + Adam)"]
+    assert on.moments["loss"]["checkpoints"] < off.moments["loss"]["checkpoints"]
+
+
+def test_cli_plan(tmp_path, capsys):
+    cfg, _ = SHAPES["tied, h=64"]
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    assert cli_main(["plan", "--model", str(tmp_path), "--ranks", "2", "--memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "longest sequence that fits 1.00 GiB per rank" in out and "checkpoints" in out and "ZeRO-3" in out
+    assert cli_main(["plan", "--model", str(tmp_path / "missing"), "--memory", "1GiB"]) == 2
+    assert "no model config" in capsys.readouterr().err
+    assert cli_main(["plan", "--model", str(tmp_path), "--seq-len", "4096", "--options", "off", "--zero", "2"]) == 0
+    assert "saved activations: MLP" in capsys.readouterr().out
+
+
+def test_config_forms_agree(tmp_path):
+    cfg, _ = SHAPES["tied, h=64"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    forms = [cfg, str(path), tmp_path, LlamaConfig(**cfg)]
+    assert len({ModelShape.from_config(f) for f in forms}) == 1
+    with pytest.raises(ValueError, match="Llama-style"):
+        ModelShape.from_config({"n_embd": 64})
+    assert copy.deepcopy(ModelShape.from_config(cfg)).params > 0
