@@ -12,6 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "over sequence-parallel ranks, with DeepSpeed ZeRO")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from . import demo
+    from .cost_model import CLUSTERS
+    from .layouts import LAYOUTS
 
     p = sub.add_parser("demo", help="train a small Llama on 2 local CPU ranks with ZeRO-3 and ring attention",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,9 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "else 3)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: --deepspeed's, else bf16")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per ring per micro-step")
-    p.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="zigzag")
     p.add_argument("--options", default="long", help="memory options: 'long' (all), 'off', or a comma list of "
                    "checkpointing,chunked_loss,tiled_mlp,offload (as ds_ring.optimize_memory)")
+    c = p.add_argument_group("communication (with --ranks > 1): bytes and attention time per (Ulysses x ring) "
+                             "factorization, from ds_ring.cost_model")
+    c.add_argument("--cluster", choices=sorted(CLUSTERS), default="h100", help="preset for the values below")
+    c.add_argument("--ranks-per-node", type=int, default=None, help="GPUs per node (default: the preset's)")
+    c.add_argument("--intra-bw", type=float, default=None, help="GB/s per rank and direction inside a node")
+    c.add_argument("--inter-bw", type=float, default=None, help="GB/s per rank and direction across nodes")
+    c.add_argument("--flops", type=float, default=None, help="achieved attention-kernel TFLOP/s (measure one flash "
+                   "call on a full block)")
+    c.add_argument("--memory-bw", type=float, default=None, help="device memory TB/s")
     p.set_defaults(func=_run_plan)
 
     from . import bench
@@ -50,6 +61,10 @@ ring buffers, MLP, logits/loss) from a model's config, and the longest sequence 
 
   ds-ring plan --model path/to/config.json --ranks 8 --memory 80GB
   ds-ring plan --model path/to/model_dir --ranks 8 --seq-len 1048576 --deepspeed ds_config/zero3_offload.json
+  ds-ring plan --model path/to/config.json --ranks 32 --seq-len 262144 --cluster h100 --ranks-per-node 8
+
+With --ranks > 1 it also prints, per (Ulysses x ring) factorization, the bytes per rank per attention layer over
+each link and the predicted attention time (ds_ring.cost_model), and recommends one.
 """
 
 
@@ -72,7 +87,33 @@ def _run_plan(args: argparse.Namespace) -> int:
         print(f"ds-ring plan: {e}", file=sys.stderr)
         return 2
     print(result.table())
+    if args.ranks > 1:
+        try:
+            print()
+            print(_communication(args, result))
+        except ValueError as e:  # e.g. a length the 2D layouts cannot shard: the memory plan above still stands
+            print(f"communication: not planned: {e}")
     return 0
+
+
+def _communication(args: argparse.Namespace, result) -> str:
+    """The cost model's table for the plan's model and sequence on the chosen cluster."""
+    from dataclasses import replace
+
+    from .cost_model import CLUSTERS, AttentionShape, recommend, table
+    from .planner import _DTYPE_BYTES
+
+    over = {k: v * scale for k, v, scale in (("ranks_per_node", args.ranks_per_node, 1),
+                                              ("intra_node_bw", args.intra_bw, 1e9),
+                                              ("inter_node_bw", args.inter_bw, 1e9), ("flops", args.flops, 1e12),
+                                              ("memory_bw", args.memory_bw, 1e12)) if v is not None}
+    cluster = replace(CLUSTERS[args.cluster], **over)
+    s = result.shape
+    shape = AttentionShape(s.heads, s.kv_heads, s.head_dim, _DTYPE_BYTES[result.dtype])
+    preds = recommend(shape, result.seq_len, args.ranks, cluster, batch=args.batch_size, layout=args.layout)
+    if not preds:
+        raise ValueError(f"no factorization of {args.ranks} ranks fits {cluster.ranks_per_node} ranks per node")
+    return table(preds, result.seq_len, args.ranks, cluster)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

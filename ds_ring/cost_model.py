@@ -230,3 +230,23 @@ def recommend(shape: AttentionShape, seq_len: int, sp_size: int, cluster: Cluste
     preds = [predict(shape, seq_len, sp_size, u, cluster, **kw)
              for u, _ in factorizations(sp_size, shape, cluster.ranks_per_node)]
     return sorted(preds, key=lambda p: p.forward_s + p.backward_s)
+
+
+def table(preds: list[Prediction], seq_len: int, sp_size: int, cluster: Cluster) -> str:
+    """``recommend``'s predictions as the text ``ds-ring plan`` prints: bytes per rank per layer by link, predicted
+    attention time (forward + backward, one layer) and efficiency against the ideal; the first row is recommended."""
+    mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
+    head = (f"attention per layer, {seq_len:,} tokens over {sp_size} ranks, {cluster.ranks_per_node} per node "
+            f"(NVLink-class {cluster.intra_node_bw / 1e9:g} GB/s, across nodes {cluster.inter_node_bw / 1e9:g} GB/s "
+            f"per rank and direction; kernel {cluster.flops / 1e12:g} TFLOP/s, memory {cluster.memory_bw / 1e12:g} "
+            "TB/s):")
+    cols = ("(u, R)", "all-to-all MB", "ring in-node MB", "ring across MB", "fwd ms", "bwd ms", "of ideal")
+    lines = [head, "  " + "".join(f"{c:>16}" for c in cols)]
+    for i, p in enumerate(preds):
+        t = p.traffic
+        row = (f"({p.ulysses}, {p.ring})", mb(t.a2a_intra + t.a2a_inter), mb(t.ring_intra), mb(t.ring_inter),
+               f"{p.forward_s * 1e3:,.2f}", f"{p.backward_s * 1e3:,.2f}", f"{p.efficiency:.1%}")
+        lines.append("  " + "".join(f"{c:>16}" for c in row) + ("   <- recommended" if i == 0 else ""))
+    lines.append("  (u Ulysses ranks inside a node x R ring positions; bytes one rank sends, forward + backward; "
+                 "assumptions: docs/ulysses_ring.md)")
+    return "\n".join(lines)

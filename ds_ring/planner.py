@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .layouts import get_layout
 from .loss import LOSS_CHUNK_ELEMENTS
 from .memory import memory_estimate
 
@@ -270,7 +271,7 @@ def plan(
         reduce_bucket_size=reduce_bucket_size or zs.get("reduce_bucket_size", 500_000_000),
         max_live_parameters=max_live_parameters or zs.get("max_live_parameters", 1_000_000_000),
     )
-    grain = sp_size * (2 if layout == "zigzag" else 1)
+    grain = get_layout(layout).divisor(sp_size)
     limit = None if device_memory is None else parse_bytes(device_memory)
     longest = None
     if limit is not None:

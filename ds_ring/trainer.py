@@ -33,6 +33,7 @@ from transformers import Trainer
 from .data import shard_batch
 from .groups import SequenceParallel, init_sequence_parallel
 from .loss import causal_lm_loss
+from .memory_options import offload_context, optimize_memory, parse_memory_options
 from .sharding import gather_sequence
 from .transformers_integration import patch
 
@@ -60,6 +61,10 @@ class SequenceParallelMixin:
       ring across them; see ``ds_ring.init_sequence_parallel``); the whole ``sp_size`` group is still one sequence.
     - ``segment_lengths`` / ``dilation_rates``: a LongNet dilated pattern (default: dense, exact attention).
     - ``sp``: an existing ``ds_ring.SequenceParallel`` to reuse instead of making new groups.
+    - ``memory``: the long-sequence memory options (``ds_ring.optimize_memory``): ``"long"`` (all on), ``"off"``
+      (default), a comma list such as ``"checkpointing,chunked_loss"``, or a dict of ``optimize_memory``'s keyword
+      arguments. With the chunked loss, training never materialises the logits; evaluation with
+      ``prediction_loss_only=False`` still gathers them (it returns them).
 
     The groups are made right after the Trainer has set up accelerate's process group, before any dataloader or
     DeepSpeed engine exists; the model is patched with ``ds_ring.patch``. Trains causal LMs with the default loss
@@ -78,6 +83,7 @@ class SequenceParallelMixin:
         segment_lengths: Sequence[int] | None = None,
         dilation_rates: Sequence[int] | None = None,
         sp: SequenceParallel | None = None,
+        memory: str | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -95,7 +101,11 @@ class SequenceParallelMixin:
                 "(gloo)"
             )
         self.sp = sp
+        memory = parse_memory_options(memory) if isinstance(memory, str) else None if memory is None else dict(memory)
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
+        if memory is not None:
+            optimize_memory(self.model, sp, **memory)
+        self._chunked_loss = memory is not None and memory.get("chunked_loss", True)
         _make_accelerator_ring_aware(self.accelerator, sp)
 
     def _check_trainer_setup(self) -> None:
@@ -162,8 +172,11 @@ class SequenceParallelMixin:
         ``return_outputs``) are this rank's shard: logits (B, S_pad / sp_size, V)."""
         if "labels" not in inputs:
             raise ValueError(f"{type(self).__name__}.compute_loss needs labels in the batch (causal-LM targets)")
-        outputs, shift_labels = self._forward_shard(model, inputs)
-        loss = causal_lm_loss(outputs.logits, shift_labels, self.sp)  # mean over this batch's targets in the ring
+        # the chunked loss returns no logits: used only where nobody asks for the outputs (training, loss-only eval)
+        chunked = self._chunked_loss and not return_outputs
+        outputs, shift_labels = self._forward_shard(model, inputs, with_labels=chunked)
+        # mean over this batch's targets in the ring
+        loss = outputs.loss if chunked else causal_lm_loss(outputs.logits, shift_labels, self.sp)
         if num_items_in_batch is not None:  # Trainer's normalisation: sum over the batch / num_items_in_batch
             loss = loss * (_targets(inputs["labels"]) / num_items_in_batch)
             if self.args.average_tokens_across_devices:
@@ -172,15 +185,25 @@ class SequenceParallelMixin:
                 loss = loss * self.sp.dp_size
         return (loss, outputs) if return_outputs else loss
 
-    def _forward_shard(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+    def _forward_shard(self, model: nn.Module, inputs: dict[str, torch.Tensor], with_labels: bool = False):
         """Run this rank's shard of the full batch ``inputs``; returns (outputs, shift_labels or None).
+        ``with_labels``: the model gets ``shift_labels`` too (the chunked loss of ``optimize_memory``: ``outputs.loss``
+        is the ring's loss and there are no logits).
 
         Whatever ``shard_batch`` returns is what the model gets (global position_ids, and the keys it understands),
         so batches with keys it cannot shard fail there with the key named."""
         config = self.accelerator.unwrap_model(model).config
         local = shard_batch(inputs, self.sp, pad_token_id=getattr(config, "pad_token_id", None) or 0)
         shift_labels = local.pop("shift_labels", None)
+        if with_labels:
+            return model(**local, shift_labels=shift_labels, use_cache=False), shift_labels
         return model(**local, use_cache=False), shift_labels
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``Trainer.training_step`` (forward and backward) inside ``ds_ring.offload_context``: DeepSpeed's checkpoint
+        offload when ``memory`` turned it on and the model is on an accelerator, else a no-op."""
+        with offload_context(self.accelerator.unwrap_model(model)):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     def prediction_step(
         self,
@@ -220,7 +243,8 @@ class SequenceParallelMixin:
 
 class SequenceParallelTrainer(SequenceParallelMixin, Trainer):
     """``transformers.Trainer`` with ds_ring sequence parallelism; see :class:`SequenceParallelMixin` for the extra
-    arguments (``sp_size``, ``layout``, ``segment_lengths``, ``dilation_rates``, ``sp``)."""
+    arguments (``sp_size``, ``layout``, ``ulysses_size``, ``segment_lengths``, ``dilation_rates``, ``sp``,
+    ``memory``)."""
 
 
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------

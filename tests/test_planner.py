@@ -8,6 +8,7 @@ without the memory options, measured by the profiler's allocation events against
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -112,6 +113,21 @@ def test_cli_plan(tmp_path, capsys):
     assert "no model config" in capsys.readouterr().err
     assert cli_main(["plan", "--model", str(tmp_path), "--seq-len", "4096", "--options", "off", "--zero", "2"]) == 0
     assert "saved activations: MLP" in capsys.readouterr().out
+    # with several ranks, the cost model's factorizations follow: its bytes, on the cluster the flags describe
+    from ds_ring.cost_model import CLUSTERS, AttentionShape, recommend
+
+    args = ["plan", "--model", str(tmp_path), "--ranks", "4", "--seq-len", "8192", "--ranks-per-node", "2",
+            "--inter-bw", "10"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    shape = ModelShape.from_config(cfg)
+    cluster = dataclasses.replace(CLUSTERS["h100"], ranks_per_node=2, inter_node_bw=10e9)
+    preds = recommend(AttentionShape(shape.heads, shape.kv_heads, shape.head_dim, 2), 8192, 4, cluster)
+    assert {(p.ulysses, p.ring) for p in preds} == {(1, 4), (2, 2)}  # Ulysses groups stay inside a 2-rank node
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("(1", "(2")]
+    assert [r[:2] for r in rows] == [[f"({p.ulysses},", f"{p.ring})"] for p in preds]
+    assert rows[0][-2:] == ["<-", "recommended"] and len(rows[1]) == 8
+    assert [r[4] for r in rows] == [f"{p.traffic.ring_inter / 1e6:,.1f}" for p in preds]
 
 
 def test_config_forms_agree(tmp_path):
