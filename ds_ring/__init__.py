@@ -32,7 +32,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "MemoryOptions", "RingDilatedAttention",
-    "RingDilatedMultiheadAttention", "RingFacts", "SequenceParallel", "SequenceParallelMixin", "SequenceParallelTrainer",
+    "RingDilatedMultiheadAttention", "RingFacts", "SequenceParallel", "SequenceParallelMixin",
+    "SequenceParallelTrainer",
     "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout",
     "init_distributed", "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes",
     "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("bench_kernel", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses", "bench_startup", "bench_syncs",
-           "bench_packing", "bench_2d")
+SCRIPTS = ("bench_kernel", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses", "bench_startup",
+           "bench_syncs", "bench_packing", "bench_2d", "bench_longest")
 
 
 def bench_dir() -> Path:

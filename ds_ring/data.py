@@ -51,7 +51,8 @@ def shard_batch(
       ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
 
     S that does not divide by sp_size (2*sp_size for the zigzag layout) is padded on the right with masked tokens
-    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.sequence_layout`` (the grid's under two-dimensional SP).
+    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.sequence_layout``
+    (the grid's under two-dimensional SP).
     """
     unknown = set(batch) - set(_TOKEN_KEYS) - set(PACKING_KEYS)
     if unknown:

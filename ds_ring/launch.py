@@ -11,7 +11,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ def _exit_status(code: int | None) -> str:
 
 def spawn_local(
     fn: Callable, world_size: int, *args, threads: int = 1, init_gloo: bool = True, timeout_s: float = 1800.0,
-    pg_timeout_s: float = 600.0,
+    pg_timeout_s: float = 600.0, preload: Sequence[str] = (),
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
@@ -67,8 +67,19 @@ def spawn_local(
     ``ds_ring.teardown``. ``fn`` must be a module-level function. Raises RuntimeError with every failed rank's
     traceback, when a rank dies without reporting, after ``timeout_s``, and when a rank that returned its result then
     exits with a non-zero code (e.g. SIGABRT at interpreter exit) or does not exit: a launcher would fail that run.
+
+    ``preload`` (module names): fork the ranks from one ``forkserver`` process that has imported them once, instead
+    of starting fresh interpreters that each import torch, transformers and deepspeed (seconds per rank). The server
+    lives as long as this process, so repeated calls (a test suite) pay the imports once. The ranks see the
+    environment of the first such call. Trade-off: a forked rank ends with ``os._exit``, so it never runs interpreter
+    finalization, where the exit-time aborts of issue 13 happen: runs that must see those use the default (a fresh
+    interpreter per rank, like every launcher).
     """
-    ctx = mp.get_context("spawn")
+    if preload:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+    else:
+        ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,

@@ -239,7 +239,8 @@ def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing)
             restart = jumps.any()
     param = next(model.parameters(), None)
     same = {"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
-            "parameter dtype / autocast": (str(getattr(param, "dtype", None)), torch.is_autocast_enabled(x.device.type)),
+            "parameter dtype / autocast": (str(getattr(param, "dtype", None)),
+                                           torch.is_autocast_enabled(x.device.type)),
             "has document_ids": int(ids is not None)}
     flags = {"default position_ids": wrong, "restarting position_ids": restart}
     block_len, block_mask = L, mask

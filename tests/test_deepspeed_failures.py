@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_utils import free_port, run_distributed
+from dist_utils import PRELOAD, free_port, run_distributed
 
 PG_TIMEOUT = 10.0
 
@@ -58,7 +58,8 @@ def _crash_worker(rank: int, port: int, queue, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_failed_rank_makes_peer_fail_within_timeout(mode):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # the session's preloaded server (dist_utils.PRELOAD): no imports per rank
+    ctx.set_forkserver_preload(list(PRELOAD))
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_crash_worker, args=(r, port, queue, mode), daemon=True) for r in range(2)]

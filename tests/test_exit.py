@@ -26,7 +26,7 @@ def _abort_at_exit(rank: int, world: int) -> int:
 
 def test_spawn_local_fails_when_a_rank_aborts_after_returning():
     with pytest.raises(RuntimeError, match=r"rank 1 returned its result but exited with code -6 \(SIGABRT\)"):
-        run_distributed(_abort_at_exit, 2)
+        run_distributed(_abort_at_exit, 2, fresh_interpreters=True)  # atexit runs only in a real interpreter exit
 
 
 LATE_IMPORT = """
