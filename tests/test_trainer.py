@@ -7,7 +7,7 @@ runs every backend (no DeepSpeed: DDP; ZeRO-2; ZeRO-3):
 - SP=2 on 2 ranks: one ring = one data-parallel rank, shuffled data (the ring must draw the plain Trainer's order,
   across an epoch boundary); a ZeRO-3 and a DDP run stopped after 2 steps and resumed from their checkpoints;
 - SP=2 x DP=2 on 4 ranks (contiguous layout): the plain Trainer over 2 data-parallel ranks equals one process with
-  twice the batch when the sampler is sequential; DDP, and ZeRO-3 with the memory switch (``memory=``).
+  twice the batch when the sampler is sequential; DDP, ZeRO-2, and ZeRO-3 with the memory switch (``memory=``).
 Compared: the logged loss of every step, the eval loss, and the final parameters as written by save_model (loaded
 with from_pretrained), all to 1e-4 relative. Misuse is refused before training.
 """
@@ -30,11 +30,11 @@ ZERO = {
     "zero3": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
 }
 RESUMED = ("ddp", "zero3")
-# SP=2 x DP=2: DDP, and ZeRO-3 with the memory switch (chunked loss over a partitioned LM head, tiled MLP with 4 tiles
-# per shard agreed over the ZeRO group, checkpointing): the objective must not move (ZeRO-2 and plain ZeRO-3 at this
+# SP=2 x DP=2: DDP, ZeRO-2, and ZeRO-3 with the memory switch (chunked loss over a partitioned LM head, tiled MLP with
+# 4 tiles per shard agreed over the ZeRO group, checkpointing): the objective must not move (plain ZeRO-3 at this
 # grid: tests/test_deepspeed_exactness.py)
 MEMORY = {"checkpointing": True, "chunked_loss": True, "tiled_mlp": True, "mlp_chunk_tokens": 4, "loss_chunk_tokens": 5}
-DP2_RUNS = {"ddp": (None, None), "zero3 memory": (ZERO["zero3"], MEMORY)}
+DP2_RUNS = {"ddp": (None, None), "zero2": (ZERO["zero2"], None), "zero3 memory": (ZERO["zero3"], MEMORY)}
 SP2_RUNS = {name: (zero, None) for name, zero in ZERO.items()}
 
 
