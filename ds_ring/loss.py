@@ -90,8 +90,9 @@ def chunked_causal_lm_loss(
     labels = shift_labels.to(hidden_states.device).reshape(-1)
 
     def head_loss(x: torch.Tensor) -> torch.Tensor:  # reads the weight when lm_head's hooks have gathered it
+        # grad mode is read here: inside Function.forward it is always off, and needs_input_grad ignores it
         return _ChunkedLMHeadLoss.apply(x, lm_head.weight, getattr(lm_head, "bias", None), labels, chunk,
-                                        ignore_index)
+                                        ignore_index, torch.is_grad_enabled())
 
     local_sum = call_as_forward(lm_head, head_loss, hidden_states)
     return _ring_mean(local_sum, labels, sp, ignore_index)
@@ -138,9 +139,9 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, chunk, ignore_index):
+    def forward(ctx, x, weight, bias, labels, chunk, ignore_index, grad_enabled):
         x2 = x.reshape(-1, x.shape[-1])
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])  # evaluation: the loss only
         dx = torch.empty_like(x2) if need_x else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if need_b else None
@@ -186,4 +187,4 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             dw = dw.mul_(g).to(ctx.w_dtype)
         if db is not None:
             db = db.mul_(g).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None

@@ -221,9 +221,10 @@ class SequenceParallelMixin:
             if labels is None:
                 outputs, loss = self._forward_shard(model, inputs)[0], None
             else:
-                loss, outputs = self.compute_loss(
-                    model, inputs, return_outputs=True, num_items_in_batch=self._num_items([inputs], self.args.device)
-                )
+                num_items = self._num_items([inputs], self.args.device)
+                if prediction_loss_only:  # no outputs needed: the chunked loss (with memory=) holds no logits
+                    return self.compute_loss(model, inputs, num_items_in_batch=num_items).detach(), None, None
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
                 loss = loss.detach()
         if prediction_loss_only:
             return loss, None, None

@@ -220,3 +220,25 @@ def test_options_validation_and_parsing():
         ds_ring.optimize_memory(model, offload=True)
         ctx = ds_ring.offload_context(model)
     assert ctx.__class__.__name__ == "nullcontext"
+
+
+def test_chunked_loss_without_grad_makes_no_gradients():
+    """Evaluation (no_grad): the same value as the full fp32 cross-entropy, and none of the gradient buffers (an fp32
+    dL/dW of V x h and dL/dx) that training makes in forward."""
+    import ds_ring
+
+    vocab, hidden, tokens = 4096, 64, 256
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    x = torch.randn(1, tokens, hidden, generator=g, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    labels[0, ::7] = -100
+    ref = F.cross_entropy(head(x).double().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    with torch.no_grad():
+        peak_eval = ds_ring.measure_peak_bytes(
+            lambda: ds_ring.chunked_causal_lm_loss(x, head, labels, None, chunk_tokens=32))
+        value = ds_ring.chunked_causal_lm_loss(x, head, labels, None, chunk_tokens=32)
+    peak_train = ds_ring.measure_peak_bytes(lambda: ds_ring.chunked_causal_lm_loss(x, head, labels, None,
+                                                                                  chunk_tokens=32))
+    assert abs(value.item() - ref.item()) < 1e-5 * ref.item()
+    assert peak_train - peak_eval >= 4 * vocab * hidden  # the fp32 dL/dW is made only with grad
