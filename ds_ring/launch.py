@@ -8,6 +8,7 @@ import pickle
 import queue as queue_mod
 import signal
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -30,7 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this rank when the process that started it dies (a killed benchmark or test run would
+    otherwise leave its ranks running, still computing and printing). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():  # it died while this rank was still importing
+        os._exit(1)
+
+
 def _worker(rank, world, port, threads, init_gloo, pg_timeout_s, fn, args, queue):
+    _die_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)

@@ -35,6 +35,9 @@ class ScriptArguments:
     ulysses_size: int = field(default=1, metadata={"help": "two-dimensional SP: Ulysses all-to-all inside groups of "
                                                            "this many consecutive ranks, the ring across them"})
     pattern: str = field(default="dense", metadata={"help": "'dense' (exact) or LongNet 'SEGMENTS:RATES'"})
+    memory: str = field(default="off", metadata={"help": "long-sequence memory options (ds_ring.optimize_memory): "
+                                                         "'off', 'long' (all) or a comma list of checkpointing,"
+                                                         "chunked_loss,tiled_mlp,offload"})
     seq_len: int = field(default=512, metadata={"help": "tokens per sequence (split over the ring)"})
     key_len: int = field(default=4, metadata={"help": "passkey tokens"})
     train_samples: int = field(default=512)
@@ -87,7 +90,7 @@ def run(argv: list[str] | None = None) -> None:
     trainer = ds_ring.SequenceParallelTrainer(
         model=model, args=training, train_dataset=train, eval_dataset=val,
         sp_size=script.sp_size, layout=script.layout, ulysses_size=script.ulysses_size, segment_lengths=segments,
-        dilation_rates=rates,
+        dilation_rates=rates, memory=script.memory,
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     metrics = trainer.evaluate()

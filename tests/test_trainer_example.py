@@ -81,5 +81,6 @@ def test_torchrun_without_deepspeed(argv, reference, tmp_path):
 
 
 def test_accelerate_launch_zero3_yaml(argv, reference, tmp_path):
+    # with the memory switch on (chunked loss over the partitioned head, checkpointing): the same objective
     launch(["accelerate", "launch", "--config_file", "integrations/accelerate/zero3.yaml",
-            "--main_process_port", str(free_port()), str(EXAMPLE), *argv], tmp_path, reference)
+            "--main_process_port", str(free_port()), str(EXAMPLE), *argv, "--memory", "long"], tmp_path, reference)
