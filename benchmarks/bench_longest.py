@@ -28,6 +28,7 @@ the LM head and loss at the model's shape against float64, ds_ring's chunked los
 
     python benchmarks/bench_longest.py                         # CPU: searches, planner check, timing, exactness, plot
     python benchmarks/bench_longest.py --quick                 # a few minutes: tiny model and cap (a smoke run)
+    python benchmarks/bench_longest.py --candidates "ds_ring long" ALST --at 81920 82944 --suffix _at   # lengths only
     python benchmarks/bench_longest.py --gpu --candidates "ds_ring long" --budget-s 400   # one GPU: Llama-3.2-1B
         # shape (untied), bf16, ds_config/zero3_offload.json; a step "fits" when it does not run out of memory
 """
@@ -464,6 +465,8 @@ def main():
                    "two lengths per ds_ring candidate against ds_ring.plan ('' to skip)")
     p.add_argument("--gpu", action="store_true", help="one GPU: Llama-3.2-1B shape, bf16, ds_config/zero3_offload.json")
     p.add_argument("--suffix", default="")
+    p.add_argument("--at", type=int, nargs="+", default=None, help="measure each candidate at these lengths only: no "
+                   "search, planner check, timing or exactness (to look again at a search's boundary)")
     p.set_defaults(warmup=1, repeat=3)
     args = p.parse_args()
     world = 1 if args.gpu else 2
@@ -486,6 +489,10 @@ def main():
         cfg.update(LLAMA_1B, tied=args.tied, dtype="bfloat16", ds_config="zero3_offload.json", grid=16384,
                    warmup_seq_lens=[4096], time_seq_lens=[])
         calibration = {}
+    if args.at:
+        calibration = {n: args.at for n in NAMES}
+        cfg.update(max_runs=0, time_seq_lens=[])
+        args.planner_check = ""
     cfg["calibration"] = calibration
     device_memory = torch.cuda.mem_get_info()[1] if args.gpu else None
     dtype_name = "bf16" if cfg["dtype"] == "bfloat16" else "fp32"
@@ -527,7 +534,7 @@ def main():
     if cfg["time_seq_lens"] and time_names:
         print(f"\nstep time, interleaved: {time_names} at S={cfg['time_seq_lens']}", flush=True)
         timing = C.run_ranks(time_worker, world, (cfg, tuple(time_names)), threads=args.threads, timeout_s=RUN_TIMEOUT_S)[0]
-    exact = None if args.gpu else exactness(cfg, 4096 if not args.quick else 512, args.threads)
+    exact = None if args.gpu or args.at else exactness(cfg, 4096 if not args.quick else 512, args.threads)
     elapsed = time.perf_counter() - t_start
 
     # ----- tables
