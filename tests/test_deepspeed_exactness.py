@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from batches import padded_batches
 from dist_utils import run_distributed
 
 VOCAB, SEQ, BATCH, STEPS, LR = 64, 32, 2, 3, 1e-2
@@ -36,16 +37,7 @@ def build_model(seed: int) -> LlamaForCausalLM:
 
 
 def make_batches(seed: int, n: int) -> list[dict[str, torch.Tensor]]:
-    """Fresh random token batches; row 1 is right-padded (mask 0, labels -100) so shards hold unequal valid tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, SEQ - 11:] = 0
-        labels = ids.masked_fill(mask == 0, -100)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    return padded_batches(seed, n, BATCH, SEQ, VOCAB, pad=11)
 
 
 def reference(batches_per_ring, seed: int):

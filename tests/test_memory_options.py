@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from batches import padded_batches
 from dist_utils import run_distributed
 
 V, H, B, L = 37, 16, 2, 12  # vocabulary, hidden, batch, tokens per rank (chunks of 5 do not divide it)
@@ -63,15 +64,7 @@ def build_model(tied: bool, seed: int = 0):
 
 
 def batches(seed: int, n: int) -> list[dict]:
-    """Random token batches; row 1 right-padded (labels -100 there) so shards hold unequal valid targets."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (B, SEQ), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, SEQ - 9:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return out
+    return padded_batches(seed, n, B, SEQ, VOCAB, pad=9)
 
 
 def _model_case(sp, base, batch, options):
