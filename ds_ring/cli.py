@@ -101,7 +101,6 @@ def _communication(args: argparse.Namespace, result) -> str:
     from dataclasses import replace
 
     from .cost_model import CLUSTERS, AttentionShape, recommend, table
-    from .planner import _DTYPE_BYTES
 
     over = {k: v * scale for k, v, scale in (("ranks_per_node", args.ranks_per_node, 1),
                                               ("intra_node_bw", args.intra_bw, 1e9),
@@ -109,7 +108,7 @@ def _communication(args: argparse.Namespace, result) -> str:
                                               ("memory_bw", args.memory_bw, 1e12)) if v is not None}
     cluster = replace(CLUSTERS[args.cluster], **over)
     s = result.shape
-    shape = AttentionShape(s.heads, s.kv_heads, s.head_dim, _DTYPE_BYTES[result.dtype])
+    shape = AttentionShape(s.heads, s.kv_heads, s.head_dim, result.dtype_bytes)
     preds = recommend(shape, result.seq_len, args.ranks, cluster, batch=args.batch_size, layout=args.layout)
     if not preds:
         raise ValueError(f"no factorization of {args.ranks} ranks fits {cluster.ranks_per_node} ranks per node")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .documents import PACKING_KEYS, document_ids_from, positions_in_documents
+from .documents import PACKING_KEYS, ROW_KEYS, document_ids_from, positions_in_documents
 from .groups import SequenceParallel
 from .sharding import shard_sequence
 
@@ -65,7 +65,7 @@ def shard_batch(
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
         raise ValueError(f"shard_batch: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    for k in set(batch) - {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}:
+    for k in set(batch) - set(ROW_KEYS):
         if batch[k].shape != input_ids.shape:
             raise ValueError(f"shard_batch: {k} has shape {tuple(batch[k].shape)}, expected {tuple(input_ids.shape)}")
     b, s = input_ids.shape

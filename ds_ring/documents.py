@@ -143,7 +143,9 @@ def _document_plan(docs: Documents, pattern: Pattern, lay: Layout, local_len: in
 
 # Where transformers' packing collator (DataCollatorWithFlattening) puts the documents: per-token sequence index
 # (return_seq_idx), cumulative lengths over the flattened batch (return_flash_attn_kwargs), restarting position_ids.
-PACKING_KEYS = ("document_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The cu_seq_lens_*/max_length_* keys describe the whole flattened batch, not one value per token.
+ROW_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+PACKING_KEYS = ("document_ids", "seq_idx", *ROW_KEYS)
 
 
 def document_ids_from(batch: dict, shape: tuple[int, int]) -> torch.Tensor | None:

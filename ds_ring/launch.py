@@ -70,6 +70,16 @@ def _exit_status(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def mp_context(preload: Sequence[str] = ()):
+    """The multiprocessing context of local ranks: ``spawn`` (a fresh interpreter per rank), or with ``preload`` the
+    ``forkserver`` that imports those modules once (see :func:`spawn_local`)."""
+    if not preload:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
 def spawn_local(
     fn: Callable, world_size: int, *args, threads: int = 1, init_gloo: bool = True, timeout_s: float = 1800.0,
     pg_timeout_s: float = 600.0, preload: Sequence[str] = (),
@@ -89,11 +99,7 @@ def spawn_local(
     finalization, where the exit-time aborts of issue 13 happen: runs that must see those use the default (a fresh
     interpreter per rank, like every launcher).
     """
-    if preload:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(list(preload))
-    else:
-        ctx = mp.get_context("spawn")
+    ctx = mp_context(preload)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,

@@ -115,6 +115,10 @@ class MemoryPlan:
     notes: tuple[str, ...] = field(default=())
 
     @property
+    def dtype_bytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
+
+    @property
     def phases(self) -> dict[str, int]:
         """The step's bytes at each moment (above what is held between steps)."""
         return {k: sum(v.values()) for k, v in self.moments.items()}

@@ -105,7 +105,6 @@ class SequenceParallelMixin:
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         if memory is not None:
             optimize_memory(self.model, sp, **memory)
-        self._chunked_loss = memory is not None and memory.get("chunked_loss", True)
         _make_accelerator_ring_aware(self.accelerator, sp)
 
     def _check_trainer_setup(self) -> None:
@@ -173,7 +172,8 @@ class SequenceParallelMixin:
         if "labels" not in inputs:
             raise ValueError(f"{type(self).__name__}.compute_loss needs labels in the batch (causal-LM targets)")
         # the chunked loss returns no logits: used only where nobody asks for the outputs (training, loss-only eval)
-        chunked = self._chunked_loss and not return_outputs
+        opts = getattr(self.accelerator.unwrap_model(model), "_ds_ring_memory", None)  # set by optimize_memory
+        chunked = opts is not None and opts.chunked_loss and not return_outputs
         outputs, shift_labels = self._forward_shard(model, inputs, with_labels=chunked)
         # mean over this batch's targets in the ring
         loss = outputs.loss if chunked else causal_lm_loss(outputs.logits, shift_labels, self.sp)

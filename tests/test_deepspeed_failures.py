@@ -13,9 +13,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dist_utils import PRELOAD, free_port, run_distributed
+from ds_ring.launch import mp_context
 
 PG_TIMEOUT = 10.0
 
@@ -58,8 +58,7 @@ def _crash_worker(rank: int, port: int, queue, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_failed_rank_makes_peer_fail_within_timeout(mode):
-    ctx = mp.get_context("forkserver")  # the session's preloaded server (dist_utils.PRELOAD): no imports per rank
-    ctx.set_forkserver_preload(list(PRELOAD))
+    ctx = mp_context(PRELOAD)  # the session's preloaded server: no imports per rank
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_crash_worker, args=(r, port, queue, mode), daemon=True) for r in range(2)]
