@@ -227,7 +227,7 @@ def sharded_inputs(cfg: dict, world: int, layout: str = "contiguous"):
 def run_ranks(fn: Callable, world: int, payload, threads: int = 1, timeout_s: float = 1800) -> list:
     """Run ``fn(rank, world, payload)`` on ``world`` spawned processes (gloo on 127.0.0.1 when world > 1, each with
     ``torch.set_num_threads(threads)``); return the results by rank. ``fn`` must be a module-level function."""
-    from ds_ring.launch import spawn_local
+    from ds_ring.tools.launch import spawn_local
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # children inherit it: freed tensors leave the RSS
     return spawn_local(fn, world, payload, threads=threads, init_gloo=world > 1, timeout_s=timeout_s)

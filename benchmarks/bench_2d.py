@@ -3,7 +3,7 @@
 Causal attention fwd+bwd of one layer (zigzag over ring positions, GQA), all three factorizations in the SAME four
 spawned processes (gloo on 127.0.0.1, one thread each), interleaved step by step (order rotated every repetition):
 per factorization the slowest rank's wall time and CPU time (median), per-rank peak bytes (``measure_peak_bytes``),
-and the bytes each rank sends (all-to-all, K/V, dK/dV) next to ``ds_ring.cost_model``'s count.
+and the bytes each rank sends (all-to-all, K/V, dK/dV) next to ``ds_ring.planning.cost_model``'s count.
 
 The machine has 2 cores for 4 processes: ranks take turns on a core, so a rank waiting for a peer that is not
 running costs wall time that a real cluster would not pay, and the wall times mostly measure that contention. CPU
@@ -29,7 +29,7 @@ GRIDS = [(1, 4), (2, 2), (4, 1)]
 
 
 def _job(rank: int, world: int, cfg: dict) -> dict:
-    from ds_ring.cost_model import AttentionShape, Cluster, predict
+    from ds_ring.planning.cost_model import AttentionShape, Cluster, predict
 
     sps = {u: ds_ring.init_sequence_parallel(world, ulysses_size=u, layout="zigzag") for u, _ in GRIDS}
     out = {}

@@ -81,7 +81,7 @@ def model_config(cfg):
 
 
 def ds_config(cfg):
-    from ds_ring.deepspeed_integration import load_config
+    from ds_ring.integrations.deepspeed import load_config
 
     return load_config(ROOT / "ds_config" / cfg["ds_config"], fill={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -96,8 +96,8 @@ def build_candidate(name, base, cfg, world):
     import deepspeed
 
     import ds_ring
-    from ds_ring.data import shard_batch
-    from ds_ring.loss import causal_lm_loss
+    from ds_ring.training.data import shard_batch
+    from ds_ring.training.loss import causal_lm_loss
 
     model = copy.deepcopy(base)
     config = ds_config(cfg)
@@ -133,7 +133,7 @@ def _build_alst(model, config, opt, cfg, world):
     )
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss, TiledMLP, UlyssesSPAttentionHF
 
-    from ds_ring.loss import LOSS_CHUNK_ELEMENTS
+    from ds_ring.training.loss import LOSS_CHUNK_ELEMENTS
 
     if world > 1:
         mpu = UlyssesSPAttentionHF.register_with_transformers(
@@ -203,7 +203,7 @@ def _measure(step, context, S, cfg, seed):
     wall time; ``peak`` is None when it ran out of memory (CUDA)."""
     import torch.distributed as dist
 
-    from ds_ring.memory import measure_peak_bytes
+    from ds_ring.planning.op_memory import measure_peak_bytes
 
     cuda = cfg["device"] == "cuda"
     batch = {k: v.to(cfg["device"]) for k, v in _batch(S, cfg["vocab"], seed).items()}
@@ -356,7 +356,7 @@ def exactness(cfg, tokens, threads):
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
     import ds_ring
-    from ds_ring.loss import LOSS_CHUNK_ELEMENTS
+    from ds_ring.training.loss import LOSS_CHUNK_ELEMENTS
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

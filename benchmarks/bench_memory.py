@@ -3,7 +3,7 @@ for P = 1, 2, 4 at a fixed global sequence length (strong scaling).
 
 Per rank, excluding the caller's q, k, v and upstream gradient (as the estimate does):
   * measured peak: peak of live torch CPU allocations during forward + autograd.grad, from the torch profiler's
-    per-allocation events (ds_ring.memory.measure_peak_bytes); compared with ``memory_estimate(...).peak_bytes``;
+    per-allocation events (ds_ring.planning.op_memory.measure_peak_bytes); compared with ``memory_estimate(...).peak_bytes``;
   * saved: bytes autograd keeps between forward and backward (saved-tensor hooks, unique storages, inputs included
     as the op saves them); compared with ``memory_estimate(...).saved_bytes``;
   * peak RSS growth: Linux VmHWM (reset through /proc/self/clear_refs) minus RSS before, malloc's mmap threshold
@@ -30,13 +30,13 @@ def _estimate_fn():
     try:
         from ds_ring import memory_estimate
     except ImportError:
-        from ds_ring.memory import memory_estimate
+        from ds_ring.planning.op_memory import memory_estimate
     return memory_estimate
 
 
 def _worker(rank, world, cfg):
     import ds_ring
-    from ds_ring.memory import measure_peak_bytes
+    from ds_ring.planning.op_memory import measure_peak_bytes
 
     causal = cfg["causal"]
     q, k, v, g = C.sharded_inputs(cfg, world)

@@ -8,7 +8,7 @@ slowest rank's (max over ranks, all-reduced), after a barrier. The one-process b
 Memory per rank, two ways, in an untimed run: ``peak RSS growth`` (Linux VmHWM after resetting it via
 /proc/self/clear_refs, minus RSS before; malloc's mmap threshold is pinned with MALLOC_MMAP_THRESHOLD_ so freed
 blocks go back to the OS) and ``torch allocations`` (peak of live torch CPU allocations during the call, from the
-torch profiler's per-allocation events, ds_ring.memory.measure_peak_bytes). Both exclude the inputs q, k, v and the upstream gradient.
+torch profiler's per-allocation events, ds_ring.planning.op_memory.measure_peak_bytes). Both exclude the inputs q, k, v and the upstream gradient.
 
     python benchmarks/bench_ring.py                  # S=8192, H=4, D=64
     python benchmarks/bench_ring.py --seq-len 16384
@@ -44,7 +44,7 @@ def _worker(rank, world, cfg_run):
     import gc
 
     import ds_ring
-    from ds_ring.memory import measure_peak_bytes
+    from ds_ring.planning.op_memory import measure_peak_bytes
 
     results = []
     for cfg in configs(world):

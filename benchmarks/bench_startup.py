@@ -39,8 +39,8 @@ def new_groups(sp_size: int) -> float:
     """init_sequence_parallel and the DeepSpeed model-parallel group; returns the seconds of its agreement check
     (one all-reduce), timed by running the check once more on its own."""
     import ds_ring
-    from ds_ring.deepspeed_integration import DeepSpeedMPU
-    from ds_ring.groups import _check_same_on_every_rank
+    from ds_ring.integrations.deepspeed import DeepSpeedMPU
+    from ds_ring.parallel.groups import _check_same_on_every_rank
 
     DeepSpeedMPU(ds_ring.init_sequence_parallel(sp_size)).get_model_parallel_group()
     t0 = time.perf_counter()

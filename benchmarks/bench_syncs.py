@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, out_paths, print_table, write_json  # noqa: E402
 
-from ds_ring.launch import spawn_local  # noqa: E402
+from ds_ring.tools.launch import spawn_local  # noqa: E402
 
 SYNCS = {"item", "tolist", "__bool__", "equal", "nonzero", "__int__", "__float__", "__index__", "allclose"}
 COLLECTIVES = ("all_gather", "all_reduce", "all_gather_object", "broadcast", "reduce_scatter", "barrier",

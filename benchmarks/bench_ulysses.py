@@ -59,7 +59,7 @@ def _model_config(cfg):
 
 
 def _ds_config(cfg):
-    from ds_ring.deepspeed_integration import load_config
+    from ds_ring.integrations.deepspeed import load_config
 
     return load_config(ROOT / "ds_config" / "zero3.json", fill={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -107,9 +107,9 @@ def _worker(rank, world, cfg):
     from transformers import AutoModelForCausalLM
 
     import ds_ring
-    from ds_ring.data import shard_batch
-    from ds_ring.loss import causal_lm_loss
-    from ds_ring.memory import measure_peak_bytes
+    from ds_ring.training.data import shard_batch
+    from ds_ring.training.loss import causal_lm_loss
+    from ds_ring.planning.op_memory import measure_peak_bytes
 
     ds_logger.setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
@@ -290,7 +290,7 @@ def kernel_check(cfg, repeat):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     import ds_ring
-    from ds_ring.loss import causal_lm_loss
+    from ds_ring.training.loss import causal_lm_loss
 
     fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward

@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, nargs="+", default=[C.ROOT], help="checkouts whose ds_ring and example run")
     p.add_argument("--tag", default="", help="suffix of the JSON name (exit_loop_TAG.json)")
     args = p.parse_args()
-    from ds_ring.launch import free_port
+    from ds_ring.tools.launch import free_port
     from tqdm.auto import tqdm
 
     load_before = os.getloadavg()

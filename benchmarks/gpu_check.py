@@ -144,7 +144,7 @@ def no_sync(dev):
     """A patched model's forward + backward on one GPU must not read the device on the host (issue 8)."""
     from transformers import AutoModelForCausalLM
 
-    from ds_ring.demo import tiny_llama_config
+    from ds_ring.tools.demo import tiny_llama_config
 
     torch.manual_seed(0)
     model = ds_ring.patch(AutoModelForCausalLM.from_config(tiny_llama_config()).to(dev, torch.bfloat16))

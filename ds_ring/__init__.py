@@ -1,21 +1,35 @@
 """ds_ring: exact ring attention and LongNet dilated attention over sequence-parallel ranks, for Hugging Face models
-trained with DeepSpeed ZeRO."""
+trained with DeepSpeed ZeRO.
 
-from .agreement import RingFacts
-from .attention import ring_dilated_attention
-from .comm import count_comm
-from .data import shard_batch, sp_dataloader
-from .deepspeed_integration import ConfigError, load_config
-from .deepspeed_integration import initialize as deepspeed_initialize
-from .groups import SequenceParallel, init_distributed, init_sequence_parallel, teardown
-from .layouts import LAYOUTS, Layout, get_layout
-from .loss import causal_lm_loss, chunked_causal_lm_loss
-from .memory import MemoryEstimate, measure_peak_bytes, memory_estimate
-from .memory_options import MemoryOptions, offload_context, optimize_memory, restore_memory
-from .modules import RingDilatedAttention, RingDilatedMultiheadAttention
-from .planner import plan
-from .sharding import gather_sequence, shard_sequence
-from .transformers_integration import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
+The package is in layers, each a folder that imports only from the folders below it (docs/design.md draws them):
+
+    tools         CLI, demo, bench, local spawner
+    integrations  transformers patch, DeepSpeed, Trainer
+    planning      op memory estimate, step planner, cost model
+    training      batch sharding, losses, the memory switch
+    parallel      process groups, lifecycle (start, teardown), sequence sharding
+    op            the ring attention op: layouts, communication, kernels, schedule, documents, agreement, engine,
+                  Ulysses, front door
+
+This module re-exports the public names; ``ds_ring.<name>`` is the supported way to reach them.
+"""
+
+from .op.agreement import RingFacts
+from .op.attention import ring_dilated_attention
+from .op.comm import count_comm
+from .op.layouts import LAYOUTS, Layout, get_layout
+from .op.modules import RingDilatedAttention, RingDilatedMultiheadAttention
+from .parallel.groups import SequenceParallel, init_sequence_parallel
+from .parallel.lifecycle import init_distributed, teardown
+from .parallel.sharding import gather_sequence, shard_sequence
+from .training.data import shard_batch, sp_dataloader
+from .training.loss import causal_lm_loss, chunked_causal_lm_loss
+from .training.memory_switch import MemoryOptions, offload_context, optimize_memory, restore_memory
+from .planning.op_memory import MemoryEstimate, measure_peak_bytes, memory_estimate
+from .planning.step_planner import plan
+from .integrations.deepspeed import ConfigError, load_config
+from .integrations.deepspeed import initialize as deepspeed_initialize
+from .integrations.transformers import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
 
 __version__ = "0.1.0"
 
@@ -23,12 +37,13 @@ _TRAINER = ("SequenceParallelMixin", "SequenceParallelTrainer")
 
 
 def __getattr__(name: str):
-    # ds_ring.trainer imports transformers.Trainer (and accelerate's training stack): loaded on first use only.
+    # integrations.trainer imports transformers.Trainer (and accelerate's training stack): loaded on first use only.
     if name in _TRAINER:
-        from . import trainer
+        from .integrations import trainer
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'ds_ring' has no attribute {name!r}")
+
 
 __all__ = [
     "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "MemoryOptions", "RingDilatedAttention",
@@ -41,8 +56,8 @@ __all__ = [
 ]
 
 # Imported after init_process_group, transformers (through torch.distributed.nn) has just captured the default group
-# in default arguments: undo that, or destroy_process_group() cannot free it (see groups.teardown).
-from .groups import release_captured_default_group as _release  # noqa: E402
+# in default arguments: undo that, or destroy_process_group() cannot free it (see parallel.lifecycle.teardown).
+from .parallel.lifecycle import release_captured_default_group as _release  # noqa: E402
 
 _release()
 del _release

@@ -32,14 +32,14 @@ import torch
 import torch.distributed as dist
 
 import ds_ring
-from ds_ring.data import shard_batch, sp_dataloader
-from ds_ring.deepspeed_integration import ConfigError, check_config, check_sequence_length, load_config
-from ds_ring.deepspeed_integration import initialize as ds_initialize
-from ds_ring.demo import passkey_batch, parse_pattern, tiny_llama_config
-from ds_ring.layouts import LAYOUTS
-from ds_ring.loss import causal_lm_loss
-from ds_ring.memory_options import parse_memory_options
-from ds_ring.transformers_integration import patch
+from ds_ring.training.data import shard_batch, sp_dataloader
+from ds_ring.integrations.deepspeed import ConfigError, check_config, check_sequence_length, load_config
+from ds_ring.integrations.deepspeed import initialize as ds_initialize
+from ds_ring.tools.demo import passkey_batch, parse_pattern, tiny_llama_config
+from ds_ring.op.layouts import LAYOUTS
+from ds_ring.training.loss import causal_lm_loss
+from ds_ring.training.memory_switch import parse_memory_options
+from ds_ring.integrations.transformers import patch
 
 log = logging.getLogger("train_long_context")
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_config" / "zero3.json"

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments
 
 import ds_ring
-from ds_ring.demo import parse_pattern, passkey_batch, tiny_llama_config
+from ds_ring.tools.demo import parse_pattern, passkey_batch, tiny_llama_config
 
 
 @dataclass

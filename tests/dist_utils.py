@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ds_ring.launch import free_port, spawn_local
+from ds_ring.tools.launch import free_port, spawn_local
 
 __all__ = ["free_port", "run_distributed"]
 

@@ -1,11 +1,11 @@
-"""ds_ring.cost_model in process: the time model against published numbers, and which factorizations it offers.
+"""ds_ring.planning.cost_model in process: the time model against published numbers, and which factorizations it offers.
 (Its byte counts are checked against real ranks in tests/test_ulysses.py.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from ds_ring.cost_model import CLUSTERS, AttentionShape, factorizations, predict, recommend
+from ds_ring.planning.cost_model import CLUSTERS, AttentionShape, factorizations, predict, recommend
 
 
 def test_time_model_against_ring_flash_attention_on_8_h800():

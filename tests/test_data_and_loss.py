@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ds_ring
-from ds_ring.groups import SequenceParallel
+from ds_ring.parallel.groups import SequenceParallel
 from dist_utils import run_distributed
 
 WORLD = 4

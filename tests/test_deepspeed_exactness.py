@@ -69,10 +69,10 @@ def _train(sp, zero, batches, seed, *, grads_at=None, ckpt=None):
     save after step k, or load before running (then only batches[k:] are run)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from ds_ring.data import shard_batch
-    from ds_ring.deepspeed_integration import initialize
-    from ds_ring.loss import causal_lm_loss
-    from ds_ring.transformers_integration import patch
+    from ds_ring.training.data import shard_batch
+    from ds_ring.integrations.deepspeed import initialize
+    from ds_ring.training.loss import causal_lm_loss
+    from ds_ring.integrations.transformers import patch
 
     model = patch(build_model(seed), sp=sp)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import PRELOAD, free_port, run_distributed
-from ds_ring.launch import mp_context
+from ds_ring.tools.launch import mp_context
 
 PG_TIMEOUT = 10.0
 
@@ -25,11 +25,11 @@ def _crash_worker(rank: int, port: int, queue, mode: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
     import ds_ring
-    from ds_ring.data import shard_batch
-    from ds_ring.demo import passkey_batch, tiny_llama_config
-    from ds_ring.deepspeed_integration import initialize
-    from ds_ring.loss import causal_lm_loss
-    from ds_ring.transformers_integration import patch
+    from ds_ring.training.data import shard_batch
+    from ds_ring.tools.demo import passkey_batch, tiny_llama_config
+    from ds_ring.integrations.deepspeed import initialize
+    from ds_ring.training.loss import causal_lm_loss
+    from ds_ring.integrations.transformers import patch
     from transformers import AutoModelForCausalLM
 
     sp = ds_ring.init_sequence_parallel(2, timeout=timedelta(seconds=PG_TIMEOUT))

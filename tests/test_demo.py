@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from ds_ring.cli import build_parser
+from ds_ring.tools.cli import build_parser
 
 
 def test_demo_help_lists_knobs(capsys):

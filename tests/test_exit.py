@@ -47,7 +47,7 @@ assert world() is None, "import ds_ring after init_process_group kept the defaul
 
 world = init(sys.argv[2])  # deepspeed imported first by ds_ring's DeepSpeed integration, after init
 from transformers import AutoModelForCausalLM
-from ds_ring.demo import tiny_llama_config
+from ds_ring.tools.demo import tiny_llama_config
 model = AutoModelForCausalLM.from_config(tiny_llama_config())
 engine, *_ = ds_ring.deepspeed_initialize(model, ds_ring.init_sequence_parallel(1), {
     "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},

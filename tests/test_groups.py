@@ -24,7 +24,7 @@ def _worker(rank: int, world: int) -> dict:
 
 def _check_groups(rank: int) -> tuple[dict, list[weakref.ref]]:
     import ds_ring
-    from ds_ring.deepspeed_integration import DeepSpeedMPU
+    from ds_ring.integrations.deepspeed import DeepSpeedMPU
 
     out = {"errors": []}
     for sp_size, layout in (({0: 2, 1: 2, 2: 4, 3: 4}[rank], "contiguous"), (SP, "zigzag" if rank else "contiguous")):
@@ -59,8 +59,8 @@ def _every_rank_creates_every_group() -> tuple:
     """The path taken when a device is bound to the default group (NCCL splits, where every rank must take part in
     every creation): forced here, since gloo cannot bind a device; the groups must come out the same."""
     import ds_ring
-    from ds_ring import groups
-    from ds_ring.deepspeed_integration import DeepSpeedMPU
+    from ds_ring.parallel import groups
+    from ds_ring.integrations.deepspeed import DeepSpeedMPU
 
     members_only, groups._members_only_creation = groups._members_only_creation, lambda: False
     try:

@@ -6,8 +6,8 @@ import torch
 
 from reference import dense_reference
 
-from ds_ring import kernels
-from ds_ring.kernels import BlockMask, block_backward, block_forward
+from ds_ring.op import kernels
+from ds_ring.op.kernels import BlockMask, block_backward, block_forward
 
 
 def test_cuda_bias_is_the_mask_with_aligned_rows():

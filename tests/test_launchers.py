@@ -39,7 +39,7 @@ def reference_losses(argv: list[str], seed: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     import ds_ring
-    from ds_ring.demo import tiny_llama_config
+    from ds_ring.tools.demo import tiny_llama_config
 
     ex = load_example()
     args = ex.parse_args(argv)
@@ -100,7 +100,7 @@ def save_tiny_model_with_tokenizer(path: Path, seed: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from ds_ring.demo import tiny_llama_config
+    from ds_ring.tools.demo import tiny_llama_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config())
@@ -132,8 +132,8 @@ def test_torchrun_zero3_offload_pretrained_text_and_resume(seed, tmp_path):
 
 def test_shipped_configs_validate():
     """Every shipped DeepSpeed config loads once its "auto" values are filled and passes ds_ring's checks."""
-    from ds_ring.deepspeed_integration import check_config, load_config
-    from ds_ring.groups import SequenceParallel
+    from ds_ring.integrations.deepspeed import check_config, load_config
+    from ds_ring.parallel.groups import SequenceParallel
 
     sp = SequenceParallel(None, None, 2, 0, 1, 0)
     fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,

@@ -7,7 +7,7 @@ import torch
 from dist_utils import run_distributed
 
 import ds_ring
-from ds_ring.memory import measure_peak_bytes, memory_estimate
+from ds_ring.planning.op_memory import measure_peak_bytes, memory_estimate
 
 B, H, HKV, D = 1, 4, 2, 32
 

@@ -192,7 +192,7 @@ def test_zero3_partitioned_tied_head_and_tiles_with_accumulation(results):
 
 def test_options_validation_and_parsing():
     import ds_ring
-    from ds_ring.memory_options import parse_memory_options
+    from ds_ring.training.memory_switch import parse_memory_options
 
     assert parse_memory_options("off") is None
     assert parse_memory_options("long")["offload"] == "auto"

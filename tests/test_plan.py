@@ -10,8 +10,8 @@ import torch
 
 from reference import multiplicity
 
-from ds_ring.layouts import LAYOUTS, get_layout
-from ds_ring.pattern import Pattern, make_plan
+from ds_ring.op.layouts import LAYOUTS, get_layout
+from ds_ring.op.pattern import Pattern, make_plan
 
 H = 4
 CASES = [  # (world, local_len, segment_lengths, dilation_rates, causal, window)

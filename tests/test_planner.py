@@ -16,8 +16,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ds_ring
-from ds_ring.cli import main as cli_main
-from ds_ring.planner import ModelShape, parse_bytes, plan
+from ds_ring.tools.cli import main as cli_main
+from ds_ring.planning.step_planner import ModelShape, parse_bytes, plan
 
 SHAPES = {  # name: (config, sequence length)
     "tied, h=64": (dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -114,7 +114,7 @@ def test_cli_plan(tmp_path, capsys):
     assert cli_main(["plan", "--model", str(tmp_path), "--seq-len", "4096", "--options", "off", "--zero", "2"]) == 0
     assert "saved activations: MLP" in capsys.readouterr().out
     # with several ranks, the cost model's factorizations follow: its bytes, on the cluster the flags describe
-    from ds_ring.cost_model import CLUSTERS, AttentionShape, recommend
+    from ds_ring.planning.cost_model import CLUSTERS, AttentionShape, recommend
 
     args = ["plan", "--model", str(tmp_path), "--ranks", "4", "--seq-len", "8192", "--ranks-per-node", "2",
             "--inter-bw", "10"]

@@ -9,7 +9,7 @@ from dist_utils import run_distributed
 from reference import dense_reference
 
 import ds_ring
-from ds_ring.sharding import shard_sequence
+from ds_ring.parallel.sharding import shard_sequence
 
 S = 48  # divisible by 2P for P = 1..4, so zigzag works everywhere
 
@@ -139,7 +139,7 @@ def _check(world, results, cases):
 
 
 def _assemble(pieces, world, layout):
-    from ds_ring.layouts import get_layout
+    from ds_ring.op.layouts import get_layout
 
     L = pieces[0].shape[2]
     out = torch.empty(pieces[0].shape[0], pieces[0].shape[1], L * world, pieces[0].shape[3])

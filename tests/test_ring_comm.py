@@ -7,7 +7,7 @@ import torch
 from dist_utils import run_distributed
 
 import ds_ring
-from ds_ring.pattern import Pattern, make_plan
+from ds_ring.op.pattern import Pattern, make_plan
 
 B, H, HKV, D, L = 2, 4, 2, 8, 16
 P = 4
@@ -161,7 +161,7 @@ def test_empty_blocks_cost_no_compute():
 
 
 def _gather_job(rank, world):
-    from ds_ring.layouts import get_layout
+    from ds_ring.op.layouts import get_layout
 
     out = []
     for layout in ("contiguous", "zigzag"):

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 import ds_ring
-from ds_ring.sharding import gather_sequence
+from ds_ring.parallel.sharding import gather_sequence
 from dist_utils import run_distributed
 
 TOL = 1e-4
@@ -557,7 +557,7 @@ def test_dilated_pattern_with_packed_rows_is_refused():
 def test_shard_batch_reads_packing_like_transformers():
     """document_ids from restarting position_ids (transformers' rule), seq_idx or cu_seq_lens; the padding that
     shard_batch adds is a document of its own; without position_ids each document counts from 0."""
-    from ds_ring.groups import SequenceParallel
+    from ds_ring.parallel.groups import SequenceParallel
 
     one = SequenceParallel(None, None, 1, 0, 1, 0, "zigzag")  # one rank, zigzag: lengths must be even
     batch, _ = packed([10, 5, 11, 4], seed=1, collator_kwargs=dict(return_flash_attn_kwargs=True,

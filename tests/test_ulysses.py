@@ -11,7 +11,7 @@ from dist_utils import run_distributed
 from reference import dense_reference
 
 import ds_ring
-from ds_ring.layouts import get_layout
+from ds_ring.op.layouts import get_layout
 
 S, B, D = 48, 2, 8
 WORLD = 4
@@ -114,7 +114,7 @@ def test_matches_dense_reference(results, u):
 def _copies(rank, world):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ds_ring.ulysses import heads_to_seq, seq_to_heads
+    from ds_ring.op.ulysses import heads_to_seq, seq_to_heads
 
     class Copies(TorchDispatchMode):
         def __init__(self):
@@ -151,9 +151,9 @@ def test_layout_changes_copy_once_each_way(results):
 
 @pytest.mark.parametrize("u", [g[0] for g in GRIDS])
 def test_bytes_equal_the_cost_model(results, u):
-    """ds_ring.cost_model's bytes per rank per layer (forward + backward) are what the ranks send, all-to-all and
+    """ds_ring.planning.cost_model's bytes per rank per layer (forward + backward) are what the ranks send, all-to-all and
     ring, and its intra/inter-node split follows the peers (2 ranks per node here)."""
-    from ds_ring.cost_model import AttentionShape, Cluster, predict
+    from ds_ring.planning.cost_model import AttentionShape, Cluster, predict
 
     cluster = Cluster(ranks_per_node=2, intra_node_bw=1.0, inter_node_bw=1.0, flops=1.0, memory_bw=1.0)
     for rank in range(WORLD):

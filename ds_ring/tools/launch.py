@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .groups import teardown
+from ..parallel.lifecycle import teardown
 
 EXIT_GRACE_S = 30.0  # how long a rank that returned its result may take to exit
 PEER_GRACE_S = 10.0  # how long the other ranks may take to report once one has failed

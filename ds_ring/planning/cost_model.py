@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import get_layout
-from .pattern import Pattern, make_plan
-from .ulysses import heads_error
+from ..op.layouts import get_layout
+from ..op.pattern import Pattern, make_plan
+from ..op.ulysses import heads_error
+
 
 # Bytes read and written per output element per merge, ds_ring's _merge_ on fp32 accumulators: scale out in place
 # (read 4, write 4), upcast the block's out (read e, write 4), scale it (read 4, write 4), add (read 8, write 4);

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .groups import SequenceParallel
+from ..parallel.groups import SequenceParallel
 from .loss import chunked_causal_lm_loss
 
 # Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
@@ -43,7 +43,7 @@ class MemoryOptions:
     chunked_loss: bool = True
     tiled_mlp: bool = True
     offload: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
-    loss_chunk_tokens: int | None = None  # None: ds_ring.loss.LOSS_CHUNK_ELEMENTS // vocab
+    loss_chunk_tokens: int | None = None  # None: ds_ring.training.loss.LOSS_CHUNK_ELEMENTS // vocab
     mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
 

@@ -16,6 +16,15 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+
+def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(world size, rank) of ``group``; ``None`` means WORLD when initialised, else a single process."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+
 # What travels, one tag space each. gloo matches messages by tag (NCCL by order): a tag must identify the message
 # among everything two ranks can have in flight at once, so it encodes (kind, step, part, tensor of the packet).
 KINDS = ("kv", "dkv")

@@ -1,18 +1,12 @@
-"""Moving tensors between the full sequence and a rank's shard, in a layout (ds_ring/layouts.py)."""
+"""Moving tensors between the full sequence and a rank's shard, in a layout (ds_ring/op/layouts.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .layouts import Layout, get_layout
-
-
-def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(world size, rank) of ``group``; ``None`` means WORLD when initialised, else a single process."""
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+from ..op.comm import group_size_rank
+from ..op.layouts import Layout, get_layout
 
 
 def _take(full: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:

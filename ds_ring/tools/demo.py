@@ -19,7 +19,7 @@ from importlib import resources
 
 import torch
 
-from .layouts import LAYOUTS, get_layout
+from ..op.layouts import LAYOUTS, get_layout
 
 BOS, MARK, KEY0, NUM_KEYS, FILLER0 = 1, 3, 4, 16, 32
 
@@ -87,12 +87,12 @@ def _train(rank: int, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     import ds_ring
-    from ds_ring.data import shard_batch
-    from ds_ring.deepspeed_integration import initialize
-    from ds_ring.loss import causal_lm_loss
-    from ds_ring.memory import measure_peak_bytes
-    from ds_ring.sharding import gather_sequence
-    from ds_ring.transformers_integration import local_attention, patch
+    from ds_ring.integrations.deepspeed import initialize
+    from ds_ring.integrations.transformers import local_attention, patch
+    from ds_ring.parallel.sharding import gather_sequence
+    from ds_ring.planning.op_memory import measure_peak_bytes
+    from ds_ring.training.data import shard_batch
+    from ds_ring.training.loss import causal_lm_loss
 
     sp = ds_ring.init_sequence_parallel(args.ranks, layout=args.layout, backend="gloo",
                                         timeout=timedelta(seconds=args.timeout))

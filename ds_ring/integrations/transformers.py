@@ -7,7 +7,7 @@ function this rank's 2D key-padding mask (B, L_local) or None). Without a mask e
 
 Each rank feeds the model its own shard of input_ids / attention_mask and the GLOBAL position_ids
 (``ds_ring.shard_batch`` makes all three). K/V and the padding mask travel around the ring inside
-``ds_ring.attention.ring_dilated_attention``.
+``ds_ring.op.attention.ring_dilated_attention``.
 
 ``patch`` puts the settings (group, layout, dilated pattern, local mode) on the model's modules as ``_ds_ring``, so
 two models in one process can use different patterns, and installs a forward pre-hook that runs the ring's
@@ -21,9 +21,9 @@ agrees once per layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterator, Sequence
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +32,20 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .agreement import RingFacts, agree, code, exchange
-from .attention import ring_dilated_attention
-from .documents import DECREASE, PACKING_KEYS, agreement_fields, document_ids_from, from_agreement, local_documents
-from .groups import SequenceParallel
-from .layouts import get_layout
-from .sharding import group_size_rank
-from .ulysses import gather_block
+from ..op.agreement import RingFacts, agree, code, exchange
+from ..op.attention import ring_dilated_attention
+from ..op.comm import group_size_rank
+from ..op.documents import (
+    DECREASE,
+    PACKING_KEYS,
+    agreement_fields,
+    document_ids_from,
+    from_agreement,
+    local_documents,
+)
+from ..op.layouts import get_layout
+from ..op.ulysses import gather_block
+from ..parallel.groups import SequenceParallel
 
 ATTN_IMPLEMENTATION = "ring_dilated"
 FACTS_KWARG = "ds_ring_facts"  # the forward kwarg that carries the agreement down to the attention layers

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .groups import SequenceParallel
+from ..parallel.groups import SequenceParallel
 
 # Default chunk of the chunked loss: 2**24 logits (64 MiB in fp32) per chunk, i.e. 512 tokens for a 32k vocabulary,
 # 128 for 128k. Small enough to stay well under the hidden states of a long shard, large enough for full-speed matmuls.

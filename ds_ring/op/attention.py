@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from . import documents as docs_mod
 from .agreement import RingFacts, agree, exchange
+from .comm import group_size_rank
+from .engine import run
 from .layouts import LAYOUTS, get_layout
 from .pattern import Pattern, make_plan
-from .ring import run
-from .sharding import group_size_rank
 from .ulysses import gather_block, head_base, heads_error, heads_to_seq, seq_to_heads
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -139,7 +139,7 @@ def ring_dilated_attention(
 
     segment_lengths / dilation_rates: LongNet pairs on GLOBAL positions (None = the whole sequence, the default is
     exact full attention). causal: keys t <= i only. window: keys with i - t < window only. scale: default
-    1/sqrt(D). layout: how the sequence is cut over the ring ("contiguous" or "zigzag", see ds_ring.layouts).
+    1/sqrt(D). layout: how the sequence is cut over the ring ("contiguous" or "zigzag", see ds_ring.op.layouts).
     local: treat the tensors as the whole sequence (no communication), e.g. for generation; there q may hold fewer
     rows than k/v, the last positions of the keys (decoding with a KV cache costs O(L_k) per query).
     overlap: post each transfer before the compute it hides behind (False serialises them, for benchmarks).
@@ -149,7 +149,7 @@ def ring_dilated_attention(
     compute nor traffic. Dense pattern only (with causal, window and padding).
     facts: the ring's agreement for this call, when the caller already ran it (the Hugging Face integration does,
     once per model forward); None runs it here (one small all_gather).
-    ulysses_group: two-dimensional sequence parallelism (see ds_ring.ulysses): the u ranks of this rank's ring
+    ulysses_group: two-dimensional sequence parallelism (see ds_ring.op.ulysses): the u ranks of this rank's ring
     position; ``group`` is then the ring across positions and ``layout`` cuts the sequence over ring positions (the
     grid layout: ``ds_ring.get_layout(layout, ulysses_size=u)``). An all-to-all gives each rank its ring position's
     whole block for Hq/u heads, the ring runs on those heads, and an all-to-all brings the output back.

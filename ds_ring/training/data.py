@@ -11,9 +11,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .documents import PACKING_KEYS, ROW_KEYS, document_ids_from, positions_in_documents
-from .groups import SequenceParallel
-from .sharding import shard_sequence
+from ..op.documents import (
+    PACKING_KEYS,
+    ROW_KEYS,
+    document_ids_from,
+    positions_in_documents,
+)
+from ..parallel.groups import SequenceParallel
+from ..parallel.sharding import shard_sequence
 
 # Per-token keys shard_batch understands, and the value that fills the padding added to make S divisible.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .layouts import get_layout
-from .loss import LOSS_CHUNK_ELEMENTS
-from .memory import memory_estimate
+from ..op.layouts import get_layout
+from ..training.loss import LOSS_CHUNK_ELEMENTS
+from .op_memory import memory_estimate
 
 # Measured constants (fp32 on CPU, benchmarks/bench_longest.py fits them; see docs/planner.md):
 # bytes per local token and vocabulary entry at the peak of the full-logits loss (the LogSoftmax backward holds the

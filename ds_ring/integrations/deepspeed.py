@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .groups import SequenceParallel, new_group, release_captured_default_group
+from ..parallel.groups import SequenceParallel, new_group
+from ..parallel.lifecycle import on_teardown, release_captured_default_group
 
 __all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
            "initialize"]
@@ -76,6 +77,7 @@ class DeepSpeedMPU:
         return 0
 
 
+@on_teardown
 def release_references() -> None:
     """Drop what DeepSpeed (0.19.8) keeps for the life of the process after ``engine.destroy()``; called by
     ``ds_ring.teardown`` so that the model, and the process groups its parameters hold, can be freed:
@@ -220,7 +222,7 @@ def initialize(
         config=config, mpu=DeepSpeedMPU(sp) if sp.sp_size > 1 or sp.dp_size > 1 else None, **kwargs,
     )
     # deepspeed (imported above, maybe first here, after init_process_group) captures the default group in default
-    # arguments; without this, destroy_process_group() cannot free it (see ds_ring.groups.teardown).
+    # arguments; without this, destroy_process_group() cannot free it (see ds_ring.parallel.lifecycle.teardown).
     release_captured_default_group()
     factor = gradient_factor(config, sp)
     if factor != 1.0:

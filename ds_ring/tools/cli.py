@@ -11,9 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-ring", description="ds_ring: ring and LongNet dilated attention "
                                      "over sequence-parallel ranks, with DeepSpeed ZeRO")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from ..op.layouts import LAYOUTS
+    from ..planning.cost_model import CLUSTERS
     from . import demo
-    from .cost_model import CLUSTERS
-    from .layouts import LAYOUTS
 
     p = sub.add_parser("demo", help="train a small Llama on 2 local CPU ranks with ZeRO-3 and ring attention",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="long", help="memory options: 'long' (all), 'off', or a comma list of "
                    "checkpointing,chunked_loss,tiled_mlp,offload (as ds_ring.optimize_memory)")
     c = p.add_argument_group("communication (with --ranks > 1): bytes and attention time per (Ulysses x ring) "
-                             "factorization, from ds_ring.cost_model")
+                             "factorization, from ds_ring.planning.cost_model")
     c.add_argument("--cluster", choices=sorted(CLUSTERS), default="h100", help="preset for the values below")
     c.add_argument("--ranks-per-node", type=int, default=None, help="GPUs per node (default: the preset's)")
     c.add_argument("--intra-bw", type=float, default=None, help="GB/s per rank and direction inside a node")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench
 
-    # listed here for --help; main() hands its arguments to ds_ring.bench's own parser
+    # listed here for --help; main() hands its arguments to ds_ring.tools.bench's own parser
     p = sub.add_parser("bench", help="quick run of every benchmark under benchmarks/, tables printed "
                        "(`ds-ring bench --help` for options)", add_help=False)
     p.set_defaults(func=lambda a: bench.main([]))
@@ -64,13 +64,13 @@ ring buffers, MLP, logits/loss) from a model's config, and the longest sequence 
   ds-ring plan --model path/to/config.json --ranks 32 --seq-len 262144 --cluster h100 --ranks-per-node 8
 
 With --ranks > 1 it also prints, per (Ulysses x ring) factorization, the bytes per rank per attention layer over
-each link and the predicted attention time (ds_ring.cost_model), and recommends one.
+each link and the predicted attention time (ds_ring.planning.cost_model), and recommends one.
 """
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .memory_options import parse_memory_options
-    from .planner import plan
+    from ..planning.step_planner import plan
+    from ..training.memory_switch import parse_memory_options
 
     if args.seq_len is None and args.memory is None:
         print("ds-ring plan: give --memory (to find the longest sequence), --seq-len, or both", file=sys.stderr)
@@ -100,7 +100,7 @@ def _communication(args: argparse.Namespace, result) -> str:
     """The cost model's table for the plan's model and sequence on the chosen cluster."""
     from dataclasses import replace
 
-    from .cost_model import CLUSTERS, AttentionShape, recommend, table
+    from ..planning.cost_model import CLUSTERS, AttentionShape, recommend, table
 
     over = {k: v * scale for k, v, scale in (("ranks_per_node", args.ranks_per_node, 1),
                                               ("intra_node_bw", args.intra_bw, 1e9),

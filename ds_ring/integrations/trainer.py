@@ -11,7 +11,7 @@ through the patched model, and the loss is the ring's loss over the whole sequen
   Trainer's token normalisation (``num_items_in_batch``, ``average_tokens_across_devices``) counts each ring once;
 - gradients: each ring rank holds its share of the ring's gradient. The shares are SUMMED over the ring and
   AVERAGED over the rings: DDP gets a communication hook that does this in its one all-reduce; DeepSpeed gets
-  ds_ring's groups as ``mpu`` through ``ds_ring.deepspeed_integration.initialize`` (which also applies its ZeRO-3
+  ds_ring's groups as ``mpu`` through ``ds_ring.integrations.deepspeed.initialize`` (which also applies its ZeRO-3
   loss factor);
 - gathers (logged token counts, evaluation losses and predictions): a ring's ranks hold the same values, so only the
   first rank of each ring counts.
@@ -30,12 +30,16 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
-from .data import shard_batch
-from .groups import SequenceParallel, init_sequence_parallel
-from .loss import causal_lm_loss
-from .memory_options import offload_context, optimize_memory, parse_memory_options
-from .sharding import gather_sequence
-from .transformers_integration import patch
+from ..parallel.groups import SequenceParallel, init_sequence_parallel
+from ..parallel.sharding import gather_sequence
+from ..training.data import shard_batch
+from ..training.loss import causal_lm_loss
+from ..training.memory_switch import (
+    offload_context,
+    optimize_memory,
+    parse_memory_options,
+)
+from .transformers import patch
 
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
 
@@ -317,12 +321,12 @@ def _sum_over_ring_mean_over_rings(dp_size, bucket):
 
 @contextlib.contextmanager
 def _deepspeed_initialize_with_rings(sp: SequenceParallel) -> Iterator[None]:
-    """While accelerate prepares, its call to ``deepspeed.initialize`` goes to ``ds_ring.deepspeed_integration.
+    """While accelerate prepares, its call to ``deepspeed.initialize`` goes to ``ds_ring.integrations.deepspeed.
     initialize``: the one place that hands ds_ring's groups to DeepSpeed as ``mpu`` (accelerate passes an mpu only
     for its own Ulysses) and makes gradients exact for every ZeRO stage."""
     import deepspeed
 
-    from . import deepspeed_integration
+    from . import deepspeed as deepspeed_integration
 
     plain = deepspeed.initialize
 

@@ -1,0 +1,5 @@
+"""Integrations with other libraries' objects: the transformers attention patch, DeepSpeed (config, mpu,
+ZeRO gradient factor), the Trainer mixin.
+
+Imports: every layer below (op, parallel, training, planning); the libraries it integrates.
+"""

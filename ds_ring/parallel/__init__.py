@@ -1,0 +1,5 @@
+"""Parallel topology: process groups (rings, Ulysses groups, data parallelism), the lifecycle of a run (the
+default group, ``teardown``) and moving tensors between full sequences and shards.
+
+Imports: ``ds_ring.op`` (layouts, communication helpers) and torch.
+"""
