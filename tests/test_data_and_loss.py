@@ -102,7 +102,7 @@ def test_shard_batch_pads_and_shards_consistently(results, size, layout):
     for res in results:
         sp_rank, local = res["shard"][(size, layout)]
         idx = expected_index(seq_pad, size, sp_rank, layout)
-        assert set(local) == {"input_ids", "attention_mask", "position_ids", "shift_labels"}
+        assert set(local) == {"input_ids", "attention_mask", "position_ids", "shift_labels", "batch_fingerprint"}
         assert torch.equal(local["input_ids"], ids[:, idx])
         assert torch.equal(local["attention_mask"], mask[:, idx]) and local["attention_mask"].dtype == torch.long
         assert torch.equal(local["position_ids"], idx.expand(3, -1))  # global, same rule as the unpatched model

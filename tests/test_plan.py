@@ -1,5 +1,5 @@
-"""The plans' invariants, in process (milliseconds, no ranks): every rank derives its plan from shapes and the
-pattern alone, so all ranks' plans can be built here and checked against the definition of the pattern."""
+"""The schedules' invariants, in process (milliseconds, no ranks): every rank derives its schedule from shapes and
+the pattern alone, so all ranks' schedules can be built here and checked against the definition of the pattern."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from reference import multiplicity
 
 from ds_ring.op.layouts import LAYOUTS, get_layout
-from ds_ring.op.pattern import Pattern, make_plan
+from ds_ring.op.pattern import Pattern
+from ds_ring.op.schedule import make_schedule
 
 H = 4
 CASES = [  # (world, local_len, segment_lengths, dilation_rates, causal, window)
@@ -23,6 +24,10 @@ CASES = [  # (world, local_len, segment_lengths, dilation_rates, causal, window)
     (2, 10, [12], [8], False, None),
     (4, 8, None, None, True, 5),
 ]
+
+
+def _schedule(pattern, local_len, world, rank, layout, q_len=None):
+    return make_schedule(pattern.pieces(get_layout(layout), local_len, world, H, q_len=q_len), rank)
 
 
 def _covered(piece, heads: int) -> torch.Tensor:
@@ -38,14 +43,14 @@ def _covered(piece, heads: int) -> torch.Tensor:
     return allowed, list(range(piece.head_start, heads, piece.head_step))
 
 
-def _coverage(plans, world, local_len, layout, pieces_of=lambda st: [(0, None, st.pieces)], q_from=0):
+def _coverage(schedules, world, local_len, layout, pieces_of=lambda st: [(0, None, st.pieces)], q_from=0):
     """Counts per (head, query position, key position) over all ranks' pieces. ``q_from``: the first key row the
     queries sit at (decoding: the last rows)."""
     S = world * local_len
     count = torch.zeros(H, S, S, dtype=torch.int64)
     lay = get_layout(layout)
-    for p, plan in enumerate(plans):
-        for st in plan.steps:
+    for p, schedule in enumerate(schedules):
+        for st in schedule.steps:
             src = st.source
             if src is None:
                 continue
@@ -87,12 +92,12 @@ def test_every_allowed_pair_is_computed_exactly_once(case, layout):
     (the multiplicity m that makes the bias log m), and nothing else: forward pieces and backward key parts."""
     world, local_len, segs, rates, causal, window = case
     pattern = Pattern.make(segs, rates, causal, window)
-    plans = [make_plan(pattern, local_len, world, p, layout, H) for p in range(world)]
+    schedules = [_schedule(pattern, local_len, world, p, layout) for p in range(world)]
     want = _definition(world, local_len, segs, rates, causal, window)
-    got = _coverage(plans, world, local_len, layout)
+    got = _coverage(schedules, world, local_len, layout)
     assert torch.equal(got, want)
     # the backward's key halves cover the same, each in its own half of the source's keys
-    got = _coverage(plans, world, local_len, layout,
+    got = _coverage(schedules, world, local_len, layout,
                     pieces_of=lambda st: [(kp.lo, kp.hi, kp.pieces) for kp in st.key_parts])
     assert torch.equal(got, want)
 
@@ -108,27 +113,27 @@ def test_sends_pair_with_receives(layout):
         segs = [rng.choice([None, rng.randint(1, S)]) for _ in range(rng.randint(1, 3))]
         rates = [rng.randint(1, 4) for _ in segs]
         pattern = Pattern.make(segs, rates, rng.random() < 0.5, rng.choice([None, rng.randint(1, S)]))
-        plans = [make_plan(pattern, local_len, world, p, layout, H) for p in range(world)]
+        schedules = [_schedule(pattern, local_len, world, p, layout) for p in range(world)]
         for p in range(world):
             for s in range(1, world):
                 to = (p + s) % world
-                sends = plans[p].steps[s].dest == to
-                receives = plans[to].steps[s].source == p
+                sends = schedules[p].steps[s].dest == to
+                receives = schedules[to].steps[s].source == p
                 assert sends == receives, (pattern, world, local_len, p, s)
-                assert plans[p].steps[s].dest in (None, to) and plans[to].steps[s].source in (None, p)
+                assert schedules[p].steps[s].dest in (None, to) and schedules[to].steps[s].source in (None, p)
 
 
-def test_decode_plan_costs_one_row_per_query():
+def test_decode_schedule_costs_one_row_per_query():
     """Decoding with a cache: q_len queries at the keys' last positions cost q_len x keys pairs, not keys^2, and
-    cover exactly the last q_len rows of the full plan."""
+    cover exactly the last q_len rows of the full schedule."""
     L, q_len = 64, 1
     for segs, rates in ((None, None), ([16, 32], [1, 2])):
         pattern = Pattern.make(segs, rates, True)
-        full = _coverage([make_plan(pattern, L, 1, 0, "contiguous", H)], 1, L, "contiguous")
-        dec = make_plan(pattern, L, 1, 0, "contiguous", H, q_len=q_len)
+        full = _coverage([_schedule(pattern, L, 1, 0, "contiguous")], 1, L, "contiguous")
+        dec = _schedule(pattern, L, 1, 0, "contiguous", q_len=q_len)
         pairs = sum(pc.q_pos.numel() * pc.k_pos.shape[1] for pc in dec.steps[0].pieces)
         assert pairs <= 2 * L  # one query row against (at most) every key, per pair
         got = _coverage([dec], 1, L, "contiguous", q_from=L - q_len)
         assert torch.equal(got[:, L - q_len:], full[:, L - q_len:]) and not got[:, : L - q_len].any()
     with pytest.raises(ValueError, match="one rank"):
-        make_plan(Pattern.make(), 8, 2, 0, "contiguous", H, q_len=4)
+        _schedule(Pattern.make(), 8, 2, 0, "contiguous", q_len=4)

@@ -7,7 +7,9 @@ import torch
 from dist_utils import run_distributed
 
 import ds_ring
-from ds_ring.op.pattern import Pattern, make_plan
+from ds_ring.op.layouts import get_layout
+from ds_ring.op.pattern import Pattern
+from ds_ring.op.schedule import make_schedule
 
 B, H, HKV, D, L = 2, 4, 2, 8, 16
 P = 4
@@ -49,16 +51,16 @@ KV_ROW = 2 * B * HKV * D * 4 + B  # bytes per key row on the wire: fp32 k and v,
 DKV_ROW = 2 * B * HKV * D * 4  # fp32 dK/dV partial per key row
 
 
-def _plan_bytes(kw: dict, rank: int) -> dict[str, dict[str, int]]:
-    """The bytes rank's plan implies: its send rows at each step with a destination (received: its receive rows);
+def _schedule_bytes(kw: dict, rank: int) -> dict[str, dict[str, int]]:
+    """The bytes rank's schedule implies: its send rows at each step with a destination (received: its receive rows);
     in backward the same again plus the dK/dV partials of the received rows, and ours coming home."""
-    plan = make_plan(Pattern.make(kw.get("segment_lengths"), kw.get("dilation_rates"), kw.get("causal", False),
-                                  kw.get("window")), L, P, rank, "contiguous", H)
+    pattern = Pattern.make(kw.get("segment_lengths"), kw.get("dilation_rates"), kw.get("causal", False), kw.get("window"))
+    schedule = make_schedule(pattern.pieces(get_layout("contiguous"), L, P, H), rank)
     n = lambda rows: rows[1] - rows[0]  # noqa: E731
-    sent = {"kv": sum(KV_ROW * n(st.send_rows) for st in plan.steps[1:] if st.dest is not None)}
-    recv = {"kv": sum(KV_ROW * n(st.recv_rows) for st in plan.steps[1:] if st.source is not None)}
-    dkv_sent = sum(DKV_ROW * (kp.hi - kp.lo) for st in plan.steps[1:] for kp in st.key_parts)
-    dkv_recv = sum(DKV_ROW * (b - a) for st in plan.steps[1:] for a, b in st.home_parts)
+    sent = {"kv": sum(KV_ROW * n(st.send_rows) for st in schedule.steps[1:] if st.dest is not None)}
+    recv = {"kv": sum(KV_ROW * n(st.recv_rows) for st in schedule.steps[1:] if st.source is not None)}
+    dkv_sent = sum(DKV_ROW * (kp.hi - kp.lo) for st in schedule.steps[1:] for kp in st.key_parts)
+    dkv_recv = sum(DKV_ROW * (b - a) for st in schedule.steps[1:] for a, b in st.home_parts)
     drop = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
     return {"fwd_sent": drop(sent), "fwd_recv": drop(recv), "bwd_sent": drop({**sent, "dkv": dkv_sent}),
             "bwd_recv": drop({**recv, "dkv": dkv_recv})}
@@ -69,9 +71,9 @@ def test_bytes_and_peers_follow_the_pattern():
     res = run_distributed(_traffic, P, CASES + DOC_CASES)
     kv_packet, dkv_chunk = KV_ROW * L, DKV_ROW * L  # a whole shard
 
-    for rank in range(P):  # what travelled is exactly what the plan implies, for every pattern
+    for rank in range(P):  # what travelled is exactly what the schedule implies, for every pattern
         for kw, (fwd, bwd) in zip(CASES, res[rank][: len(CASES)]):
-            want = _plan_bytes(kw, rank)
+            want = _schedule_bytes(kw, rank)
             got = {"fwd_sent": fwd.sent_bytes, "fwd_recv": fwd.recv_bytes, "bwd_sent": bwd.sent_bytes,
                    "bwd_recv": bwd.recv_bytes}
             assert got == want, (rank, kw, got, want)
@@ -130,10 +132,10 @@ def test_bytes_and_peers_follow_the_pattern():
         assert bwd.sent_bytes.get("dkv", 0) == (4 * DKV_ROW if rank > 0 else 0)
 
 
-def _work(plan):
+def _work(schedule):
     """Query-key pairs the kernels are asked to compute, per step, summed over heads of each piece."""
     per_step = []
-    for st in plan.steps:
+    for st in schedule.steps:
         per_step.append(sum(pc.q_pos.numel() * pc.k_pos.shape[1] * len(range(pc.head_start, H, pc.head_step))
                             for pc in st.pieces))
     return per_step
@@ -143,26 +145,24 @@ def test_empty_blocks_cost_no_compute():
     S = P * L
     for rank in range(P):
         # causal contiguous: nothing from later ranks, and blocks from earlier ranks need no mask
-        plan = make_plan(Pattern.make(causal=True), L, P, rank, "contiguous", H)
-        for s, st in enumerate(plan.steps[1:], start=1):
+        schedule = make_schedule(Pattern.make(causal=True).pieces(get_layout("contiguous"), L, P, H), rank)
+        for s, st in enumerate(schedule.steps[1:], start=1):
             src = (rank - s) % P
             assert (len(st.pieces) == 0) == (src > rank)
             assert (st.source is None) == (src > rank)
             assert all(not pc.causal and pc.seg is None for pc in st.pieces)
         # zigzag causal: every rank has the same amount of work
-        zz = sum(_work(make_plan(Pattern.make(causal=True), L, P, rank, "zigzag", H)))
-        assert zz == sum(_work(make_plan(Pattern.make(causal=True), L, P, 0, "zigzag", H)))
+        zz = sum(_work(make_schedule(Pattern.make(causal=True).pieces(get_layout("zigzag"), L, P, H), rank)))
+        assert zz == sum(_work(make_schedule(Pattern.make(causal=True).pieces(get_layout("zigzag"), L, P, H), 0)))
     # segments shorter than a shard: each segment only computes against itself (L * w pairs per head, not L * L)
-    plan = make_plan(Pattern.make([4], [1]), L, P, 0, "contiguous", H)
-    assert _work(plan) == [H * L * 4] + [0] * (P - 1)
+    schedule = make_schedule(Pattern.make([4], [1]).pieces(get_layout("contiguous"), L, P, H), 0)
+    assert _work(schedule) == [H * L * 4] + [0] * (P - 1)
     # dilation r: every head reads 1/r of the rows of each segment, so 1/r^2 of the pairs
-    plan = make_plan(Pattern.make([S], [4]), L, P, 0, "contiguous", H)
-    assert sum(_work(plan)) == H * (L // 4) * (S // 4)
+    schedule = make_schedule(Pattern.make([S], [4]).pieces(get_layout("contiguous"), L, P, H), 0)
+    assert sum(_work(schedule)) == H * (L // 4) * (S // 4)
 
 
 def _gather_job(rank, world):
-    from ds_ring.op.layouts import get_layout
-
     out = []
     for layout in ("contiguous", "zigzag"):
         for dim in (1, 2):

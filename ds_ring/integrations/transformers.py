@@ -32,20 +32,13 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..op.agreement import RingFacts, agree, code, exchange
-from ..op.attention import ring_dilated_attention
+from ..op.agreement import RingFacts, agree_ring, code
+from ..op.attention import attend
 from ..op.comm import group_size_rank
-from ..op.documents import (
-    DECREASE,
-    PACKING_KEYS,
-    agreement_fields,
-    document_ids_from,
-    from_agreement,
-    local_documents,
-)
+from ..op.documents import PACKING_KEYS, document_ids_from
 from ..op.layouts import get_layout
-from ..op.ulysses import gather_block
 from ..parallel.groups import SequenceParallel
+from ..training.data import FINGERPRINT_KEY
 
 ATTN_IMPLEMENTATION = "ring_dilated"
 FACTS_KWARG = "ds_ring_facts"  # the forward kwarg that carries the agreement down to the attention layers
@@ -92,25 +85,8 @@ def ring_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     return None if attention_mask is None else attention_mask[:, -kv_length:]
 
 
-def ring_dilated_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function. q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> ((B, L, Hq, D), None).
-
-    ``attention_mask`` is the 2D key-padding mask from ``ring_mask`` (True = real token) or None. Lk > L only in
-    local mode (decoding with a KV cache: the queries are the keys' last positions).
-    """
-    s: RingSettings = getattr(module, "_ds_ring", _DEFAULT)
-    name = _model_name(module)
+def _refuse_unsupported(name: str, attention_mask, dropout: float, kwargs: dict) -> None:
+    """What the registered attention function does not implement, refused before any work, naming the fix."""
     for kw, feature in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(kw) is not None:
             raise NotImplementedError(
@@ -134,6 +110,28 @@ def ring_dilated_attention_forward(
             f"{name}: a {attention_mask.dim()}D attention mask reached ring_dilated attention; only the 2D "
             f"(batch, seq) key-padding mask is supported: pass attention_mask as (batch, seq) 0/1"
         )
+
+
+def ring_dilated_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function. q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> ((B, L, Hq, D), None).
+
+    ``attention_mask`` is the 2D key-padding mask from ``ring_mask`` (True = real token) or None. Lk > L only in
+    local mode (decoding with a KV cache: the queries are the keys' last positions).
+    """
+    s: RingSettings = getattr(module, "_ds_ring", _DEFAULT)
+    name = _model_name(module)
+    _refuse_unsupported(name, attention_mask, dropout, kwargs)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
     facts: RingFacts | None = kwargs.get(FACTS_KWARG)
@@ -147,7 +145,7 @@ def ring_dilated_attention_forward(
         # Agreed per call (no pre-hook): every rank must hand the op the same kind of argument, and ring_mask gives
         # None on a rank without a 2D mask. (With the forward's facts, a rank without padding may pass None.)
         key_padding_mask = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
-    out = ring_dilated_attention(
+    out = attend(
         query, key, value,
         segment_lengths=s.segment_lengths, dilation_rates=s.dilation_rates, causal=causal,
         key_padding_mask=key_padding_mask, window=sliding_window, scale=scaling,
@@ -166,7 +164,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     host sync; a second small exchange for packed rows) and pass them to every attention layer as the
     ``ds_ring_facts`` keyword argument. Packed documents come as ``document_ids`` (from ``ds_ring.shard_batch``) or,
     on one rank, as transformers passes them: restarting ``position_ids`` (no cache), ``seq_idx`` or
-    ``cu_seq_lens_*``; these keys are consumed here."""
+    ``cu_seq_lens_*``; these keys are consumed here, as is ``shard_batch``'s fingerprint of the full batch."""
     s: RingSettings = model._ds_ring
     x = _forward_input(args, kwargs)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or FACTS_KWARG in kwargs:
@@ -174,16 +172,19 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     B, L = x.shape[:2]
     mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
     packing = {k: kwargs.pop(k) for k in PACKING_KEYS if k in kwargs}
+    fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
     if _is_local(s):
         two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
         no_cache = kwargs.get("past_key_values") is None
         ids = document_ids_from({**packing, "position_ids": position_ids if no_cache else None}, (B, L))
-        who = f"{_model_name(model)} under ring_dilated attention"
-        docs = None if ids is None else local_documents(ids, get_layout("contiguous"), who)
         # with a KV cache the keys are the mask's columns (past + new tokens)
-        facts = RingFacts(1, B, mask.shape[1] if two_d else L, (two_d and not bool(mask.all()),), docs)
+        facts, _ = agree_ring(None, who=f"{_model_name(model)} under ring_dilated attention", errors=[],
+                              must_match={}, layout=get_layout("contiguous"), batch=B,
+                              local_len=mask.shape[1] if two_d else L, device=x.device,
+                              key_padding_mask=mask.bool() if two_d else None, document_ids=ids, local=True)
     else:
-        facts = _agree_forward(model, s, x, B, L, mask, position_ids, packing)
+        facts = _agree_forward(model, s, x, B, L, mask, position_ids, packing.get("document_ids"), fingerprint,
+                               set(packing) - {"document_ids"})
     kwargs[FACTS_KWARG] = facts
     return args, kwargs
 
@@ -200,85 +201,80 @@ def _is_local(s: RingSettings) -> bool:
     return s.local or (group_size_rank(s.group)[0] == 1 and _ulysses(s)[0] == 1)
 
 
-def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, packing) -> RingFacts:
-    """The ring's agreement for one model forward: equal shapes, model and settings on every rank; which shards are
-    padded; where packed documents begin and end; and whether a shard runs with the model's default local positions
-    arange(L) instead of global ones (RoPE and learned position embeddings would silently see wrong positions).
-
-    Two-dimensional: first inside the Ulysses group (its verdict is returned, not raised; then the block's mask and
-    document ids are gathered once for the forward), then over the ring with that verdict, so a bad rank anywhere
-    makes every rank raise."""
-    name = _model_name(model)
-    who = f"{name} under ring_dilated attention"
-    ids = packing.get("document_ids")
-    (ring, r), (u, j) = group_size_rank(s.group), _ulysses(s)
-    world, rank = ring * u, r * u + j  # this rank on the sequence-parallel grid
-    lay = get_layout(s.layout, u)
+def _input_errors(B: int, L: int, mask, ids, position_ids, whole_row_keys: set[str], lay, world: int) -> list[str]:
+    """What is wrong with this rank's model inputs, on its own (no communication)."""
     errs = []
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L)):
         errs.append(f"attention_mask must be this rank's (batch, local_len) = {(B, L)} 0/1 key-padding mask, got "
                     f"{tuple(getattr(mask, 'shape', ()))}")
-    if set(packing) - {"document_ids"}:
-        errs.append(f"{sorted(set(packing) - {'document_ids'})} describe the whole packed row: pass the batch "
-                    "through ds_ring.shard_batch, which turns them into this shard's document_ids")
+    if whole_row_keys:
+        errs.append(f"{sorted(whole_row_keys)} describe the whole packed row: pass the batch through "
+                    "ds_ring.shard_batch, which turns them into this shard's document_ids")
     if ids is not None and (not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (B, L)):
         errs.append(f"document_ids must be this rank's (batch, local_len) = {(B, L)} ids from ds_ring.shard_batch")
     if ids is not None and position_ids is None:
         errs.append("packed rows need their restarting position_ids: pass the position_ids ds_ring.shard_batch "
                     "returns")
     err = lay.local_len_error(L, world)
-    if err:
-        errs.append(err)
-    # Flags are computed on the device and read with the agreement. A rank whose global positions are not
-    # arange(L) but that got arange(L) (or nothing: the model then uses arange(L)) got no global ones; positions
-    # that restart inside one of its ranges without document_ids are packed rows that bypassed shard_batch.
+    return errs + [err] if err else errs
+
+
+def _position_flags(L: int, position_ids, ranges: list[tuple[int, int]]) -> dict[str, int | torch.Tensor]:
+    """Whether this shard runs on the model's default local positions arange(L) although its global ones are not
+    (``default``: the model then uses arange(L) when given nothing), and whether its positions restart inside one of
+    its ranges (packed rows that bypassed shard_batch: no document_ids). Computed on the device and read with the
+    agreement."""
     wrong = restart = 0
-    if not err and ids is None:
-        ranges = lay.ranges(L, world, rank)
-        if ranges != [(0, L)]:
-            wrong = 1 if position_ids is None else (position_ids == torch.arange(L, device=position_ids.device)).all()
-        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == L:
-            jumps = position_ids[:, 1:] - position_ids[:, :-1] != 1
-            at = 0
-            for a, b in ranges[:-1]:  # a jump between two ranges of the layout is no restart
-                at += b - a
-                jumps[:, at - 1] = False
-            restart = jumps.any()
+    if ranges != [(0, L)]:
+        wrong = 1 if position_ids is None else (position_ids == torch.arange(L, device=position_ids.device)).all()
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == L:
+        jumps = position_ids[:, 1:] - position_ids[:, :-1] != 1
+        at = 0
+        for a, b in ranges[:-1]:  # a jump between two ranges of the layout is no restart
+            at += b - a
+            jumps[:, at - 1] = False
+        restart = jumps.any()
+    return {_DEFAULT_POSITIONS: wrong, _RESTARTING_POSITIONS: restart}
+
+
+_DEFAULT_POSITIONS, _RESTARTING_POSITIONS = "default position_ids", "restarting position_ids"
+_POSITION_FIXES = {
+    _DEFAULT_POSITIONS: "got position_ids = arange({L}), the model's default for an unsharded input, instead of "
+                        "their global positions",
+    _RESTARTING_POSITIONS: "got position_ids that restart inside the shard (packed documents?) but no document_ids",
+}
+
+
+def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, ids, fingerprint, whole_row_keys) -> RingFacts:
+    """The ring's agreement for one model forward (``op.agreement.agree_ring`` with the model's entries): equal
+    shapes, model and settings on every rank; one full batch per ring (``shard_batch``'s fingerprint); which shards
+    are padded; where packed documents begin and end; and whether a shard runs with the model's default local
+    positions arange(L) instead of global ones (RoPE and learned position embeddings would silently see wrong
+    positions). Under two-dimensional SP the Ulysses group agrees first and the block's mask is gathered once for
+    the forward."""
+    name = _model_name(model)
+    (ring, r), (u, j) = group_size_rank(s.group), _ulysses(s)
+    world, rank = ring * u, r * u + j  # this rank on the sequence-parallel grid
+    lay = get_layout(s.layout, u)
+    errs = _input_errors(B, L, mask, ids, position_ids, whole_row_keys, lay, world)
+    flags = {} if errs or ids is not None else _position_flags(L, position_ids, lay.ranges(L, world, rank))
     param = next(model.parameters(), None)
-    same = {"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
-            "parameter dtype / autocast": (str(getattr(param, "dtype", None)),
-                                           torch.is_autocast_enabled(x.device.type)),
-            "has document_ids": int(ids is not None)}
-    flags = {"default position_ids": wrong, "restarting position_ids": restart}
-    block_len, block_mask = L, mask
-    if u > 1:
-        errs, rows = exchange(s.ulysses_group, errors=errs, same={**same, "has attention_mask": int(mask is not None)},
-                              mine=flags, device=x.device, scope="Ulysses group")
-        flags = {k: max(row[k] for row in rows) for k in flags}  # the group's, carried to the ring
-        if not errs:
-            block_len = u * L
-            block_mask = None if mask is None else gather_block(mask.bool(), s.ulysses_group, u)
-            ids = None if ids is None else gather_block(ids, s.ulysses_group, u)
-    ring_lay = get_layout(s.layout)
-    # every rank sends the same keys (the row's size must not depend on the inputs); values default to 0
-    mine, vectors = {"padded": (block_mask == 0).any() if isinstance(block_mask, torch.Tensor) and not errs else 0,
-                     **flags, DECREASE: 0}, {}
-    if ids is not None and not errs:
-        doc_mine, vectors = agreement_fields(ids, ring_lay.chunks_per_rank)
-        mine.update(doc_mine)
-    rows = agree(s.group, who=who, errors=errs, same=same, mine=mine, device=x.device, vectors=vectors)
-    for flag, why in (("default position_ids", f"got position_ids = arange({L}), the model's default for an "
-                       "unsharded input, instead of their global positions"),
-                      ("restarting position_ids", "got position_ids that restart inside the shard (packed "
-                       "documents?) but no document_ids")):
-        where = [p for p, row in enumerate(rows) if row[flag]]
-        if where:
-            raise ValueError(f"{name}: shards of the ring (world {world}, layout {lay.name!r}) {why} (ring "
-                             f"position(s) {where}); pass the batch through ds_ring.shard_batch and the model the "
-                             "position_ids (and document_ids) it returns")
-    docs = None if ids is None else from_agreement(rows, ids, ring_lay, block_len, who)
-    block_mask = None if u == 1 or block_mask is None else block_mask.bool()
-    return RingFacts(ring, B, block_len, tuple(bool(row["padded"]) for row in rows), docs, block_mask)
+    must_match = {"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
+                  "parameter dtype / autocast": (str(getattr(param, "dtype", None)),
+                                                 torch.is_autocast_enabled(x.device.type))}
+    facts, raised = agree_ring(
+        s.group, who=f"{name} under ring_dilated attention", errors=errs, must_match=must_match,
+        layout=get_layout(s.layout), batch=B, local_len=L, device=x.device,
+        key_padding_mask=None if errs or mask is None else mask.bool(), document_ids=None if errs else ids,
+        flags={**dict.fromkeys(_POSITION_FIXES, 0), **flags}, batch_fingerprint=fingerprint,
+        ulysses_group=s.ulysses_group,
+    )  # fmt: skip
+    for flag, why in _POSITION_FIXES.items():
+        if raised[flag]:
+            raise ValueError(f"{name}: shards of the ring (world {world}, layout {lay.name!r}) {why.format(L=L)} "
+                             f"(ring position(s) {raised[flag]}); pass the batch through ds_ring.shard_batch and "
+                             "the model the position_ids (and document_ids) it returns")
+    return facts
 
 
 def _fingerprint(model: nn.Module, s: RingSettings) -> int:

@@ -9,10 +9,11 @@ between chunks exactly:
 
     (first id, last id, length of the first run, length of the last run)
 
-They travel in the ring's agreement (see agreement.py). From them every rank derives, identically, the
-document plan: per step and batch row, the (query run x key run) sub-blocks that share a document, as contiguous
-row ranges (views, no per-element mask), which steps have no work (no compute), and which sends no rank needs (no
-traffic). A chunk's own runs, needed only for its diagonal blocks, are read on the owning rank.
+They travel in the ring's agreement (see agreement.py). From them every rank derives, identically, the pieces of
+work (``DocumentPieces``, a source of pieces for schedule.py): per rank pair and batch row, the (query run x key
+run) sub-blocks that share a document, as contiguous row ranges (views, no per-element mask); the schedule then
+skips steps with no work (no compute) and sends no rank needs (no traffic). A chunk's own runs, needed only for its
+diagonal blocks, are read on the owning rank.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .layouts import Layout
-from .pattern import Pattern, Piece, Plan, _piece, make_step
+from .pattern import Pattern
+from .schedule import Piece, Schedule, build_schedule, make_piece
 
 Bound = tuple[int, int, int, int]  # first id, last id, first run length, last run length
 
@@ -60,7 +62,7 @@ class Documents:
 
     bounds: tuple[tuple[tuple[Bound, ...], ...], ...]
     runs: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]
-    _plans: dict = field(default_factory=dict, compare=False, repr=False)  # per (shape, pattern, device): reused
+    _schedules: dict = field(default_factory=dict, compare=False, repr=False)  # per (shape, pattern, device)
 
     @classmethod
     def from_rows(cls, rows: list[list[int]], runs, chunks: int, batch: int) -> "Documents":
@@ -83,62 +85,64 @@ class Documents:
                                 f"document (ds_ring.shard_batch numbers them)")
         return errs[:3]
 
-    def plan(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device) -> Plan:
-        """This rank's plan under the documents (dense pattern, with its causal flag and window); cached."""
-        key = (pattern.key(), lay.name, local_len, rank, batch, str(device))
-        if key not in self._plans:
-            self._plans[key] = _document_plan(self, pattern, lay, local_len, rank, batch, device)
-        return self._plans[key]
+    def schedule(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device) -> Schedule:
+        """This rank's schedule under the documents (dense pattern, with its causal flag and window); built once per
+        forward (every layer reuses it)."""
+        key = (pattern, lay, local_len, rank, batch, str(device))
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(DocumentPieces(self, pattern, lay, local_len, batch), rank, device)
+        return self._schedules[key]
 
 
-def _blocks(docs: Documents, lay: Layout, local_len: int, dst: int, src: int, b: int):
-    """(query rows, key rows) local ranges of rank ``dst``'s queries x rank ``src``'s keys that share a document,
-    batch row ``b``. A chunk with itself: its runs; two chunks: at most one shared document."""
-    world, C = len(docs.bounds), lay.chunks_per_rank
-    n = local_len // C
-    q_starts = [a for a, _ in lay.ranges(local_len, world, dst)]
-    k_starts = [a for a, _ in lay.ranges(local_len, world, src)]
-    for qi in range(C):
-        for ki in range(C):
-            if dst == src and qi == ki:
-                for a, e in docs.runs[qi][b]:
-                    yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e)
-                continue
-            q, k = docs.bounds[dst][qi][b], docs.bounds[src][ki][b]
-            if k_starts[ki] < q_starts[qi]:  # keys before queries: the keys' last run, the queries' first
-                if k[1] == q[0]:
-                    yield (qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n)
-            elif q[1] == k[0]:  # keys after queries: the queries' last run, the keys' first
-                yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2])
+@dataclass(frozen=True, eq=False)
+class DocumentPieces:
+    """The pieces of packed rows (a source of pieces, see schedule.py): per batch row, the (query run x key run)
+    blocks that share a document, under the dense ``pattern``'s causal flag and window."""
 
+    docs: Documents
+    pattern: Pattern
+    layout: Layout
+    local_len: int
+    batch: int
 
-def _pieces(docs, pattern: Pattern, lay, local_len, dst, src, batch) -> tuple[Piece, ...]:
-    world = len(docs.bounds)
-    q_pos, k_pos = lay.positions(local_len, world, dst), lay.positions(local_len, world, src)
-    out = []
-    for b in range(batch):
-        for (q0, q1), (k0, k1) in _blocks(docs, lay, local_len, dst, src, b):
-            qp, kp = q_pos[q0:q1], k_pos[k0:k1]
-            first_q, last_q, first_k, last_k = int(qp[0]), int(qp[-1]), int(kp[0]), int(kp[-1])  # host tensors
-            if pattern.causal and first_k > last_q or pattern.window is not None and first_q - last_k >= pattern.window:
-                continue  # no allowed pair (positions increase inside a run)
-            out.append(_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None, pattern.causal,
-                              pattern.window, b))
-    return tuple(out)
+    @property
+    def world_size(self) -> int:
+        return len(self.docs.bounds)
 
+    def _blocks(self, dst: int, src: int, b: int):
+        """(query rows, key rows) local ranges of rank ``dst``'s queries x rank ``src``'s keys that share a
+        document, batch row ``b``. A chunk with itself: its runs; two chunks: at most one shared document."""
+        docs, lay, C = self.docs, self.layout, self.layout.chunks_per_rank
+        n = self.local_len // C
+        q_starts = [a for a, _ in lay.ranges(self.local_len, self.world_size, dst)]
+        k_starts = [a for a, _ in lay.ranges(self.local_len, self.world_size, src)]
+        for qi in range(C):
+            for ki in range(C):
+                if dst == src and qi == ki:
+                    for a, e in docs.runs[qi][b]:
+                        yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e)
+                    continue
+                q, k = docs.bounds[dst][qi][b], docs.bounds[src][ki][b]
+                if k_starts[ki] < q_starts[qi]:  # keys before queries: the keys' last run, the queries' first
+                    if k[1] == q[0]:
+                        yield (qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n)
+                elif q[1] == k[0]:  # keys after queries: the queries' last run, the keys' first
+                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2])
 
-def _document_plan(docs: Documents, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int,
-                   device) -> Plan:
-    world = len(docs.bounds)
-    steps = [make_step(0, rank, None, _pieces(docs, pattern, lay, local_len, rank, rank, batch), (), local_len,
-                       str(device))]
-    for s in range(1, world):
-        src, dst = (rank - s) % world, (rank + s) % world
-        mine = _pieces(docs, pattern, lay, local_len, rank, src, batch)
-        theirs = _pieces(docs, pattern, lay, local_len, dst, rank, batch)
-        steps.append(make_step(s, src if mine else None, dst if theirs else None, mine, theirs, local_len,
-                               str(device)))
-    return Plan(world, rank, tuple(steps))
+    def pieces(self, dst: int, src: int) -> tuple[Piece, ...]:
+        pattern, world = self.pattern, self.world_size
+        q_pos, k_pos = (self.layout.positions(self.local_len, world, r) for r in (dst, src))
+        out = []
+        for b in range(self.batch):
+            for (q0, q1), (k0, k1) in self._blocks(dst, src, b):
+                qp, kp = q_pos[q0:q1], k_pos[k0:k1]
+                first_q, last_q, first_k, last_k = int(qp[0]), int(qp[-1]), int(kp[0]), int(kp[-1])  # host tensors
+                if (pattern.causal and first_k > last_q
+                        or pattern.window is not None and first_q - last_k >= pattern.window):
+                    continue  # no allowed pair (positions increase inside a run)
+                out.append(make_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None, pattern.causal,
+                                      pattern.window, b))
+        return tuple(out)
 
 
 # Where transformers' packing collator (DataCollatorWithFlattening) puts the documents: per-token sequence index
@@ -186,7 +190,7 @@ DECREASE, BOUNDS = "document ids decrease", "document bounds"  # the agreement's
 
 
 def agreement_fields(document_ids: torch.Tensor, chunks: int) -> tuple[dict, dict]:
-    """This rank's (mine, vectors) entries of the agreement for its shard's documents (device tensors)."""
+    """This rank's (rank_facts, rank_vectors) entries of the agreement for its shard's documents (device tensors)."""
     bounds, decrease = summaries(document_ids, chunks)
     return {DECREASE: decrease}, {BOUNDS: bounds}
 
@@ -203,11 +207,3 @@ def from_agreement(rows: list[dict], document_ids: torch.Tensor, lay: Layout, lo
     if errs:
         raise ValueError(f"{who}: " + "; ".join(errs))
     return docs
-
-
-def local_documents(document_ids: torch.Tensor, lay: Layout, who: str) -> Documents:
-    """The Documents of one rank holding the whole sequence (one host read of the ids)."""
-    ids = document_ids.cpu()
-    mine, vectors = agreement_fields(ids, lay.chunks_per_rank)
-    return from_agreement([{DECREASE: int(mine[DECREASE]), BOUNDS: vectors[BOUNDS].tolist()}], ids, lay,
-                          ids.shape[1], who)

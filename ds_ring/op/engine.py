@@ -1,14 +1,15 @@
 """The ring engine: one loop for every pattern and layout, forward and backward, under a thin autograd shell.
 
 Forward: each rank keeps its shards of Q, K, V. At step s it receives the K/V chunk (and key-padding mask) of rank
-p - s, posted before the previous step's compute so the transfer overlaps with it, runs the plan's pieces against it
+p - s, posted before the previous step's compute so the transfer overlaps with it, runs the schedule's pieces against it
 and merges them into fp32 accumulators with online softmax (running log-sum-exp).
 Backward: saves only the local q, k, v, mask, out and the final lse (all O(S/P)), rotates K/V again with the same
 schedule and sends each dK/dV partial (fp32) home to the chunk's owner, in two halves of the chunk's keys so that one
 half travels while the next is computed.
 
 Everything about the other ranks (which chunks carry padding) comes from the agreement (``RingFacts``), decided
-before the loop: the loop itself makes no host sync. The front door (attention.py) validates and plans.
+before the loop: the loop itself makes no host sync. The front door (attention.py) validates and builds the
+schedule (schedule.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from .agreement import RingFacts
 from .comm import RingComm
 from .kernels import BlockMask, block_backward, block_forward
-from .pattern import Piece, Plan, Step
+from .schedule import Piece, Schedule, Step
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,7 +80,8 @@ def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
     return _select(_batch(t, piece)[:, piece.head_start :: piece.head_step], 2, piece.q_idx)
 
 
-def _block_mask(piece: Piece, kpm: torch.Tensor | None) -> BlockMask:
+def _piece_mask(piece: Piece, kpm: torch.Tensor | None) -> BlockMask:
+    """What the kernel masks in one piece's block: positions (causal, window, segments) and its keys' padding."""
     if kpm is not None and piece.groups > 1:
         kpm = kpm.reshape(kpm.shape[0] * piece.groups, -1)
     return BlockMask(piece.q_pos, piece.k_pos, piece.seg, piece.causal, piece.window, piece.causal_diag, kpm)
@@ -110,7 +112,7 @@ def _covers_all(piece: Piece) -> bool:
     return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1 and piece.batch is None
 
 
-class _Sum:
+class _RunningSum:
     """Running sum over (B, H, L, ...) rows. It adopts a first term that covers every row as it is (no zero fill and
     no extra pass, so one block costs what the kernel costs) and turns to the accumulation dtype (fp32, fp64 for
     fp64 inputs) once a second term arrives."""
@@ -188,17 +190,18 @@ def _forward_pieces(pieces, q, k, v, kpm, acc: _Softmax, scale):
         kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
         G = piece.groups
         out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G),
-                                     _block_mask(piece, kpm_p), scale)
+                                     _piece_mask(piece, kpm_p), scale)
         acc.add(piece, _unfold(out_b, G), _unfold(lse_b, G))
 
 
-def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _Sum, dk: _Sum, dv: _Sum, scale):
+def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _RunningSum, dk: _RunningSum, dv: _RunningSum,
+                     scale):
     for piece in pieces:
         kp, vp, kpm_p, head_idx = _piece_kv(piece, q.shape[1], k, v, kpm)
         G = piece.groups
         grads = block_backward(
             *(_fold(t, G) for t in (_rows(dout, piece), _rows(q, piece), kp, vp, _rows(out, piece), _rows(lse, piece))),
-            _block_mask(piece, kpm_p), scale,
+            _piece_mask(piece, kpm_p), scale,
         )
         dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
         dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx, piece.batch)
@@ -217,7 +220,8 @@ def _rows_view(flat: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _rotate(
-    plan: Plan, comm: RingComm | None, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, facts: RingFacts
+    schedule: Schedule, comm: RingComm | None, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
+    facts: RingFacts,
 ) -> Iterator[tuple[Step, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Yield (step, k, v, key-padding mask or None) for the local chunk, then for every step with traffic, with the
     received rows (``step.recv_rows`` of the source's shard) only.
@@ -230,7 +234,7 @@ def _rotate(
     if facts.any_padded:
         local.append(torch.ones(k.shape[0], k.shape[2], dtype=torch.uint8, device=k.device) if kpm is None
                      else kpm.to(torch.uint8))
-    steps = plan.comm_steps
+    steps = schedule.comm_steps
     bufs = [[torch.empty(t.numel(), dtype=t.dtype, device=t.device) for t in local] for _ in range(min(2, len(steps)))]
 
     def post(i: int):
@@ -243,7 +247,7 @@ def _rotate(
         return comm.exchange("kv", st.index, 0, st.dest, send, st.source, recv), recv
 
     pending = post(0) if steps else None  # the first transfer overlaps the local block
-    yield plan.steps[0], k, v, kpm if facts.padded[plan.rank] else None
+    yield schedule.steps[0], k, v, kpm if facts.padded[schedule.rank] else None
     for i, st in enumerate(steps):
         handle, recv = pending
         handle.wait()
@@ -256,29 +260,29 @@ def _rotate(
 
 
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, plan: Plan,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, schedule: Schedule,
     comm: RingComm | None, scale: float, facts: RingFacts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the plan: out (B, Hq, M, D) in q's dtype and lse (B, Hq, M) in fp32 (fp64 for fp64 inputs), -inf for
+    """Run the schedule: out (B, Hq, M, D) in q's dtype and lse (B, Hq, M) in fp32 (fp64 for fp64 inputs), -inf for
     rows with no key."""
     acc = _Softmax(q)
-    for st, kc, vc, kpmc in _rotate(plan, comm, k, v, kpm, facts):
+    for st, kc, vc, kpmc in _rotate(schedule, comm, k, v, kpm, facts):
         if st.source is not None:
             _forward_pieces(st.pieces, q, kc, vc, kpmc, acc, scale)
     return acc.result()
 
 
-class _HomeTrip:
+class _HomewardGrads:
     """dK/dV partials on their way home, one exchange in flight.
 
     At step s this rank computed against rows of ``step.source``: each of its key parts' partial goes back to that
     owner, while the partials for OUR rows (``step.home_parts``) arrive from ``step.dest``, the rank we sent them to.
-    Both ends cut the rows by the same rule (``pattern.key_halves``), so exchange j pairs up. The exchange of one
+    Both ends cut the rows by the same rule (``schedule.key_halves``), so exchange j pairs up. The exchange of one
     part travels while the next part is computed; it lands (is added into dk/dv) before the next is posted, so two
     fp32 landing buffers of half a shard serve every step.
     """
 
-    def __init__(self, comm: RingComm, k: torch.Tensor, dk: _Sum, dv: _Sum):
+    def __init__(self, comm: RingComm, k: torch.Tensor, dk: _RunningSum, dv: _RunningSum):
         B, Hkv, L, D = k.shape
         self.comm, self.dk, self.dv, self.like = comm, dk, dv, k
         self.flat = torch.empty(2, B * Hkv * ((L + 1) // 2) * D, dtype=_acc_dtype(k.dtype), device=k.device)
@@ -306,16 +310,16 @@ class _HomeTrip:
 
 def ring_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, plan: Plan, comm: RingComm | None, scale: float, facts: RingFacts,
+    out: torch.Tensor, lse: torch.Tensor, schedule: Schedule, comm: RingComm | None, scale: float, facts: RingFacts,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the local shards: dq (B, Hq, M, D), dk/dv (B, Hkv, L, D) in the inputs' dtypes."""
     # A row with no key has every key masked in every block, so p = 0 whatever its lse: use a finite one (0), as
     # some kernels compute s - lse before masking and -inf - (-inf) would be NaN.
     lse = lse.masked_fill(lse == float("-inf"), 0.0)
-    dq, dk, dv = _Sum(q.shape, q), _Sum(k.shape, k), _Sum(k.shape, k)
-    home = _HomeTrip(comm, k, dk, dv) if plan.comm_steps else None
+    dq, dk, dv = _RunningSum(q.shape, q), _RunningSum(k.shape, k), _RunningSum(k.shape, k)
+    home = _HomewardGrads(comm, k, dk, dv) if schedule.comm_steps else None
     B, Hkv, _, D = k.shape
-    for st, kc, vc, kpmc in _rotate(plan, comm, k, v, kpm, facts):
+    for st, kc, vc, kpmc in _rotate(schedule, comm, k, v, kpm, facts):
         if st.index == 0:  # our own chunk: its dK/dV are ours
             _backward_pieces(st.pieces, q, kc, vc, kpmc, out, lse, dout, dq, dk, dv, scale)
             continue
@@ -323,7 +327,8 @@ def ring_backward(
             grads = []  # dK/dV (fp32) of the received rows of part j, for their owner
             if j < len(st.key_parts):
                 part = st.key_parts[j]
-                sums = [_Sum((B, Hkv, part.hi - part.lo, D), k) for _ in range(2)]  # adopts a whole-block grad
+                # each adopts a whole-block gradient as it is
+                sums = [_RunningSum((B, Hkv, part.hi - part.lo, D), k) for _ in range(2)]
                 rows = slice(part.lo, part.hi)
                 _backward_pieces(part.pieces, q, kc[:, :, rows], vc[:, :, rows], None if kpmc is None else
                                  kpmc[:, rows], out, lse, dout, dq, *sums, scale)
@@ -338,25 +343,25 @@ class _RingAttention(torch.autograd.Function):
     """Thin autograd shell: saves only local, O(S/P) tensors and reruns the ring in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kpm, plan, group, scale, overlap, facts):
-        comm = RingComm(group, overlap) if plan.world_size > 1 else None
-        out, lse = ring_forward(q, k, v, kpm, plan, comm, scale, facts)
+    def forward(ctx, q, k, v, kpm, schedule, group, scale, overlap, facts):
+        comm = RingComm(group, overlap) if schedule.world_size > 1 else None
+        out, lse = ring_forward(q, k, v, kpm, schedule, comm, scale, facts)
         ctx.save_for_backward(q, k, v, kpm, out, lse)
-        ctx.plan, ctx.comm, ctx.scale, ctx.facts = plan, comm, scale, facts
+        ctx.schedule, ctx.comm, ctx.scale, ctx.facts = schedule, comm, scale, facts
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, kpm, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, kpm, out, lse, ctx.plan, ctx.comm, ctx.scale,
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, kpm, out, lse, ctx.schedule, ctx.comm, ctx.scale,
                                    ctx.facts)
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def run(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, plan: Plan,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, schedule: Schedule,
     group: dist.ProcessGroup | None, scale: float, overlap: bool, facts: RingFacts,
 ) -> torch.Tensor:
-    """Differentiable ring attention of validated local shards under ``plan``: (B, Hq, M, D) in q's dtype."""
-    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), kpm, plan, group, scale, overlap,
+    """Differentiable ring attention of validated local shards under ``schedule``: (B, Hq, M, D) in q's dtype."""
+    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), kpm, schedule, group, scale, overlap,
                                 facts)

@@ -36,6 +36,13 @@ class Layout:
     def __repr__(self) -> str:
         return f"Layout({self.name!r})"
 
+    # Equal by name (the name says the cut, the grid's included): layouts key cached schedules.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
     def divisor(self, world_size: int) -> int:
         """A sequence length must be a multiple of this to shard over ``world_size`` ranks."""
         return self.chunks_per_rank * world_size

@@ -1,25 +1,25 @@
-"""The attention pattern: LongNet segments and dilation, causal, sliding window, and which blocks of work it implies.
+"""The attention pattern: LongNet segments and dilation, causal, sliding window, and the pieces of work it implies.
 
 Semantics. For pair j = (w_j, r_j) and query head h the offset is o = h % r_j; global position t is selected iff
 (t % w_j) % r_j == o. Query i and key t interact under pair j iff i // w_j == t // w_j and both are selected; with
 ``causal`` only t <= i; with ``window`` only i - t < window; a padded key never interacts. Pairs are mixed by their
 softmax denominators, i.e. dense attention with bias log m(i, t), m = number of pairs under which i and t interact.
 
-Work is split into *pieces*: (K/V chunk of one source rank) x (pair j) x (offset class o). A piece gathers its selected
-query rows and key rows into dense sub-blocks, so a rate r costs 1/r^2 of the dense FLOPs. Everything here is integer
-math on shapes and the pattern alone, so every rank derives the same communication schedule.
+As a source of pieces (``PatternPieces``, see schedule.py) a pattern splits the work against one source rank's K/V
+chunk by (pair j) x (offset class o): a piece gathers its selected query rows and key rows into dense sub-blocks, so
+a rate r costs 1/r^2 of the dense FLOPs. Everything here is integer math on shapes and the pattern alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .layouts import get_layout
+from .layouts import Layout
+from .schedule import Piece, make_piece
 
 
 @dataclass(frozen=True)
@@ -76,172 +76,11 @@ class Pattern:
     def key(self) -> tuple:
         return (self.segment_lengths, self.dilation_rates, self.causal, self.window)
 
-
-@dataclass(frozen=True)
-class Piece:
-    """One dense sub-block of work between the local queries and one source rank's keys.
-
-    ``head_start``/``head_step``: the query heads of the offset class (a slice over Hq). ``q_idx``/``k_idx``: local
-    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a contiguous
-    ``slice`` (a document's run: read as a view), or ``None`` = all rows. ``batch``: the one batch row the piece
-    computes (documents differ per row), ``None`` = all rows.
-    ``groups``: the rows form G equal segments, which the kernel runs as G batched blocks, so a segment never pays
-    for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
-    length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
-    own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
-    """
-
-    head_start: int
-    head_step: int
-    q_idx: torch.Tensor | None
-    k_idx: torch.Tensor | None
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-    seg: int | None
-    causal: bool
-    window: int | None
-    causal_diag: bool
-    groups: int = 1
-    batch: int | None = None
-
-
-def _piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
-    """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask. Positions are
-    host tensors here (plans are built on the host and moved to the device once)."""
-    causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
-    if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
-        window = None
-    diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
-    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch)
-
-
-def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
-    """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
-
-    Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
-    """
-    if isinstance(piece.k_idx, slice):  # one contiguous run of keys (a document's)
-        a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
-        if a >= e:
-            return []
-        kp = piece.k_pos[:, a - piece.k_idx.start : e - piece.k_idx.start]
-        return [_piece(piece.head_start, piece.head_step, piece.q_idx, slice(a - lo, e - lo), piece.q_pos, kp,
-                       piece.seg, piece.causal, piece.window, piece.batch)]
-    G = piece.groups
-    if piece.k_idx is None and G == 1:  # every key row: the part's rows are the range itself (sliced by the caller)
-        return [_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[:, lo:hi],
-                       piece.seg, piece.causal, piece.window, piece.batch)]
-    n_k = piece.k_pos.numel()
-    k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
-    k_idx = k_idx.view(G, -1)
-    q_all = piece.q_idx if piece.q_idx is not None else torch.arange(piece.q_pos.numel(), device=piece.q_pos.device)
-    q_idx = q_all.view(G, -1)
-    inside = (k_idx >= lo) & (k_idx < hi)
-    whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
-    out = []
-    if bool(whole.all()) and piece.k_idx is None:
-        return [piece]
-    args = (piece.head_start, piece.head_step)
-    if bool(whole.any()):
-        every_row = piece.q_idx is None and bool(whole.all())
-        out.append(_piece(*args, None if every_row else q_idx[whole].reshape(-1),
-                          (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
-                          piece.causal, piece.window))
-    for g in cut.nonzero().flatten().tolist():
-        keep = inside[g]
-        q_rows = None if piece.q_idx is None and G == 1 else q_idx[g]
-        out.append(_piece(*args, q_rows, k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
-                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window))
-    return out
-
-
-@dataclass(frozen=True)
-class KeyPart:
-    """A step's pieces restricted to the source's key rows [lo, hi), indexed from ``lo``. The backward sends each
-    part's dK/dV home as soon as it is done, so one part travels while the next is computed and the partial buffers
-    stay a chunk in size for any P."""
-
-    lo: int
-    hi: int
-    pieces: tuple[Piece, ...]
-
-
-@dataclass(frozen=True)
-class Step:
-    """Step ``index`` of one rank's ring. At step s >= 1 rank p receives K/V rows of rank p - s and sends its own to
-    rank p + s, each only where the receiver has a non-empty piece, and only the rows its pieces read: the same
-    predicate is evaluated on both ends, so sends and receives always pair up in count and size. Step 0 is the local
-    chunk (``source`` = the rank itself, no traffic, rows in shard coordinates).
-
-    ``source``: the rank whose keys this rank computes against, None if it needs nothing from it; ``recv_rows``: the
-    [lo, hi) rows of the source's shard it receives (``pieces`` and ``key_parts`` index the received rows). ``dest``:
-    the rank this rank sends its own K/V to, None if that rank needs nothing; ``send_rows``: the rows of this rank's
-    shard it sends; ``home_parts``: the rows of this rank's shard whose dK/dV partials come back from ``dest``, one
-    exchange each (the halves of ``send_rows``, as the receiver cuts its ``key_parts``).
-    """
-
-    index: int
-    source: int | None
-    dest: int | None
-    pieces: tuple[Piece, ...]
-    key_parts: tuple[KeyPart, ...]
-    recv_rows: tuple[int, int] = (0, 0)
-    send_rows: tuple[int, int] = (0, 0)
-    home_parts: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything one rank needs for one (pattern, shape, group, layout): which peers at which step, and the pieces."""
-
-    world_size: int
-    rank: int
-    steps: tuple[Step, ...]
-
-    @property
-    def comm_steps(self) -> tuple[Step, ...]:
-        """The steps >= 1 with traffic in either direction, in ring order (every rank walks the same indices)."""
-        return tuple(st for st in self.steps[1:] if st.source is not None or st.dest is not None)
-
-
-def key_halves(n: int) -> list[tuple[int, int]]:
-    """How received keys are cut for the backward (both ends cut the same way): two halves, one part if n < 2."""
-    return [(0, n // 2), (n // 2, n)] if n > 1 else [(0, n)] if n else []
-
-
-def _key_rows(pieces: Sequence[Piece], local_len: int) -> tuple[int, int]:
-    """The [lo, hi) rows of the source's shard that ``pieces`` read ((0, 0) for none). Host tensors."""
-    lo, hi = local_len, 0
-    for pc in pieces:
-        if pc.k_idx is None:
-            return 0, local_len
-        a, e = (pc.k_idx.start, pc.k_idx.stop) if isinstance(pc.k_idx, slice) else (int(pc.k_idx.min()),
-                                                                                    int(pc.k_idx.max()) + 1)
-        lo, hi = min(lo, a), max(hi, e)
-    return (lo, hi) if hi > lo else (0, 0)
-
-
-def _shift(pc: Piece, lo: int) -> Piece:
-    """``pc`` with its keys indexed from row ``lo`` of the source's shard (the first received row)."""
-    if lo == 0:
-        return pc
-    k_idx = slice(pc.k_idx.start - lo, pc.k_idx.stop - lo) if isinstance(pc.k_idx, slice) else pc.k_idx - lo
-    return dataclasses.replace(pc, k_idx=k_idx)
-
-
-def make_step(index: int, source: int | None, dest: int | None, mine: Sequence[Piece], theirs: Sequence[Piece],
-              local_len: int, device: str) -> Step:
-    """A step from this rank's pieces against the source (``mine``, source-shard rows) and the destination's pieces
-    against this rank (``theirs``): what travels is the rows they read, on both ends."""
-    if index == 0:
-        recv = send = (0, local_len)
-    else:
-        recv, send = _key_rows(mine, local_len), _key_rows(theirs, local_len)
-    pieces = tuple(_shift(pc, recv[0]) for pc in mine)
-    parts = tuple(KeyPart(lo, hi, tuple(p for pc in pieces for p in restrict_keys(pc, lo, hi)))
-                  for lo, hi in key_halves(recv[1] - recv[0])) if source is not None else ()
-    home = tuple((send[0] + a, send[0] + b) for a, b in key_halves(send[1] - send[0])) if dest is not None else ()
-    return to_device(Step(index, source, dest, pieces, parts, recv, send, home), device)
+    def pieces(self, layout: Layout, local_len: int, world_size: int, num_heads: int, *, q_len: int | None = None,
+               head_base: int = 0) -> "PatternPieces":
+        """This pattern as a source of pieces (schedule.py) for a ring of ``world_size`` ranks cut by ``layout``."""
+        return PatternPieces(self, layout, local_len, world_size, num_heads,
+                             local_len if q_len is None else q_len, head_base)
 
 
 def _selected(pos: torch.Tensor, w: int, r: int, o: int) -> torch.Tensor:
@@ -294,7 +133,7 @@ def _segment_pieces(start, o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) 
     shapes = sorted(set(zip(q_cnt.tolist(), k_cnt.tolist()))) if torch.equal(q_seg, k_seg) else []
     if len(q_seg) == 1 and shapes or not shapes or len(shapes) > _MAX_SEGMENT_SHAPES:
         seg = None if len(q_seg) == 1 and shapes else w
-        return [_piece(start, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg,
+        return [make_piece(start, r, None if full_q else q_rows, None if full_k else k_rows, qp[None], kp[None], seg,
                        *args)]
     out = []
     q_of = torch.repeat_interleave(torch.arange(len(q_seg)), q_cnt)  # segment index of each selected row
@@ -306,31 +145,52 @@ def _segment_pieces(start, o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) 
         # all rows of the shard, in order: no gather, and the piece's result can stand as the accumulator
         q_idx = None if full_q and bool(qm.all()) else q_rows[qm]
         k_idx = None if full_k and bool(km.all()) else k_rows[km]
-        out.append(_piece(start, r, q_idx, k_idx, qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
+        out.append(make_piece(start, r, q_idx, k_idx, qp[qm].view(G, nq), kp[km].view(G, nk), None, *args))
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _plan_cached(
-    pattern_key: tuple, local_len: int, world: int, rank: int, layout: str, num_heads: int, device: str, q_len: int,
-    head_base: int,
-) -> Plan:
-    pattern = Pattern(*pattern_key)
-    lay = get_layout(layout)
-    seq_len = local_len * world
-    k_ranges = [lay.ranges(local_len, world, p) for p in range(world)]
-    # queries are the last q_len positions of the keys (decoding with a cache, world 1): aligned bottom-right
-    q_ranges = k_ranges if q_len == local_len else [[(local_len - q_len, local_len)]]
-    k_pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in k_ranges]
-    q_pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in q_ranges]
-    pairs = pattern.pairs(seq_len)
+@dataclass(frozen=True)
+class PatternPieces:
+    """The pieces of ``pattern`` on a ring of ``world_size`` ranks cut by ``layout``, shards of ``local_len`` keys and
+    ``num_heads`` local query heads. ``q_len`` < ``local_len`` only on one rank: the queries are then the last
+    ``q_len`` positions (decoding with a KV cache), so a step costs O(q_len x keys). ``head_base``: the global index
+    of the first local query head (under Ulysses a rank holds a slice of the heads; dilation offsets count global
+    heads). Hashable by value: ``schedule.make_schedule`` caches its schedules."""
 
-    def pieces(dst: int, src: int) -> tuple[Piece, ...]:
+    pattern: Pattern
+    layout: Layout
+    local_len: int
+    world_size: int
+    num_heads: int
+    q_len: int
+    head_base: int = 0
+
+    def __post_init__(self):
+        if self.q_len != self.local_len and (self.world_size != 1 or not 0 < self.q_len < self.local_len):
+            raise ValueError(f"PatternPieces: {self.q_len} queries for {self.local_len} keys: fewer queries than "
+                             "keys only on one rank, as the keys' last positions")
+
+    @functools.cached_property
+    def _ranges(self) -> tuple[list, list, list, list]:
+        """Key and query ranges and positions of every rank (host tensors)."""
+        n, world = self.local_len, self.world_size
+        k_ranges = [self.layout.ranges(n, world, p) for p in range(world)]
+        # queries are the last q_len positions of the keys (decoding with a cache, world 1): aligned bottom-right
+        q_ranges = k_ranges if self.q_len == n else [[(n - self.q_len, n)]]
+        k_pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in k_ranges]
+        q_pos = [torch.cat([torch.arange(a, b) for a, b in rs]) for rs in q_ranges]
+        return k_ranges, q_ranges, k_pos, q_pos
+
+    def pieces(self, dst: int, src: int) -> tuple[Piece, ...]:
+        """Rank ``dst``'s pieces against rank ``src``'s keys: per pair and offset class, the selected rows with a
+        partner on the other side."""
+        pattern, head_base = self.pattern, self.head_base
+        k_ranges, q_ranges, k_pos, q_pos = self._ranges
         out = []
-        for w, r in pairs:
+        for w, r in pattern.pairs(self.local_len * self.world_size):
             for o in range(r):  # offset class o holds the GLOBAL heads h with h % r == o
                 start = (o - head_base) % r  # its first local head (local head i is global head head_base + i)
-                if start >= num_heads:
+                if start >= self.num_heads:
                     continue
                 qsel = _selected(q_pos[dst], w, r, o) & _rows_with_partner(
                     q_pos[dst], k_ranges[src], w, r, o, pattern.causal, pattern.window, True
@@ -342,39 +202,3 @@ def _plan_cached(
                 )
                 out += _segment_pieces(start, o, r, w, qsel, ksel, q_pos[dst], k_pos[src], pattern)
         return tuple(out)
-
-    steps = [make_step(0, rank, None, pieces(rank, rank), (), local_len, device)]
-    for s in range(1, world):
-        src, dst = (rank - s) % world, (rank + s) % world
-        mine, theirs = pieces(rank, src), pieces(dst, rank)
-        steps.append(make_step(s, src if mine else None, dst if theirs else None, mine, theirs, local_len, device))
-    return Plan(world, rank, tuple(steps))
-
-
-def to_device(st: Step, device: str) -> Step:
-    """``st`` with its pieces' index and position tensors on ``device`` (plans are built on the host)."""
-    def move(pc: Piece) -> Piece:
-        return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
-                                          if isinstance(getattr(pc, f), torch.Tensor)})
-
-    parts = tuple(dataclasses.replace(kp, pieces=tuple(map(move, kp.pieces))) for kp in st.key_parts)
-    return dataclasses.replace(st, pieces=tuple(map(move, st.pieces)), key_parts=parts)
-
-
-def make_plan(
-    pattern: Pattern, local_len: int, world_size: int, rank: int, layout: str, num_heads: int,
-    device: torch.device | str = "cpu", q_len: int | None = None, head_base: int = 0,
-) -> Plan:
-    """The (cached) plan of ``rank``; identical inputs give identical plans on every rank.
-
-    ``local_len`` is the key shard length; ``q_len`` (default ``local_len``) may be shorter on a single rank only:
-    the queries are then the last ``q_len`` positions (decoding with a KV cache), so a step costs O(q_len x keys).
-    ``head_base``: the global index of the first of the ``num_heads`` local query heads (under Ulysses a rank holds
-    a slice of the heads; dilation offsets count global heads).
-    """
-    q_len = local_len if q_len is None else q_len
-    if q_len != local_len and (world_size != 1 or not 0 < q_len < local_len):
-        raise ValueError(f"make_plan: {q_len} queries for {local_len} keys: fewer queries than keys only on one "
-                         "rank, as the keys' last positions")
-    return _plan_cached(pattern.key(), local_len, world_size, rank, get_layout(layout).name, num_heads, str(device),
-                        q_len, head_base)

@@ -4,8 +4,8 @@ For a model's attention shape, a sequence length, ``sp_size`` ranks of which ``r
 cluster's bandwidths and FLOP/s, it gives per factorization (u Ulysses ranks x R ring positions):
 
 * bytes per rank per layer over each link (intra-node, inter-node): the Ulysses all-to-alls, the ring's K/V sends
-  and the dK/dV partials coming home. Ring bytes come from the same plans the op runs (``pattern.make_plan``), so
-  they are exactly what a rank sends (tests count them on CPU ranks);
+  and the dK/dV partials coming home. Ring bytes come from the same schedules the op runs
+  (``schedule.make_schedule``), so they are exactly what a rank sends (tests count them on CPU ranks);
 * the predicted attention time, forward and backward, with overlap, and its efficiency against the ideal (the
   same attention computed at the kernel's full-block rate with no communication);
 * a recommendation: the fastest factorization the heads allow.
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from ..op.layouts import get_layout
-from ..op.pattern import Pattern, make_plan
+from ..op.pattern import Pattern
+from ..op.schedule import make_schedule
 from ..op.ulysses import heads_error
 
 
@@ -148,7 +149,7 @@ class _StepCost:
 
 
 def _ring_costs(pattern: Pattern, block_len: int, R: int, r: int, layout: str, heads: int) -> list[_StepCost]:
-    """The steps of ring position r, from the plan the op runs. Without a window the plan's row ranges grow
+    """The steps of ring position r, from the schedule the op runs. Without a window the schedule's rows grow
     linearly with the block, so a large block is planned at 1/k of its length: rows scale by k exactly, pairs by
     k^2 (the causal diagonal's O(1/L) share aside)."""
     k = 1
@@ -157,10 +158,10 @@ def _ring_costs(pattern: Pattern, block_len: int, R: int, r: int, layout: str, h
         while block_len % (2 * k) == 0 and block_len // (2 * k) >= 64 and \
                 lay.local_len_error(block_len // (2 * k), R) is None:
             k *= 2
-    plan = make_plan(pattern, block_len // k, R, r, layout, heads, "cpu")
+    schedule = make_schedule(pattern.pieces(get_layout(layout), block_len // k, R, heads), r)
     rows = lambda a_b: (a_b[1] - a_b[0]) * k  # noqa: E731
     out = []
-    for st in plan.steps:
+    for st in schedule.steps:
         out.append(_StepCost(
             st.index, st.source, st.dest, rows(st.send_rows) if st.dest is not None else 0,
             rows(st.recv_rows) if st.source is not None else 0, sum(rows(hp) for hp in st.home_parts),

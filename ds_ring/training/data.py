@@ -6,6 +6,7 @@ its own slice of the sequence (``shard_batch``).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -22,6 +23,30 @@ from ..parallel.sharding import shard_sequence
 
 # Per-token keys shard_batch understands, and the value that fills the padding added to make S divisible.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
+
+
+FINGERPRINT_KEY = "batch_fingerprint"  # shard_batch's output key; consumed by the patched model's forward hook
+_PRIME = 2**31 - 1  # modulus of the fingerprint: products stay below 2**62 and sums of 2**32 terms in int64
+
+
+def batch_fingerprint(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A 0-d int64 tensor, equal on two ranks if they received the same batch and (all but surely) different if not.
+
+    Per key, in sorted order: the key, the shape, and the sum over all values of value x weight(position) modulo
+    2**31 - 1 (the weights make a permutation count; integer math, so every device gets the same number). It is
+    computed where the batch lives and never read here: the ring's agreement reads it with its other entries, so
+    checking that every rank of a ring holds one batch costs no collective and no host sync of its own. O(tokens)
+    integer work, small against a forward.
+    """
+    device = batch["input_ids"].device
+    fp = torch.zeros((), dtype=torch.int64, device=device)
+    for name in sorted(batch):
+        t = torch.as_tensor(batch[name], device=device)
+        x = t.reshape(-1).to(torch.int64) % _PRIME
+        weight = (torch.arange(x.numel(), device=device) * 40503 + 7) % _PRIME
+        term = (x * weight % _PRIME).sum() % _PRIME
+        fp = (fp * 1000003 + term + zlib.crc32(repr((name, tuple(t.shape))).encode())) % _PRIME
+    return fp
 
 
 def _pad_right(x: torch.Tensor, n: int, value: int) -> torch.Tensor:
@@ -55,9 +80,14 @@ def shard_batch(
       ``labels=`` loss. ``labels`` itself is not returned: the model must not shift the local shard again; use
       ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
 
+    - ``batch_fingerprint``: a 0-d int64 tensor, ``batch_fingerprint(batch)`` of the full batch this rank received.
+      A patched model's forward consumes it: the ring's agreement (one per forward, no extra collective) checks that
+      every rank of the ring got the same batch, and otherwise raises the same error on every rank naming the fix
+      (``ds_ring.sp_dataloader``: a dataloader sharded over every process gives each rank a different batch).
+
     S that does not divide by sp_size (2*sp_size for the zigzag layout) is padded on the right with masked tokens
-    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs use ``sp.sequence_layout``
-    (the grid's under two-dimensional SP).
+    (``pad_token_id``, attention_mask 0, ``ignore_index``), never truncated. All outputs but the fingerprint use
+    ``sp.sequence_layout`` (the grid's under two-dimensional SP).
     """
     unknown = set(batch) - set(_TOKEN_KEYS) - set(PACKING_KEYS)
     if unknown:
@@ -101,7 +131,9 @@ def shard_batch(
         labels = batch["labels"]
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
         full["shift_labels"] = _pad_right(shifted, pad, ignore_index)
-    return {k: shard_sequence(v, 1, sp.group, sp.sequence_layout) for k, v in full.items()}
+    out = {k: shard_sequence(v, 1, sp.group, sp.sequence_layout) for k, v in full.items()}
+    out[FINGERPRINT_KEY] = batch_fingerprint(batch)
+    return out
 
 
 class SPDataLoader(DataLoader):

@@ -1,0 +1,227 @@
+"""The schedule of one rank's ring: the pieces of work, the steps that carry them, and the one builder.
+
+Work is split into *pieces*: dense sub-blocks between the local queries and one source rank's keys (which rows,
+which query heads, which positions, which constraints still bite). A *source of pieces* says which pieces rank
+``dst``'s queries have against rank ``src``'s keys; there are two, the attention pattern (``pattern.PatternPieces``:
+LongNet segments and dilation, causal, window) and packed documents (``documents.DocumentPieces``). ``build_schedule``
+turns a source into the ``Schedule`` of one rank, the same way for both: step s computes against rank p - s, and
+sends and receives only the key rows the pieces on each end read. Everything here is integer math on shapes and the
+source, so every rank derives the same communication schedule (the engine, engine.py, runs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One dense sub-block of work between the local queries and one source rank's keys.
+
+    ``head_start``/``head_step``: the query heads of the offset class (a slice over Hq). ``q_idx``/``k_idx``: local
+    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a contiguous
+    ``slice`` (a document's run: read as a view), or ``None`` = all rows. ``batch``: the one batch row the piece
+    computes (documents differ per row), ``None`` = all rows.
+    ``groups``: the rows form G equal segments, which the kernel runs as G batched blocks, so a segment never pays
+    for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
+    length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
+    own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
+    """
+
+    head_start: int
+    head_step: int
+    q_idx: torch.Tensor | None
+    k_idx: torch.Tensor | None
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    seg: int | None
+    causal: bool
+    window: int | None
+    causal_diag: bool
+    groups: int = 1
+    batch: int | None = None
+
+
+def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
+    """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask. Positions are
+    host tensors here (schedules are built on the host and moved to the device once)."""
+    causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
+    if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
+        window = None
+    diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
+    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch)
+
+
+def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
+    """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
+
+    Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
+    """
+    if isinstance(piece.k_idx, slice):  # one contiguous run of keys (a document's)
+        a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
+        if a >= e:
+            return []
+        kp = piece.k_pos[:, a - piece.k_idx.start : e - piece.k_idx.start]
+        return [make_piece(piece.head_start, piece.head_step, piece.q_idx, slice(a - lo, e - lo), piece.q_pos, kp,
+                       piece.seg, piece.causal, piece.window, piece.batch)]
+    G = piece.groups
+    if piece.k_idx is None and G == 1:  # every key row: the part's rows are the range itself (sliced by the caller)
+        return [make_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[:, lo:hi],
+                       piece.seg, piece.causal, piece.window, piece.batch)]
+    n_k = piece.k_pos.numel()
+    k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
+    k_idx = k_idx.view(G, -1)
+    q_all = piece.q_idx if piece.q_idx is not None else torch.arange(piece.q_pos.numel(), device=piece.q_pos.device)
+    q_idx = q_all.view(G, -1)
+    inside = (k_idx >= lo) & (k_idx < hi)
+    whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
+    out = []
+    if bool(whole.all()) and piece.k_idx is None:
+        return [piece]
+    args = (piece.head_start, piece.head_step)
+    if bool(whole.any()):
+        every_row = piece.q_idx is None and bool(whole.all())
+        out.append(make_piece(*args, None if every_row else q_idx[whole].reshape(-1),
+                          (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
+                          piece.causal, piece.window))
+    for g in cut.nonzero().flatten().tolist():
+        keep = inside[g]
+        q_rows = None if piece.q_idx is None and G == 1 else q_idx[g]
+        out.append(make_piece(*args, q_rows, k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
+                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window))
+    return out
+
+
+@dataclass(frozen=True)
+class KeyPart:
+    """A step's pieces restricted to the source's key rows [lo, hi), indexed from ``lo``. The backward sends each
+    part's dK/dV home as soon as it is done, so one part travels while the next is computed and the partial buffers
+    stay a chunk in size for any P."""
+
+    lo: int
+    hi: int
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Step ``index`` of one rank's ring. At step s >= 1 rank p receives K/V rows of rank p - s and sends its own to
+    rank p + s, each only where the receiver has a non-empty piece, and only the rows its pieces read: the same
+    predicate is evaluated on both ends, so sends and receives always pair up in count and size. Step 0 is the local
+    chunk (``source`` = the rank itself, no traffic, rows in shard coordinates).
+
+    ``source``: the rank whose keys this rank computes against, None if it needs nothing from it; ``recv_rows``: the
+    [lo, hi) rows of the source's shard it receives (``pieces`` and ``key_parts`` index the received rows). ``dest``:
+    the rank this rank sends its own K/V to, None if that rank needs nothing; ``send_rows``: the rows of this rank's
+    shard it sends; ``home_parts``: the rows of this rank's shard whose dK/dV partials come back from ``dest``, one
+    exchange each (the halves of ``send_rows``, as the receiver cuts its ``key_parts``).
+    """
+
+    index: int
+    source: int | None
+    dest: int | None
+    pieces: tuple[Piece, ...]
+    key_parts: tuple[KeyPart, ...]
+    recv_rows: tuple[int, int] = (0, 0)
+    send_rows: tuple[int, int] = (0, 0)
+    home_parts: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything one rank needs for one call: which peers at which step, and the pieces of work against each."""
+
+    world_size: int
+    rank: int
+    steps: tuple[Step, ...]
+
+    @property
+    def comm_steps(self) -> tuple[Step, ...]:
+        """The steps >= 1 with traffic in either direction, in ring order (every rank walks the same indices)."""
+        return tuple(st for st in self.steps[1:] if st.source is not None or st.dest is not None)
+
+
+def key_halves(n: int) -> list[tuple[int, int]]:
+    """How received keys are cut for the backward (both ends cut the same way): two halves, one part if n < 2."""
+    return [(0, n // 2), (n // 2, n)] if n > 1 else [(0, n)] if n else []
+
+
+def _key_rows(pieces: Sequence[Piece], local_len: int) -> tuple[int, int]:
+    """The [lo, hi) rows of the source's shard that ``pieces`` read ((0, 0) for none). Host tensors."""
+    lo, hi = local_len, 0
+    for pc in pieces:
+        if pc.k_idx is None:
+            return 0, local_len
+        a, e = (pc.k_idx.start, pc.k_idx.stop) if isinstance(pc.k_idx, slice) else (int(pc.k_idx.min()),
+                                                                                    int(pc.k_idx.max()) + 1)
+        lo, hi = min(lo, a), max(hi, e)
+    return (lo, hi) if hi > lo else (0, 0)
+
+
+def _shift(pc: Piece, lo: int) -> Piece:
+    """``pc`` with its keys indexed from row ``lo`` of the source's shard (the first received row)."""
+    if lo == 0:
+        return pc
+    k_idx = slice(pc.k_idx.start - lo, pc.k_idx.stop - lo) if isinstance(pc.k_idx, slice) else pc.k_idx - lo
+    return dataclasses.replace(pc, k_idx=k_idx)
+
+
+def _make_step(index: int, source: int | None, dest: int | None, ours: Sequence[Piece], theirs: Sequence[Piece],
+               local_len: int, device: str) -> Step:
+    """A step from this rank's pieces against the source (``ours``, source-shard rows) and the destination's pieces
+    against this rank (``theirs``): what travels is the rows they read, on both ends."""
+    if index == 0:
+        recv = send = (0, local_len)
+    else:
+        recv, send = _key_rows(ours, local_len), _key_rows(theirs, local_len)
+    pieces = tuple(_shift(pc, recv[0]) for pc in ours)
+    parts = tuple(KeyPart(lo, hi, tuple(p for pc in pieces for p in restrict_keys(pc, lo, hi)))
+                  for lo, hi in key_halves(recv[1] - recv[0])) if source is not None else ()
+    home = tuple((send[0] + a, send[0] + b) for a, b in key_halves(send[1] - send[0])) if dest is not None else ()
+    return _to_device(Step(index, source, dest, pieces, parts, recv, send, home), device)
+
+
+def _to_device(st: Step, device: str) -> Step:
+    """``st`` with its pieces' index and position tensors on ``device`` (schedules are built on the host)."""
+    def move(pc: Piece) -> Piece:
+        return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
+                                          if isinstance(getattr(pc, f), torch.Tensor)})
+
+    parts = tuple(dataclasses.replace(kp, pieces=tuple(map(move, kp.pieces))) for kp in st.key_parts)
+    return dataclasses.replace(st, pieces=tuple(map(move, st.pieces)), key_parts=parts)
+
+
+class PieceSource(Protocol):
+    """Where pieces come from: the ring's size, the key shard length, and rank ``dst``'s pieces against rank
+    ``src``'s keys (rows in the source's shard coordinates, host tensors). Equal inputs on every rank give equal
+    pieces: that is what makes the schedules of all ranks pair up."""
+
+    world_size: int
+    local_len: int
+
+    def pieces(self, dst: int, src: int) -> tuple[Piece, ...]: ...
+
+
+def build_schedule(source: PieceSource, rank: int, device: torch.device | str = "cpu") -> Schedule:
+    """The schedule of ``rank``: step 0 is its own chunk; at step s it computes against rank - s (if it has pieces
+    there) and sends to rank + s (if that rank has pieces against it). Index and position tensors on ``device``."""
+    world, n, device = source.world_size, source.local_len, str(device)
+    steps = [_make_step(0, rank, None, source.pieces(rank, rank), (), n, device)]
+    for s in range(1, world):
+        src, dst = (rank - s) % world, (rank + s) % world
+        ours, theirs = source.pieces(rank, src), source.pieces(dst, rank)
+        steps.append(_make_step(s, src if ours else None, dst if theirs else None, ours, theirs, n, device))
+    return Schedule(world, rank, tuple(steps))
+
+
+@functools.lru_cache(maxsize=64)
+def make_schedule(source: PieceSource, rank: int, device: torch.device | str = "cpu") -> Schedule:
+    """``build_schedule``, cached for hashable sources that describe a call by value (patterns: the same for every
+    call of the same shapes). Documents change every batch; their schedules are cached per forward instead
+    (``documents.Documents.schedule``)."""
+    return build_schedule(source, rank, device)
