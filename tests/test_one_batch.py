@@ -4,7 +4,8 @@ A dataloader sharded over every process gives each rank a different batch; ``sha
 then train on a sequence stitched from several, with no error. ``shard_batch`` fingerprints what it received and the
 ring's one agreement per forward compares the fingerprints: different batches raise the same error on every rank at
 the first forward, naming the fix; the same batches cost nothing more (the agreement's one collective). Real ranks
-over gloo: 4 ranks in 2 rings of 2 (different rings hold different batches, as data parallelism wants).
+over gloo: 4 ranks in 2 rings of 2 (different rings hold different batches, as data parallelism wants), and one
+two-dimensional grid of 2 ring positions x 2 Ulysses ranks (the Ulysses group agrees first).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ class _Rows(Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _job(rank: int, world: int) -> dict:
+def _job(rank: int, world: int, sp_size: int = SP, ulysses_size: int = 1) -> dict:
     import accelerate
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import ds_ring
 
-    sp = ds_ring.init_sequence_parallel(SP)
+    sp = ds_ring.init_sequence_parallel(sp_size, ulysses_size=ulysses_size)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=S, use_cache=False)
@@ -77,21 +78,34 @@ def results():
     return run_distributed(_job, WORLD)
 
 
-@pytest.mark.parametrize("case", ["world sampler", "accelerate", "labels differ"])
-def test_different_batches_in_a_ring_raise_the_same_error_on_every_rank(results, case):
+@pytest.fixture(scope="module")
+def results_2d():
+    return run_distributed(_job, WORLD, WORLD, 2)
+
+
+@pytest.mark.parametrize("case,grid", [
+    ("world sampler", "rings of 2"), ("accelerate", "rings of 2"), ("labels differ", "rings of 2"),
+    ("world sampler", "2 x 2 Ulysses"), ("accelerate", "2 x 2 Ulysses"),
+])
+def test_different_batches_in_a_ring_raise_the_same_error_on_every_rank(results, results_2d, case, grid):
+    res = results if grid == "rings of 2" else results_2d
     if case != "labels differ":  # the loader really gave the ranks of a ring different batches
-        for ring in range(WORLD // SP):
-            firsts = [r[case][2] for r in results if r["ring"] == ring]
+        for ring in {r["ring"] for r in res}:
+            firsts = [r[case][2] for r in res if r["ring"] == ring]
             assert firsts[0] != firsts[1], f"{case}: the ranks of ring {ring} got the same batch; the test is void"
-    errors = [r[case][0] for r in results]
-    assert len(set(errors)) == 1, errors  # the same words on every rank (fingerprints by rank included)
+    errors = [r[case][0] for r in res]
+    assert len(set(errors)) == 1, errors  # the same words on every rank
     assert "different batches" in errors[0] and "ds_ring.sp_dataloader" in errors[0], errors[0]
-    assert all(r[case][1] == {"agreement": 1} for r in results), [r[case][1] for r in results]
+    # no collective of its own: the agreement's one (under 2D, the Ulysses group's and the ring's)
+    agreements = 1 if grid == "rings of 2" else 2
+    assert all(r[case][1] == {"agreement": agreements} for r in res), [r[case][1] for r in res]
 
 
-def test_same_batch_in_a_ring_passes_with_one_collective(results):
+def test_same_batch_in_a_ring_passes_with_one_collective(results, results_2d):
     for r in results:
         assert r["sp_dataloader"][0] == "ok", r["sp_dataloader"][0]
         assert r["sp_dataloader"][1] == {"agreement": 1}  # the fingerprint rides in the one agreement
     rings = {r["ring"]: r["sp_dataloader"][2] for r in results}
     assert rings[0] != rings[1]  # rings are data-parallel: different batches there are no error
+    for r in results_2d:
+        assert r["sp_dataloader"][0] == "ok", r["sp_dataloader"][0]

@@ -123,11 +123,16 @@ ONE_BATCH_FIX = ("every rank of a ring must hold the same full batch (each keeps
 
 
 def _one_batch_error(values: list[int], scope: str) -> str | None:
-    """Why the ranks of ``scope`` do not hold one batch (None if they do); 0 = no fingerprint (no shard_batch)."""
+    """Why the ranks of ``scope`` do not hold one batch (None if they do). Ranks are grouped by batch, not listed
+    with their fingerprints, so every Ulysses group words the same error."""
     if len(set(values)) < 2:
         return None
-    return (f"the ranks of one {scope} were given different batches (ds_ring.shard_batch's fingerprints by rank: "
-            f"{values}; 0 = not sharded by shard_batch): {ONE_BATCH_FIX}")
+    groups = {}
+    for r, v in enumerate(values):
+        groups.setdefault(v, []).append(r)
+    unmarked = f"; rank(s) {groups[0]} passed no fingerprint (no ds_ring.shard_batch)" if 0 in groups else ""
+    return (f"the ranks of one {scope} were given different batches (ranks by batch: {list(groups.values())}"
+            f"{unmarked}): {ONE_BATCH_FIX}")
 
 
 def agree_ring(
