@@ -115,11 +115,10 @@ def agree(group: dist.ProcessGroup | None, *, who: str, **kw) -> list[dict[str, 
 
 
 BATCH = "batch fingerprint"  # the agreement's entry for ``ds_ring.shard_batch``'s fingerprint of the full batch
-ONE_BATCH_FIX = ("every rank of a ring must hold the same full batch (each keeps its own slice of the sequence): a "
-                 "dataloader sharded over every process (a DistributedSampler over the world, or "
-                 "accelerator.prepare(dataloader)) gives each rank a different one; load with "
-                 "ds_ring.sp_dataloader(dataset, sp, ...), whose sampler shards over the data-parallel ranks (rings) "
-                 "only, or a sampler with num_replicas=sp.dp_size, rank=sp.dp_rank")
+ONE_BATCH_FIX = ("each rank of a ring keeps its own slice of ONE full batch, and a dataloader sharded over every "
+                 "process (a DistributedSampler over the world, or accelerator.prepare(dataloader)) gives each rank a "
+                 "different one: load with ds_ring.sp_dataloader(dataset, sp, ...), whose sampler shards over the "
+                 "data-parallel ranks (rings) only, or give your sampler num_replicas=sp.dp_size, rank=sp.dp_rank")
 
 
 def _one_batch_error(values: list[int], scope: str) -> str | None:
