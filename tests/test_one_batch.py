@@ -109,3 +109,23 @@ def test_same_batch_in_a_ring_passes_with_one_collective(results, results_2d):
     assert rings[0] != rings[1]  # rings are data-parallel: different batches there are no error
     for r in results_2d:
         assert r["sp_dataloader"][0] == "ok", r["sp_dataloader"][0]
+
+
+def test_fingerprint_sees_every_key_value_and_order():
+    from ds_ring.training.data import batch_fingerprint
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (B, S), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    fp = batch_fingerprint(batch)
+    assert fp.dtype == torch.int64 and fp.dim() == 0
+    assert torch.equal(fp, batch_fingerprint({k: v.clone() for k, v in batch.items()}))  # deterministic
+    changed = [
+        {**batch, "labels": torch.where(ids == ids[0, 3], -100, ids)},  # one label ignored
+        {**batch, "input_ids": ids.flip(1)},  # the same tokens in another order
+        {**batch, "attention_mask": batch["attention_mask"].index_fill(1, torch.tensor([S - 1]), 0)},
+        {k: v.reshape(B * 2, S // 2) for k, v in batch.items()},  # the same values, another shape
+        {k: v for k, v in batch.items() if k != "labels"},  # a key less
+    ]
+    fps = [int(batch_fingerprint(b)) for b in changed]
+    assert int(fp) not in fps and len(set(fps)) == len(fps), (int(fp), fps)

@@ -255,7 +255,7 @@ def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, ids, fin
     name = _model_name(model)
     (ring, r), (u, j) = group_size_rank(s.group), _ulysses(s)
     world, rank = ring * u, r * u + j  # this rank on the sequence-parallel grid
-    lay = get_layout(s.layout, u)
+    lay = get_layout(s.layout, u)  # the grid's (u > 1) cut of the sequence; the ring's is lay.ring
     errs = _input_errors(B, L, mask, ids, position_ids, whole_row_keys, lay, world)
     flags = {} if errs or ids is not None else _position_flags(L, position_ids, lay.ranges(L, world, rank))
     param = next(model.parameters(), None)
@@ -264,7 +264,7 @@ def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, ids, fin
                                                  torch.is_autocast_enabled(x.device.type))}
     facts, raised = agree_ring(
         s.group, who=f"{name} under ring_dilated attention", errors=errs, must_match=must_match,
-        layout=get_layout(s.layout), batch=B, local_len=L, device=x.device,
+        layout=lay.ring if u > 1 else lay, batch=B, local_len=L, device=x.device,
         key_padding_mask=None if errs or mask is None else mask.bool(), document_ids=None if errs else ids,
         flags={**dict.fromkeys(_POSITION_FIXES, 0), **flags}, batch_fingerprint=fingerprint,
         ulysses_group=s.ulysses_group,
