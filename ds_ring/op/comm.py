@@ -3,7 +3,7 @@ collective the front door runs before the loop.
 
 ``RingComm`` owns the peers, the message tags and the ordering of every exchange: a caller names what it sends
 (kind, step, part) and gets a handle to wait on after its compute, so the transfer overlaps with it. Every rank
-derives the same schedule from the plan, so sends and receives always pair up. ``count_comm()`` records what
+derives the same schedule (schedule.py), so sends and receives always pair up. ``count_comm()`` records what
 travelled (bytes, peers, collectives), for tests and benchmarks.
 """
 

@@ -3,7 +3,7 @@
 A layout is chosen once by name (``get_layout("zigzag")``) and the same object answers every question about it:
 the global ranges and positions of a rank's shard, the divisor a sequence length must meet, and the check of a
 local shard length. ``shard_sequence``/``gather_sequence`` (sharding.py), ``shard_batch`` (data.py), the op's
-validation, the plans, the demo and the examples all ask it; no other module compares layout names.
+validation, the schedules, the demo and the examples all ask it; no other module compares layout names.
 
 Sequence of S = 16 tokens over P = 4 ranks (rank: global positions held, in local order)::
 
