@@ -158,8 +158,8 @@ def agree_ring(
 
     ``must_match``: the caller's entries that must be equal on every rank (shapes, options, model). ``layout``: the
     ring's layout (over ring positions). ``batch``/``local_len``: this rank's shard shape. ``key_padding_mask``
-    (B, L) bool, True = real token, and ``document_ids`` (B, L): this rank's shard, or None; every rank must pass
-    both or neither. ``flags``: the caller's 0/1 facts (0-d device tensors need no sync of their own).
+    (B, L) bool, True = real token, and ``document_ids`` (B, L): this rank's shard, or None (ids: None on every rank
+    or on none; under Ulysses the mask too). ``flags``: the caller's 0/1 facts (0-d device tensors need no sync of their own).
     ``batch_fingerprint``: ``ds_ring.shard_batch``'s fingerprint of the full batch this rank received (None: 0).
     ``ulysses_group``: two-dimensional SP; the Ulysses group agrees first and its verdict (errors, flags ORed, the
     block's mask and ids gathered) joins the ring's agreement, so a bad rank anywhere stops every rank.
