@@ -84,6 +84,24 @@ def _local_errors(q, k, v, kpm, layout, world: int, document_ids=None, pattern: 
     return errs
 
 
+def follow_autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v cast to the autocast dtype when autocast is on for their device, as SDPA (on autocast's lower-precision
+    list) does; else unchanged.
+
+    Why here: under autocast the three arrive in different dtypes (Llama's RoPE multiplies bf16 q/k by fp32 cos/sin,
+    so q and k come fp32 and v bf16), and SDPA casts them itself. Like autocast, only floating tensors other than
+    fp64 are cast. The engine then computes each block in that dtype with fp32 accumulators and log-sum-exp (it
+    merges in fp32 whatever the input dtype) and returns the output in it; the casts are differentiable, so the
+    gradients reach q, k, v in their own dtypes.
+    """
+    device = q.device.type if isinstance(q, torch.Tensor) else None
+    if device is None or not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, k, v))
+
+
 def code_of_layout(layout) -> int:
     return list(LAYOUTS).index(layout) if layout in LAYOUTS else -1
 
@@ -154,7 +172,9 @@ def ring_dilated_attention(
     grid layout: ``ds_ring.get_layout(layout, ulysses_size=u)``). An all-to-all gives each rank its ring position's
     whole block for Hq/u heads, the ring runs on those heads, and an all-to-all brings the output back.
     A query with no key to attend to gets 0. Bad input raises ValueError on every rank before any K/V is sent.
+    Under ``torch.autocast`` the op follows autocast as SDPA does (see ``follow_autocast``).
     """
+    q, k, v = follow_autocast(q, k, v)
     errs = []
     try:
         pattern = Pattern.make(segment_lengths, dilation_rates, causal, window)
