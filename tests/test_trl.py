@@ -6,7 +6,7 @@ A tiny Llama and an offline word-level tokenizer; a prompt-completion dataset (s
 (BFD: one padding-free row per batch, restarting position_ids) and padded (one row per example, right padding).
 fp32, SGD with a constant learning rate, no clipping, gradient accumulation 2, at SP=2 under DDP and ZeRO-3: every
 value SFTTrainer logs (loss, entropy, mean_token_accuracy, num_tokens, learning rate, epoch; the eval loss and eval
-metrics; train_loss and total_flos at the end) equals the plain run's to 1e-4. With bf16 autocast (TRL's default) it
+metrics; train_loss and, under DDP, total_flos at the end) equals the plain run's to 1e-4. With bf16 autocast (TRL's default) it
 runs and its losses track the plain bf16 run.
 """
 
@@ -129,6 +129,8 @@ def test_sft_logs_what_plain_sft_logs(sft, packing, engine):
             "eval_mean_token_accuracy", "train_loss"} <= keys, keys
     for rank, out in enumerate(outs):
         got = _values(out[packing, engine]["logs"])
+        if engine == "zero3":  # transformers estimates FLOPs from p.numel(), which ZeRO-3 partitions: not comparable
+            got, want = ([v for v in vals if v[0] != "total_flos"] for vals in (got, _values(ref["logs"])))
         assert [(k, s) for k, s, _ in got] == [(k, s) for k, s, _ in want], (rank, got, want)
         for (k, s, g), (_, _, w) in zip(got, want):
             assert g == pytest.approx(w, rel=1e-4, abs=1e-6), f"seed {seed} rank {rank} step {s} {k}: {g} vs {w}"
