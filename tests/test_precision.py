@@ -202,3 +202,48 @@ def test_fp16_with_grad_scaler_tracks_fp32():
     theirs = max(abs(a - b) / b for a, b in zip(sdpa16, fp32))
     assert fp32[-1] < fp32[0]  # it trains
     assert ours < 1e-2 and ours <= max(RATIO * theirs, 1e-3), (seed, fp32, fp16, sdpa16)
+
+
+# ---- the Trainer in each precision: SP=2 tracks the plain Trainer's fp32 run -----------------------------------
+
+TRAINER_MODES = {  # name: (ZeRO config or None for DDP, TrainingArguments precision)
+    "bf16 autocast / DDP": (None, {"bf16": True}),
+    "bf16 weights / ZeRO-1": ({"stage": 1}, {"bf16": True}),  # DeepSpeed bf16: the weights, no autocast
+    "bf16 weights / ZeRO-2": ({"stage": 2}, {"bf16": True}),
+    "bf16 weights / ZeRO-3": ({"stage": 3}, {"bf16": True}),
+}
+
+
+def _trainer_worker(rank, world, root, seed, rows):
+    from test_trainer import build_model, logged_losses, training_args
+
+    from ds_ring import SequenceParallelTrainer
+
+    out = {}
+    for name, (zero, precision) in TRAINER_MODES.items():
+        trainer = SequenceParallelTrainer(
+            model=build_model(seed), args=training_args(f"{root}/{name}", seed, zero=zero, **precision),
+            train_dataset=rows, sp_size=2)
+        trainer.train()
+        dtypes = {str(p.dtype) for p in trainer.model_wrapped.parameters()}
+        out[name] = {"losses": logged_losses(trainer), "dtypes": dtypes,
+                     "autocast": trainer.accelerator.native_amp}
+    return out
+
+
+def test_trainer_precisions_track_fp32(tmp_path):
+    """SequenceParallelTrainer at SP=2 with bf16=True under DDP (autocast) and ZeRO-1/2/3 (DeepSpeed's bf16 weights):
+    every logged loss within 2% of the plain Trainer's fp32 run (one process). (fp16=True: on a CPU-only machine
+    accelerate runs it in fp32, see test_fp16_with_grad_scaler_tracks_fp32.)"""
+    from test_trainer import make_rows, plain_trainer_run
+
+    seed = random.randrange(10**6)
+    rows = make_rows(seed, 12)
+    fp32 = plain_trainer_run(seed, rows, rows[:2], str(tmp_path / "fp32"), 2, sequential=False)[0]
+    outs = run_distributed(_trainer_worker, 2, str(tmp_path), seed, rows, timeout_s=600)
+    for rank, out in enumerate(outs):
+        assert out["bf16 autocast / DDP"]["autocast"] and out["bf16 autocast / DDP"]["dtypes"] == {"torch.float32"}
+        for name in ("bf16 weights / ZeRO-1", "bf16 weights / ZeRO-2", "bf16 weights / ZeRO-3"):
+            assert "torch.bfloat16" in out[name]["dtypes"], (name, out[name]["dtypes"])
+        for name, r in out.items():
+            assert r["losses"] == pytest.approx(fp32, rel=2e-2), (seed, rank, name, r["losses"], fp32)
