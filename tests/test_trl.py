@@ -4,10 +4,10 @@ process; and trainers whose loss the mixin does not implement, refused at constr
 A tiny Llama and an offline word-level tokenizer; a prompt-completion dataset (so SFTTrainer's default
 ``completion_only_loss`` puts -100 on the prompts: the loss and the metrics count completion tokens only), packed
 (BFD: one padding-free row per batch, restarting position_ids) and padded (one row per example, right padding).
-fp32, SGD with a constant learning rate, no clipping, gradient accumulation 2, at SP=2 under DDP and ZeRO-3: every
-value SFTTrainer logs (loss, entropy, mean_token_accuracy, num_tokens, learning rate, epoch; the eval loss and eval
-metrics; train_loss and, under DDP, total_flos at the end) equals the plain run's to 1e-4. With bf16 autocast (TRL's default) it
-runs and its losses track the plain bf16 run.
+fp32, SGD with a constant learning rate, no clipping, gradient accumulation 2, at SP=2 under DDP, ZeRO-2 and
+ZeRO-3: every value SFTTrainer logs (loss, entropy, mean_token_accuracy, num_tokens, learning rate, epoch; the eval
+loss and eval metrics; train_loss and, under DDP, total_flos at the end) equals the plain run's to 1e-4. With bf16
+autocast (TRL's default) it runs and its losses track the plain bf16 run.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _sp_worker(rank, world, root, seed, rows, eval_rows):
 
     out = {}
     for packing in (True, False):
-        for engine, zero in (("ddp", None), ("zero3", ZERO3)):
+        for engine, zero in (("ddp", None), ("zero2", {"stage": 2}), ("zero3", ZERO3)):
             out[packing, engine] = run_sft(SPSFT, seed, rows, eval_rows, f"{root}/{packing}-{engine}", packing,
                                            zero=zero, sp_size=2)
         out[packing, "bf16"] = run_sft(SPSFT, seed, rows, eval_rows, f"{root}/{packing}-bf16", packing, bf16=True,
@@ -117,7 +117,7 @@ def _values(logs: list[dict]) -> list[tuple[str, int, float]]:
     return [(k, e["step"], v) for e in logs for k, v in sorted(e.items()) if k != "step"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_sft_logs_what_plain_sft_logs(sft, packing, engine):
     seed, plain, outs = sft
@@ -129,7 +129,7 @@ def test_sft_logs_what_plain_sft_logs(sft, packing, engine):
             "eval_mean_token_accuracy", "train_loss"} <= keys, keys
     for rank, out in enumerate(outs):
         got = _values(out[packing, engine]["logs"])
-        if engine == "zero3":  # transformers estimates FLOPs from p.numel(), which ZeRO-3 partitions: not comparable
+        if engine == "zero3":  # transformers estimates FLOPs from p.numel(), which ZeRO-3 partitions
             got, want = ([v for v in vals if v[0] != "total_flos"] for vals in (got, _values(ref["logs"])))
         assert [(k, s) for k, s, _ in got] == [(k, s) for k, s, _ in want], (rank, got, want)
         for (k, s, g), (_, _, w) in zip(got, want):
