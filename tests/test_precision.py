@@ -153,6 +153,28 @@ def test_op_follows_autocast_like_sdpa():
         ds_ring.ring_dilated_attention(q, k, v)
 
 
+def test_losses_are_fp32_whatever_the_logits_dtype():
+    """causal_lm_loss and the chunked loss on half-precision logits (half weights, or autocast): an fp32 loss equal
+    to the float64 cross-entropy of the same half-precision logits (a half-precision reduction would be ~1e-3 off)."""
+    g = torch.Generator().manual_seed(random.randrange(10**6))
+    x32 = torch.randn(2, 40, 16, generator=g)
+    y = torch.randint(0, 50, (2, 40), generator=g)
+    y[1, 25:] = -100
+    for dtype, autocast in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+        head = torch.nn.Linear(16, 50, bias=False)
+        x = x32
+        if not autocast:
+            head, x = head.to(dtype), x32.to(dtype)
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            logits = head(x)
+            full = ds_ring.causal_lm_loss(logits, y, None)
+            chunked = ds_ring.chunked_causal_lm_loss(x, head, y, None, chunk_tokens=7)
+        assert logits.dtype == dtype and full.dtype == chunked.dtype == torch.float32
+        ref = F.cross_entropy(logits.double().flatten(0, 1), y.flatten(), ignore_index=-100)
+        for loss in (full, chunked):
+            assert abs(loss.double() - ref) / ref < 1e-6, (dtype, autocast, loss.item(), ref.item())
+
+
 # ---- fp16 training with a GradScaler tracks the fp32 run -------------------------------------------------------
 
 STEPS, LR = 4, 0.5
