@@ -228,8 +228,11 @@ def test_fp16_with_grad_scaler_tracks_fp32():
 
 # ---- the Trainer in each precision: SP=2 tracks the plain Trainer's fp32 run -----------------------------------
 
-TRAINER_MODES = {  # name: (ZeRO config or None for DDP, TrainingArguments precision)
+# name: (ZeRO config or None for DDP, TrainingArguments precision). DDP runs first: a DeepSpeed Trainer leaves
+# accelerate's process-wide DeepSpeed switch on, and a later Trainer in the same process would run under DeepSpeed.
+TRAINER_MODES = {
     "bf16 autocast / DDP": (None, {"bf16": True}),
+    "fp16 autocast + GradScaler / DDP": (None, {"fp16": True}),
     "bf16 weights / ZeRO-1": ({"stage": 1}, {"bf16": True}),  # DeepSpeed bf16: the weights, no autocast
     "bf16 weights / ZeRO-2": ({"stage": 2}, {"bf16": True}),
     "bf16 weights / ZeRO-3": ({"stage": 3}, {"bf16": True}),
@@ -246,17 +249,26 @@ def _trainer_worker(rank, world, root, seed, rows):
         trainer = SequenceParallelTrainer(
             model=build_model(seed), args=training_args(f"{root}/{name}", seed, zero=zero, **precision),
             train_dataset=rows, sp_size=2)
+        acc = trainer.accelerator
+        if precision.get("fp16"):
+            # On a CPU-only machine accelerate leaves fp16 off (no autocast, no GradScaler: native_amp is False for
+            # fp16 on CPU); turn on what it turns on on a GPU, so that the Trainer's own fp16 path runs: autocast in
+            # compute_loss, accelerator.backward scaling the loss, the prepared optimizer unscaling and stepping.
+            assert not acc.native_amp and acc.scaler is None
+            acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**12)
         trainer.train()
+        if precision.get("fp16"):
+            assert acc.scaler._scale is not None and acc.scaler.get_scale() > 1.0  # the loss was scaled
         dtypes = {str(p.dtype) for p in trainer.model_wrapped.parameters()}
-        out[name] = {"losses": logged_losses(trainer), "dtypes": dtypes,
-                     "autocast": trainer.accelerator.native_amp}
+        out[name] = {"losses": logged_losses(trainer), "dtypes": dtypes, "autocast": trainer.accelerator.native_amp,
+                     "deepspeed": trainer.is_deepspeed_enabled}
     return out
 
 
 def test_trainer_precisions_track_fp32(tmp_path):
     """SequenceParallelTrainer at SP=2 with bf16=True under DDP (autocast) and ZeRO-1/2/3 (DeepSpeed's bf16 weights):
-    every logged loss within 2% of the plain Trainer's fp32 run (one process). (fp16=True: on a CPU-only machine
-    accelerate runs it in fp32, see test_fp16_with_grad_scaler_tracks_fp32.)"""
+    and with fp16=True (autocast and accelerate's GradScaler, switched on as on a GPU: see the worker): every logged
+    loss within 2% of the plain Trainer's fp32 run (one process)."""
     from test_trainer import make_rows, plain_trainer_run
 
     seed = random.randrange(10**6)
@@ -264,7 +276,9 @@ def test_trainer_precisions_track_fp32(tmp_path):
     fp32 = plain_trainer_run(seed, rows, rows[:2], str(tmp_path / "fp32"), 2, sequential=False)[0]
     outs = run_distributed(_trainer_worker, 2, str(tmp_path), seed, rows, timeout_s=600)
     for rank, out in enumerate(outs):
-        assert out["bf16 autocast / DDP"]["autocast"] and out["bf16 autocast / DDP"]["dtypes"] == {"torch.float32"}
+        for name in ("bf16 autocast / DDP", "fp16 autocast + GradScaler / DDP"):
+            assert out[name]["autocast"] and not out[name]["deepspeed"] and out[name]["dtypes"] == {"torch.float32"}, \
+                (name, out[name])
         for name in ("bf16 weights / ZeRO-1", "bf16 weights / ZeRO-2", "bf16 weights / ZeRO-3"):
             assert "torch.bfloat16" in out[name]["dtypes"], (name, out[name]["dtypes"])
         for name, r in out.items():

@@ -79,7 +79,8 @@ def run_sft(trainer_cls, seed, rows, eval_rows, out, packing, **kw) -> dict:
     trainer.train()
     trainer.evaluate()
     logs = [{k: v for k, v in entry.items() if k not in TIMING} for entry in trainer.state.log_history]
-    return {"logs": logs, "completion_only": trainer.completion_only_loss}
+    return {"logs": logs, "completion_only": trainer.completion_only_loss, "autocast": trainer.accelerator.native_amp,
+            "deepspeed": trainer.is_deepspeed_enabled}
 
 
 def _sp_worker(rank, world, root, seed, rows, eval_rows):
@@ -91,12 +92,16 @@ def _sp_worker(rank, world, root, seed, rows, eval_rows):
         pass
 
     out = {}
+    # every DDP run first: a DeepSpeed Trainer leaves accelerate's process-wide DeepSpeed switch on, and a later
+    # Trainer in the same process would run under DeepSpeed
     for packing in (True, False):
-        for engine, zero in (("ddp", None), ("zero2", {"stage": 2}), ("zero3", ZERO3)):
-            out[packing, engine] = run_sft(SPSFT, seed, rows, eval_rows, f"{root}/{packing}-{engine}", packing,
-                                           zero=zero, sp_size=2)
+        out[packing, "ddp"] = run_sft(SPSFT, seed, rows, eval_rows, f"{root}/{packing}-ddp", packing, sp_size=2)
         out[packing, "bf16"] = run_sft(SPSFT, seed, rows, eval_rows, f"{root}/{packing}-bf16", packing, bf16=True,
                                        sp_size=2)
+    for packing in (True, False):
+        for engine, zero in (("zero2", {"stage": 2}), ("zero3", ZERO3)):
+            out[packing, engine] = run_sft(SPSFT, seed, rows, eval_rows, f"{root}/{packing}-{engine}", packing,
+                                           zero=zero, sp_size=2)
     return out
 
 
@@ -128,6 +133,7 @@ def test_sft_logs_what_plain_sft_logs(sft, packing, engine):
     assert {"loss", "entropy", "mean_token_accuracy", "num_tokens", "eval_loss", "eval_entropy",
             "eval_mean_token_accuracy", "train_loss"} <= keys, keys
     for rank, out in enumerate(outs):
+        assert out[packing, engine]["deepspeed"] == (engine != "ddp")
         got = _values(out[packing, engine]["logs"])
         if engine == "zero3":  # transformers estimates FLOPs from p.numel(), which ZeRO-3 partitions
             got, want = ([v for v in vals if v[0] != "total_flos"] for vals in (got, _values(ref["logs"])))
@@ -140,7 +146,9 @@ def test_sft_logs_what_plain_sft_logs(sft, packing, engine):
 def test_sft_bf16_autocast_tracks_plain_bf16(sft, packing):
     seed, plain, outs = sft
     ref = [e["loss"] for e in plain[packing, True]["logs"] if "loss" in e]
+    assert plain[packing, True]["autocast"]
     for out in outs:
+        assert out[packing, "bf16"]["autocast"] and not out[packing, "bf16"]["deepspeed"]
         got = [e["loss"] for e in out[packing, "bf16"]["logs"] if "loss" in e]
         assert len(got) == len(ref) == STEPS
         assert got == pytest.approx(ref, rel=2e-2), (seed, got, ref)
