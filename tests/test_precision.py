@@ -6,10 +6,11 @@ the same precision mode: bf16 autocast (``TrainingArguments(bf16=True)``), fp16 
 (DeepSpeed bf16: no autocast). The error of the logits (real tokens) and of the parameter gradients of the mean
 next-token loss must be no worse than 1.5x sdpa's. fp16 training with a GradScaler tracks the fp32 run.
 
-The fp16 Trainer path is tested through its parts: on a CPU-only machine accelerate runs ``Trainer(fp16=True)`` in
-fp32 without a GradScaler (``Accelerator.native_amp`` is False for fp16 on CPU), so here the loop does what the
-Trainer does on a GPU (autocast fp16 around the forward and loss, ``GradScaler.scale(loss).backward()``,
-``scaler.step``, ``scaler.update``) with CPU autocast and ``torch.amp.GradScaler("cpu")``.
+fp16 training runs twice: a loop of its own (autocast fp16 around the forward and loss,
+``GradScaler.scale(loss).backward()``, ``scaler.step``, ``scaler.update``, with CPU autocast and
+``torch.amp.GradScaler("cpu")``), and ``SequenceParallelTrainer(fp16=True)``. On a CPU-only machine accelerate runs
+``fp16=True`` in fp32 without a GradScaler (``Accelerator.native_amp`` is False for fp16 on CPU), so the Trainer test
+switches on the autocast and GradScaler accelerate uses on a GPU.
 """
 
 from __future__ import annotations
