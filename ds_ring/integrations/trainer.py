@@ -7,8 +7,10 @@ through the patched model, and the loss is the ring's loss over the whole sequen
 ``Trainer``, and why:
 
 - data: ``accelerate`` shards dataloaders over every process; here over the data-parallel ranks (rings) only;
-- loss: ``compute_loss`` shards the batch (``ds_ring.shard_batch``) and computes ``ds_ring.causal_lm_loss``; the
-  Trainer's token normalisation (``num_items_in_batch``, ``average_tokens_across_devices``) counts each ring once;
+- loss: ``compute_loss`` shards the batch (``ds_ring.shard_batch``) and computes the ring's loss with the adapter of
+  the trainer family (``LOSS_ADAPTERS``: ``Trainer``'s causal-LM loss, TRL ``SFTTrainer``'s loss and metrics); the
+  Trainer's token normalisation (``num_items_in_batch``, ``average_tokens_across_devices``) counts each ring once. A
+  trainer whose loss no adapter implements is refused at construction;
 - gradients: each ring rank holds its share of the ring's gradient. The shares are SUMMED over the ring and
   AVERAGED over the rings: DDP gets a communication hook that does this in its one all-reduce; DeepSpeed gets
   ds_ring's groups as ``mpu`` through ``ds_ring.integrations.deepspeed.initialize`` (which also applies its ZeRO-3
@@ -23,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ from transformers import Trainer
 from ..parallel.groups import SequenceParallel, init_sequence_parallel
 from ..parallel.sharding import gather_sequence
 from ..training.data import shard_batch
-from ..training.loss import causal_lm_loss
+from ..training.loss import causal_lm_loss, ring_mean_and_sums
 from ..training.memory_switch import (
     offload_context,
     optimize_memory,
@@ -41,7 +43,7 @@ from ..training.memory_switch import (
 )
 from .transformers import patch
 
-__all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
+__all__ = ["LOSS_ADAPTERS", "SequenceParallelMixin", "SequenceParallelTrainer"]
 
 IGNORE_INDEX = -100  # the Trainer's and transformers' loss ignore index
 
@@ -71,9 +73,9 @@ class SequenceParallelMixin:
       ``prediction_loss_only=False`` still gathers them (it returns them).
 
     The groups are made right after the Trainer has set up accelerate's process group, before any dataloader or
-    DeepSpeed engine exists; the model is patched with ``ds_ring.patch``. Trains causal LMs with the default loss
-    (no ``compute_loss_func``, no label smoothing). Misuse raises before training, with the same message on every
-    rank.
+    DeepSpeed engine exists; the model is patched with ``ds_ring.patch``. Trains causal LMs with the loss of a
+    trainer family in ``LOSS_ADAPTERS`` (``Trainer``, TRL's ``SFTTrainer``; no ``compute_loss_func``, no label
+    smoothing). Misuse raises at construction, with the same message on every rank.
     """
 
     sp: SequenceParallel
@@ -90,8 +92,10 @@ class SequenceParallelMixin:
         memory: str | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._sp_loss = loss_adapter(type(self))  # a trainer whose loss is not implemented: refused before anything
         super().__init__(*args, **kwargs)
-        self._check_trainer_setup()
+        memory = parse_memory_options(memory) if isinstance(memory, str) else None if memory is None else dict(memory)
+        self._check_trainer_setup(memory)
         if sp is None:
             sp = init_sequence_parallel(sp_size, layout=layout or "zigzag", ulysses_size=ulysses_size or 1)
         elif any(given is not None and given != have for given, have in
@@ -105,13 +109,12 @@ class SequenceParallelMixin:
                 "(gloo)"
             )
         self.sp = sp
-        memory = parse_memory_options(memory) if isinstance(memory, str) else None if memory is None else dict(memory)
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         if memory is not None:
             optimize_memory(self.model, sp, **memory)
         _make_accelerator_ring_aware(self.accelerator, sp)
 
-    def _check_trainer_setup(self) -> None:
+    def _check_trainer_setup(self, memory: dict[str, Any] | None) -> None:
         """What the sequence-parallel path does not implement, refused before any group or engine exists."""
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (pc.sp_size > 1 or pc.cp_size > 1):
@@ -140,6 +143,7 @@ class SequenceParallelMixin:
                 f"{type(self).__name__} trains causal language models (transformers' ForCausalLMLoss); "
                 f"{type(self.model).__name__} has loss_type {getattr(self.model, 'loss_type', None)!r}"
             )
+        self._sp_loss.check(self, memory)
 
     # ----- loss --------------------------------------------------------------------------------------------------
 
@@ -168,37 +172,43 @@ class SequenceParallelMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | None = None,
     ):
-        """The ring's causal-LM loss of ``inputs`` (a full batch: (B, S) tensors, the same on every rank of the ring).
+        """The ring's loss of ``inputs`` (a full batch: (B, S) tensors, the same on every rank of the ring), as the
+        trainer family's adapter computes it (``LOSS_ADAPTERS``).
 
-        Value: what ``Trainer`` computes on one data-parallel rank for this batch, identical on the ring's ranks.
-        Gradient: this rank's share of it (the shares sum to the ring's gradient). ``outputs`` (with
+        Value: what the plain trainer computes on one data-parallel rank for this batch, identical on the ring's
+        ranks. Gradient: this rank's share of it (the shares sum to the ring's gradient). ``outputs`` (with
         ``return_outputs``) are this rank's shard: logits (B, S_pad / sp_size, V)."""
         if "labels" not in inputs:
             raise ValueError(f"{type(self).__name__}.compute_loss needs labels in the batch (causal-LM targets)")
-        # the chunked loss returns no logits: used only where nobody asks for the outputs (training, loss-only eval)
-        opts = getattr(self.accelerator.unwrap_model(model), "_ds_ring_memory", None)  # set by optimize_memory
-        chunked = opts is not None and opts.chunked_loss and not return_outputs
-        outputs, shift_labels = self._forward_shard(model, inputs, with_labels=chunked)
-        # mean over this batch's targets in the ring
-        loss = outputs.loss if chunked else causal_lm_loss(outputs.logits, shift_labels, self.sp)
-        if num_items_in_batch is not None:  # Trainer's normalisation: sum over the batch / num_items_in_batch
+        return self._sp_loss.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    def _normalise(self, loss: torch.Tensor, inputs: dict[str, torch.Tensor],
+                   num_items_in_batch: torch.Tensor | None) -> torch.Tensor:
+        """The ring's mean loss over this batch's targets, normalised as ``Trainer`` (and TRL) normalise a rank's:
+        ``sum over the batch / num_items_in_batch``, times the number of data-parallel ranks with
+        ``average_tokens_across_devices``."""
+        if num_items_in_batch is not None:
             loss = loss * (_targets(inputs["labels"]) / num_items_in_batch)
             if self.args.average_tokens_across_devices:
                 # num_items_in_batch counted every ring: as Trainer's `loss *= num_processes`, which the average of
                 # the rings' gradients (and of their logged losses) divides out again
                 loss = loss * self.sp.dp_size
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
-    def _forward_shard(self, model: nn.Module, inputs: dict[str, torch.Tensor], with_labels: bool = False):
-        """Run this rank's shard of the full batch ``inputs``; returns (outputs, shift_labels or None).
-        ``with_labels``: the model gets ``shift_labels`` too (the chunked loss of ``optimize_memory``: ``outputs.loss``
-        is the ring's loss and there are no logits).
+    def _shard(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """This rank's shard of the full batch ``inputs`` for the model, and its shift_labels (None without labels).
 
         Whatever ``shard_batch`` returns is what the model gets (global position_ids, and the keys it understands),
         so batches with keys it cannot shard fail there with the key named."""
         config = self.accelerator.unwrap_model(model).config
         local = shard_batch(inputs, self.sp, pad_token_id=getattr(config, "pad_token_id", None) or 0)
-        shift_labels = local.pop("shift_labels", None)
+        return local, local.pop("shift_labels", None)
+
+    def _forward_shard(self, model: nn.Module, inputs: dict[str, torch.Tensor], with_labels: bool = False):
+        """Run this rank's shard of the full batch ``inputs``; returns (outputs, shift_labels or None).
+        ``with_labels``: the model gets ``shift_labels`` too (the chunked loss of ``optimize_memory``: ``outputs.loss``
+        is the ring's loss and there are no logits)."""
+        local, shift_labels = self._shard(model, inputs)
         if with_labels:
             return model(**local, shift_labels=shift_labels, use_cache=False), shift_labels
         return model(**local, use_cache=False), shift_labels
@@ -250,6 +260,131 @@ class SequenceParallelTrainer(SequenceParallelMixin, Trainer):
     """``transformers.Trainer`` with ds_ring sequence parallelism; see :class:`SequenceParallelMixin` for the extra
     arguments (``sp_size``, ``layout``, ``ulysses_size``, ``segment_lengths``, ``dilation_rates``, ``sp``,
     ``memory``)."""
+
+
+# ----- loss adapters: the trainer families whose loss (and logged metrics) the mixin implements ----------------------
+
+
+class LossAdapter:
+    """How the mixin computes one trainer family's loss over the ring, and what of that family it refuses.
+
+    ``compute_loss(trainer, model, inputs, return_outputs, num_items_in_batch)``: ``inputs`` is the FULL batch (the
+    same on every rank of the ring); returns what the family's ``compute_loss`` returns, with the ring's value on
+    every rank and this rank's gradient share (``trainer._shard``, ``trainer._normalise`` and
+    ``ds_ring.training.loss.ring_mean_and_sums`` are the pieces). ``check(trainer, memory)`` raises, naming the
+    option and the fix, for what the adapter does not implement (run at construction)."""
+
+    describes: ClassVar[str] = ""
+
+    def check(self, trainer: SequenceParallelMixin, memory: dict[str, Any] | None) -> None:
+        pass
+
+    def compute_loss(self, trainer: SequenceParallelMixin, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool, num_items_in_batch: torch.Tensor | None):
+        raise NotImplementedError
+
+
+class CausalLMLoss(LossAdapter):
+    """``transformers.Trainer``: the causal-LM loss (transformers' ForCausalLMLoss) over the ring, or the chunked
+    loss of ``optimize_memory`` where nobody asks for the outputs (training, loss-only evaluation)."""
+
+    describes = "the causal-LM loss"
+
+    def compute_loss(self, trainer, model, inputs, return_outputs, num_items_in_batch):
+        opts = getattr(trainer.accelerator.unwrap_model(model), "_ds_ring_memory", None)  # set by optimize_memory
+        chunked = opts is not None and opts.chunked_loss and not return_outputs
+        outputs, shift_labels = trainer._forward_shard(model, inputs, with_labels=chunked)
+        # mean over this batch's targets in the ring
+        loss = outputs.loss if chunked else causal_lm_loss(outputs.logits, shift_labels, trainer.sp)
+        loss = trainer._normalise(loss, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+class SFTLoss(LossAdapter):
+    """TRL's ``SFTTrainer``: its loss (``loss_type`` "nll" or "dft") from its fused LM head, and the metrics it logs
+    (``entropy``, ``mean_token_accuracy`` over the ring's targets; ``num_tokens`` over each ring's batch once), with
+    the plain SFTTrainer's values. ``completion_only_loss`` / ``assistant_only_loss`` act through the labels (TRL's
+    collator sets -100 outside the completion / assistant turns), which ``shard_batch`` shifts before sharding, so
+    they keep their meaning. Packed (BFD, padding-free) and padded batches."""
+
+    describes = "the SFT loss and its logged metrics"
+
+    def check(self, trainer, memory):
+        refused = {
+            f"loss_type={trainer.args.loss_type!r}": (trainer.args.loss_type not in ("nll", "dft"),
+                                                      "use loss_type='nll' or 'dft'"),
+            "a MoE router auxiliary loss": (getattr(trainer, "aux_loss_enabled", False),
+                                            "set the config's router_aux_loss_coef to 0 (it is a per-shard mean)"),
+            "memory= with chunked_loss": (memory is not None and memory.get("chunked_loss", True),
+                                          "TRL's fused LM head never holds the logits already: leave chunked_loss "
+                                          "out of memory= (e.g. memory='checkpointing,tiled_mlp')"),
+        }
+        for name, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(f"{type(trainer).__name__}: {name} is not supported under sequence parallelism: "
+                                 f"{fix}")
+
+    def compute_loss(self, trainer, model, inputs, return_outputs, num_items_in_batch):
+        mode = "train" if trainer.model.training else "eval"
+        local, shift_labels = trainer._shard(model, inputs)
+        # TRL's fused head scores pre-shifted shift_labels without shifting again (its sequence-parallel entry)
+        outputs = model(**local, shift_labels=shift_labels, fused_lm_head=True, use_cache=False)
+        per_token = -outputs.log_probs.float()  # zero on ignored targets
+        if trainer.args.loss_type == "dft":  # as SFTTrainer: https://huggingface.co/papers/2508.05629
+            per_token = per_token * outputs.log_probs.exp().detach()
+        loss, valid, (entropy, correct) = ring_mean_and_sums(
+            per_token.sum(), shift_labels.to(per_token.device), trainer.sp,
+            extra=(outputs.entropy.float().sum(), outputs.is_top1.sum()))
+        loss = trainer._normalise(loss, inputs, num_items_in_batch)
+        self._log_metrics(trainer, mode, inputs, valid, entropy, correct)
+        if return_outputs:  # the logits, as SFTTrainer recomputes them for compute_metrics
+            with torch.no_grad():
+                outputs = model(**local, use_cache=False)
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _log_metrics(trainer, mode: str, inputs, valid, entropy, correct) -> None:
+        """SFTTrainer's bookkeeping with the ring's sums (equal on its ranks; the ring-aware gather counts each ring
+        once). ``num_tokens`` from the full batch, as SFTTrainer counts it."""
+        gather = trainer.accelerator.gather_for_metrics
+        valid, entropy, correct = (gather(t).sum() for t in (valid, entropy, correct))
+        trainer._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        trainer._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        if mode == "train":  # padding-free rows carry no attention_mask: every position is a token
+            ids = inputs["input_ids"]
+            n = inputs["attention_mask"].sum() if "attention_mask" in inputs else \
+                torch.tensor(inputs["position_ids"].size(1) if "position_ids" in inputs else ids.numel(),
+                             device=ids.device)
+            trainer._total_train_tokens += gather(n).sum().item() // trainer._tp_size
+        trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+
+
+# Trainer classes whose loss the mixin implements -> the adapter it uses. Keyed by (top-level package, class name) so
+# that no optional library is imported to build the table. The class that owns the loss is the first class after the
+# mixin in the trainer's MRO that defines compute_loss; a trainer whose loss owner is not here is refused at
+# construction (its loss would silently be replaced by another one).
+LOSS_ADAPTERS: dict[tuple[str, str], LossAdapter] = {
+    ("transformers", "Trainer"): CausalLMLoss(),
+    ("trl", "SFTTrainer"): SFTLoss(),
+}
+
+
+def loss_adapter(cls: type) -> LossAdapter:
+    """The adapter for the trainer class ``cls`` (a subclass of ``SequenceParallelMixin``), or NotImplementedError
+    naming the class whose loss is not implemented and what is supported."""
+    mro = cls.__mro__
+    below = mro[mro.index(SequenceParallelMixin) + 1:] if SequenceParallelMixin in mro else mro
+    owner = next((c for c in below if "compute_loss" in vars(c)), None)
+    key = None if owner is None else (owner.__module__.split(".")[0], owner.__name__)
+    if key not in LOSS_ADAPTERS:
+        supported = "; ".join(f"{m}.{n} ({a.describes})" for (m, n), a in LOSS_ADAPTERS.items())
+        where = "defines no compute_loss" if owner is None else \
+            f"computes its loss in {owner.__module__}.{owner.__qualname__}.compute_loss"
+        raise NotImplementedError(
+            f"{cls.__name__}: SequenceParallelMixin does not implement the loss of "
+            f"{'it' if owner is None else owner.__name__} ({where}), so under sequence parallelism it would train "
+            f"another objective. Supported: {supported}; subclass one of those with the mixin")
+    return LOSS_ADAPTERS[key]
 
 
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------

@@ -128,6 +128,9 @@ def ring_dilated_attention_forward(
 
     ``attention_mask`` is the 2D key-padding mask from ``ring_mask`` (True = real token) or None. Lk > L only in
     local mode (decoding with a KV cache: the queries are the keys' last positions).
+
+    Precision is SDPA's: under ``torch.autocast`` q/k/v may arrive in different dtypes (Llama's RoPE gives fp32 q/k
+    and a bf16 v); the op casts them to the autocast dtype and returns the output in it (``follow_autocast``).
     """
     s: RingSettings = getattr(module, "_ds_ring", _DEFAULT)
     name = _model_name(module)

@@ -81,6 +81,24 @@ def _local_errors(q, k, v, kpm, lay: Layout, world: int, u: int, document_ids, p
     return errs
 
 
+def follow_autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v cast to the autocast dtype when autocast is on for their device, as SDPA (on autocast's lower-precision
+    list) does; else unchanged.
+
+    Why here: under autocast the three arrive in different dtypes (Llama's RoPE multiplies bf16 q/k by fp32 cos/sin,
+    so q and k come fp32 and v bf16), and SDPA casts them itself. Like autocast, only floating tensors other than
+    fp64 are cast. The engine then computes each block in that dtype with fp32 accumulators and log-sum-exp (it
+    merges in fp32 whatever the input dtype) and returns the output in it; the casts are differentiable, so the
+    gradients reach q, k, v in their own dtypes.
+    """
+    device = q.device.type if isinstance(q, torch.Tensor) else None
+    if device is None or not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, k, v))
+
+
 def _must_match(q, k, kpm, document_ids, lay: Layout | None, pattern: Pattern, scale: float) -> dict[str, object]:
     """The op's entries of the agreement that every rank must pass equal: shapes and options."""
     shape = list(q.shape) + [k.shape[1]] if q.dim() == 4 and k.dim() == 4 else [-1] * 5
@@ -132,7 +150,8 @@ def ring_dilated_attention(
     grid layout: ``ds_ring.get_layout(layout, ulysses_size=u)``). An all-to-all gives each rank its ring position's
     whole block for Hq/u heads, the ring runs on those heads, and an all-to-all brings the output back.
     A query with no key to attend to gets 0. Bad input raises ValueError on every rank before any K/V is sent (the
-    ring's agreement: one small all_gather per call).
+    ring's agreement: one small all_gather per call). Under ``torch.autocast`` the op follows autocast as SDPA does
+    (see ``follow_autocast``).
     """
     return attend(q, k, v, segment_lengths, dilation_rates, causal, key_padding_mask, window, scale, group, layout,
                   local=local, document_ids=document_ids, ulysses_group=ulysses_group)
@@ -163,6 +182,7 @@ def attend(
     once per model forward, and gathers the Ulysses block's mask there); None runs it here.
     overlap: post each transfer before the compute it hides behind (False serialises them, for benchmarks).
     """
+    q, k, v = follow_autocast(q, k, v)
     errs = []
     try:
         pattern = Pattern.make(segment_lengths, dilation_rates, causal, window)

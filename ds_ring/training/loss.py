@@ -118,13 +118,25 @@ def call_as_forward(module: nn.Module, fn: Callable, *args):
 def _ring_mean(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None,
                ignore_index: int) -> torch.Tensor:
     """The global mean with this rank's gradient share (the contract of ``causal_lm_loss``)."""
+    return ring_mean_and_sums(local_sum, labels, sp, ignore_index)[0]
+
+
+def ring_mean_and_sums(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None,
+                       ignore_index: int = -100, extra: tuple[torch.Tensor, ...] = ()
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``causal_lm_loss``'s reduction of a rank's summed token losses ``local_sum`` (fp32 scalar) over targets
+    ``labels`` (this shard's shift_labels): (the loss, the ring's target count, the ring's sums of ``extra``).
+
+    ``extra``: scalars to be summed over the ring in the same all-reduce (a trainer's logged metrics: entropy,
+    correct tokens), returned as one float64 vector without gradient. One small all-reduce in all."""
     # float64 keeps the token count exact and the sum stable across many ranks.
-    stats = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
+    stats = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double(),
+                         *(t.detach().double() for t in extra)])
     if sp is not None and sp.sp_size > 1:
         dist.all_reduce(stats, group=sp.group)
     global_sum, count = stats[0], stats[1].clamp(min=1)
     local_part = local_sum / count.float()
-    return local_part + ((global_sum / count).float() - local_part).detach()
+    return local_part + ((global_sum / count).float() - local_part).detach(), stats[1], stats[2:]
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
