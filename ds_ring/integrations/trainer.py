@@ -90,7 +90,11 @@ class SequenceParallelMixin:
         memory: str | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        adapter = _adapter_for(type(self))
+        if adapter is not None:
+            adapter.before_init(self)
         super().__init__(*args, **kwargs)
+        self._ds_ring_adapter = adapter
         self._check_trainer_setup()
         if sp is None:
             sp = init_sequence_parallel(sp_size, layout=layout or "zigzag", ulysses_size=ulysses_size or 1)
@@ -106,10 +110,14 @@ class SequenceParallelMixin:
             )
         self.sp = sp
         memory = parse_memory_options(memory) if isinstance(memory, str) else None if memory is None else dict(memory)
+        if adapter is not None:
+            memory = adapter.memory_options(memory)
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         if memory is not None:
             optimize_memory(self.model, sp, **memory)
         _make_accelerator_ring_aware(self.accelerator, sp)
+        if adapter is not None:
+            adapter.setup(self, sp, segment_lengths, dilation_rates)
 
     def _check_trainer_setup(self) -> None:
         """What the sequence-parallel path does not implement, refused before any group or engine exists."""
@@ -132,6 +140,8 @@ class SequenceParallelMixin:
             "accelerator_config.dispatch_batches": (
                 bool(self.accelerator.dispatch_batches), "set it to False (it splits batches over every process)"),
         }
+        for name, bad, fix in self._ds_ring_adapter.check(self) if self._ds_ring_adapter is not None else ():
+            refused[name] = (bad, fix)
         for name, (bad, fix) in refused.items():
             if bad:
                 raise ValueError(f"{type(self).__name__}: {name} is not supported under sequence parallelism: {fix}")
@@ -172,7 +182,10 @@ class SequenceParallelMixin:
 
         Value: what ``Trainer`` computes on one data-parallel rank for this batch, identical on the ring's ranks.
         Gradient: this rank's share of it (the shares sum to the ring's gradient). ``outputs`` (with
-        ``return_outputs``) are this rank's shard: logits (B, S_pad / sp_size, V)."""
+        ``return_outputs``) are this rank's shard: logits (B, S_pad / sp_size, V). A trainer with an adapter
+        (``_ADAPTERS``) computes its own loss over the ring."""
+        if self._ds_ring_adapter is not None:
+            return self._ds_ring_adapter.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         if "labels" not in inputs:
             raise ValueError(f"{type(self).__name__}.compute_loss needs labels in the batch (causal-LM targets)")
         # the chunked loss returns no logits: used only where nobody asks for the outputs (training, loss-only eval)
@@ -219,6 +232,8 @@ class SequenceParallelMixin:
         """``Trainer.prediction_step`` for a ring: the ring's loss (as in training, for this one batch), and unless
         ``prediction_loss_only`` the FULL-sequence logits (B, S, V), gathered over the ring (every rank of the ring
         then holds them: S x V per row), and the labels. Other model outputs are not returned."""
+        if self._ds_ring_adapter is not None:
+            return self._ds_ring_adapter.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -250,6 +265,33 @@ class SequenceParallelTrainer(SequenceParallelMixin, Trainer):
     """``transformers.Trainer`` with ds_ring sequence parallelism; see :class:`SequenceParallelMixin` for the extra
     arguments (``sp_size``, ``layout``, ``ulysses_size``, ``segment_lengths``, ``dilation_rates``, ``sp``,
     ``memory``)."""
+
+
+# ----- trainers whose loss is not the causal-LM loss: one adapter per supported trainer base class -------------------
+
+# (module, class name) of a trainer base class -> "module:adapter class" (imported on use: trl is only needed then)
+_ADAPTERS = {("trl", "DPOTrainer"): "ds_ring.integrations.dpo:DPOAdapter"}
+
+
+def _adapter_for(cls: type):
+    """The adapter of the first supported trainer base class of ``cls``, or None (the causal-LM loss). A TRL trainer
+    that is neither supported here nor a plain causal-LM trainer is refused, naming it."""
+    import importlib
+
+    for base in cls.__mro__:
+        key = (base.__module__.split(".")[0], base.__name__)
+        if key in _ADAPTERS:
+            module, name = _ADAPTERS[key].split(":")
+            return getattr(importlib.import_module(module), name)
+        if key[0] == "trl" and base.__name__ not in _TRL_CAUSAL_LM_TRAINERS and base.__name__.endswith("Trainer"):
+            supported = sorted({n for _, n in _ADAPTERS} | set(_TRL_CAUSAL_LM_TRAINERS) - {"_BaseTrainer"})
+            raise NotImplementedError(f"{cls.__name__}: ds_ring's sequence parallelism does not implement TRL's "
+                                      f"{base.__name__} (its loss is not computed over the ring); supported TRL "
+                                      f"trainers: {', '.join(supported)}")
+    return None
+
+
+_TRL_CAUSAL_LM_TRAINERS = ("SFTTrainer", "_BaseTrainer")  # trained with the mixin's causal-LM loss
 
 
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------
