@@ -72,7 +72,8 @@ class SequenceParallelMixin:
 
     The groups are made right after the Trainer has set up accelerate's process group, before any dataloader or
     DeepSpeed engine exists; the model is patched with ``ds_ring.patch``. Trains causal LMs with the default loss
-    (no ``compute_loss_func``, no label smoothing). Misuse raises before training, with the same message on every
+    (no ``compute_loss_func``, no label smoothing); trainers with another loss run through their adapter in
+    ``_ADAPTERS`` (TRL's ``DPOTrainer``: ``ds_ring.integrations.dpo``), and TRL trainers without one are refused. Misuse raises before training, with the same message on every
     rank.
     """
 
