@@ -6,7 +6,7 @@ The package is in layers, each a folder that imports only from the folders below
     tools         CLI, demo, bench, local spawner
     integrations  transformers patch, DeepSpeed, Trainer
     planning      op memory estimate, step planner, cost model
-    training      batch sharding, losses, the memory switch
+    training      batch sharding, losses, log-probabilities, the memory switch
     parallel      process groups, lifecycle (start, teardown), sequence sharding
     op            the ring attention op: layouts, communication, kernels, schedule, documents, agreement, engine,
                   Ulysses, front door
@@ -23,6 +23,7 @@ from .parallel.groups import SequenceParallel, init_sequence_parallel
 from .parallel.lifecycle import init_distributed, teardown
 from .parallel.sharding import gather_sequence, shard_sequence
 from .training.data import shard_batch, sp_dataloader
+from .training.logprobs import sequence_logprobs, token_logprobs
 from .training.loss import causal_lm_loss, chunked_causal_lm_loss
 from .training.memory_switch import MemoryOptions, offload_context, optimize_memory, restore_memory
 from .planning.op_memory import MemoryEstimate, measure_peak_bytes, memory_estimate
@@ -52,7 +53,8 @@ __all__ = [
     "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout",
     "init_distributed", "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes",
     "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
-    "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "teardown", "unpatch",
+    "ring_dilated_attention", "sequence_logprobs", "shard_batch", "shard_sequence", "sp_dataloader", "teardown",
+    "token_logprobs", "unpatch",
 ]
 
 # Imported after init_process_group, transformers (through torch.distributed.nn) has just captured the default group

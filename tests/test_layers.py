@@ -19,7 +19,8 @@ PUBLIC = {
     "SequenceParallelTrainer", "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize",
     "gather_sequence", "get_layout", "init_distributed", "init_sequence_parallel", "load_config", "local_attention",
     "measure_peak_bytes", "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
-    "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "teardown", "unpatch",
+    "ring_dilated_attention", "sequence_logprobs", "shard_batch", "shard_sequence", "sp_dataloader", "teardown",
+    "token_logprobs", "unpatch",
 }
 
 

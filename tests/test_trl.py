@@ -155,14 +155,14 @@ def test_sft_bf16_autocast_tracks_plain_bf16(sft, packing):
 
 
 def test_trainer_without_an_adapter_is_refused_at_construction(tmp_path):
-    """DPOTrainer (its own preference loss), and a user's Trainer subclass that computes its own loss below the
+    """KTOTrainer (its own preference loss), and a user's Trainer subclass that computes its own loss below the
     mixin: refused when the class is instantiated, before the Trainer or any group is set up."""
     from transformers import Trainer, TrainingArguments
-    from trl import DPOTrainer
+    from trl import KTOTrainer
 
     from ds_ring import SequenceParallelMixin
 
-    class SPDPO(SequenceParallelMixin, DPOTrainer):
+    class SPKTO(SequenceParallelMixin, KTOTrainer):
         pass
 
     class Weighted(Trainer):
@@ -172,10 +172,10 @@ def test_trainer_without_an_adapter_is_refused_at_construction(tmp_path):
     class SPWeighted(SequenceParallelMixin, Weighted):
         pass
 
-    for cls, owner in ((SPDPO, r"DPOTrainer \(computes its loss in trl\.trainer\.dpo_trainer\.DPOTrainer"),
+    for cls, owner in ((SPKTO, r"KTOTrainer \(computes its loss in trl\.trainer\.kto_trainer\.KTOTrainer"),
                        (SPWeighted, r"Weighted \(computes its loss in test_trl\.")):
         with pytest.raises(NotImplementedError, match=rf"^{cls.__name__}: .*loss of {owner}.*Supported: "
-                                                      r"transformers\.Trainer .*trl\.SFTTrainer"):
+                                                      r"transformers\.Trainer .*trl\.SFTTrainer.*trl\.DPOTrainer"):
             cls(model=build_model(0), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
 
 

@@ -74,8 +74,8 @@ class SequenceParallelMixin:
 
     The groups are made right after the Trainer has set up accelerate's process group, before any dataloader or
     DeepSpeed engine exists; the model is patched with ``ds_ring.patch``. Trains causal LMs with the loss of a
-    trainer family in ``LOSS_ADAPTERS`` (``Trainer``, TRL's ``SFTTrainer``; no ``compute_loss_func``, no label
-    smoothing). Misuse raises at construction, with the same message on every rank.
+    trainer family in ``LOSS_ADAPTERS`` (``Trainer``, TRL's ``SFTTrainer`` and ``DPOTrainer``; no
+    ``compute_loss_func``, no label smoothing). Misuse raises at construction, with the same message on every rank.
     """
 
     sp: SequenceParallel
@@ -93,6 +93,7 @@ class SequenceParallelMixin:
         **kwargs: Any,
     ) -> None:
         self._sp_loss = loss_adapter(type(self))  # a trainer whose loss is not implemented: refused before anything
+        self._sp_loss.before_init(self)
         super().__init__(*args, **kwargs)
         memory = parse_memory_options(memory) if isinstance(memory, str) else None if memory is None else dict(memory)
         self._check_trainer_setup(memory)
@@ -109,10 +110,12 @@ class SequenceParallelMixin:
                 "(gloo)"
             )
         self.sp = sp
+        memory = self._sp_loss.memory_options(memory)
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         if memory is not None:
             optimize_memory(self.model, sp, **memory)
         _make_accelerator_ring_aware(self.accelerator, sp)
+        self._sp_loss.setup(self, sp, segment_lengths, dilation_rates)
 
     def _check_trainer_setup(self, memory: dict[str, Any] | None) -> None:
         """What the sequence-parallel path does not implement, refused before any group or engine exists."""
@@ -178,7 +181,7 @@ class SequenceParallelMixin:
         Value: what the plain trainer computes on one data-parallel rank for this batch, identical on the ring's
         ranks. Gradient: this rank's share of it (the shares sum to the ring's gradient). ``outputs`` (with
         ``return_outputs``) are this rank's shard: logits (B, S_pad / sp_size, V)."""
-        if "labels" not in inputs:
+        if self._sp_loss.needs_labels and "labels" not in inputs:
             raise ValueError(f"{type(self).__name__}.compute_loss needs labels in the batch (causal-LM targets)")
         return self._sp_loss.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
@@ -229,6 +232,8 @@ class SequenceParallelMixin:
         """``Trainer.prediction_step`` for a ring: the ring's loss (as in training, for this one batch), and unless
         ``prediction_loss_only`` the FULL-sequence logits (B, S, V), gathered over the ring (every rank of the ring
         then holds them: S x V per row), and the labels. Other model outputs are not returned."""
+        if self._sp_loss.owns_prediction_step:
+            return self._sp_loss.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -275,9 +280,24 @@ class LossAdapter:
     option and the fix, for what the adapter does not implement (run at construction)."""
 
     describes: ClassVar[str] = ""
+    owns_prediction_step: ClassVar[bool] = False  # True: prediction_step below replaces the mixin's
+    needs_labels: ClassVar[bool] = True  # the batch carries causal-LM ``labels`` (a preference batch does not)
+
+    def before_init(self, trainer: SequenceParallelMixin) -> None:
+        """Before the family's ``__init__`` runs (e.g. to hold back work it would do before the rings exist)."""
 
     def check(self, trainer: SequenceParallelMixin, memory: dict[str, Any] | None) -> None:
         pass
+
+    def memory_options(self, memory: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The memory switch's options as this family uses them (e.g. without a chunked loss it replaces)."""
+        return memory
+
+    def setup(self, trainer: SequenceParallelMixin, sp: SequenceParallel, segment_lengths, dilation_rates) -> None:
+        """After the mixin has patched the model and made accelerate ring-aware."""
+
+    def prediction_step(self, trainer, model, inputs, prediction_loss_only, ignore_keys):
+        raise NotImplementedError
 
     def compute_loss(self, trainer: SequenceParallelMixin, model: nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool, num_items_in_batch: torch.Tensor | None):
@@ -363,9 +383,11 @@ class SFTLoss(LossAdapter):
 # that no optional library is imported to build the table. The class that owns the loss is the first class after the
 # mixin in the trainer's MRO that defines compute_loss; a trainer whose loss owner is not here is refused at
 # construction (its loss would silently be replaced by another one).
-LOSS_ADAPTERS: dict[tuple[str, str], LossAdapter] = {
+LOSS_ADAPTERS: dict[tuple[str, str], LossAdapter | str] = {
     ("transformers", "Trainer"): CausalLMLoss(),
     ("trl", "SFTTrainer"): SFTLoss(),
+    # imported on use (trl is only needed then); the adapter lives beside the TRL code it hooks into
+    ("trl", "DPOTrainer"): "ds_ring.integrations.dpo:DPOAdapter",
 }
 
 
@@ -377,14 +399,27 @@ def loss_adapter(cls: type) -> LossAdapter:
     owner = next((c for c in below if "compute_loss" in vars(c)), None)
     key = None if owner is None else (owner.__module__.split(".")[0], owner.__name__)
     if key not in LOSS_ADAPTERS:
-        supported = "; ".join(f"{m}.{n} ({a.describes})" for (m, n), a in LOSS_ADAPTERS.items())
+        supported = "; ".join(f"{m}.{n} ({_resolve(a).describes})" for (m, n), a in LOSS_ADAPTERS.items())
         where = "defines no compute_loss" if owner is None else \
             f"computes its loss in {owner.__module__}.{owner.__qualname__}.compute_loss"
         raise NotImplementedError(
             f"{cls.__name__}: SequenceParallelMixin does not implement the loss of "
             f"{'it' if owner is None else owner.__name__} ({where}), so under sequence parallelism it would train "
             f"another objective. Supported: {supported}; subclass one of those with the mixin")
-    return LOSS_ADAPTERS[key]
+    return _resolve(LOSS_ADAPTERS[key])
+
+
+def _resolve(adapter: LossAdapter | str) -> LossAdapter:
+    """A table entry as an adapter: "module:Class" is imported and instantiated on first use."""
+    if isinstance(adapter, str):
+        import importlib
+
+        module, name = adapter.split(":")
+        adapter = LOSS_ADAPTERS_RESOLVED.setdefault(adapter, getattr(importlib.import_module(module), name)())
+    return adapter
+
+
+LOSS_ADAPTERS_RESOLVED: dict[str, LossAdapter] = {}
 
 
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------

@@ -28,9 +28,9 @@ def shard_sequence(
 
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local, dim, group, lay: Layout):
+    def forward(ctx, local, dim, group, lay: Layout, replicated: bool):
         world, rank = group_size_rank(group)
-        ctx.dim, ctx.group, ctx.lay, ctx.world, ctx.rank = dim, group, lay, world, rank
+        ctx.dim, ctx.group, ctx.lay, ctx.world, ctx.rank, ctx.replicated = dim, group, lay, world, rank, replicated
         if world == 1:
             return local.clone()
         pieces = [torch.empty_like(local) for _ in range(world)]
@@ -42,28 +42,39 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_full):
         if ctx.world == 1:
-            return grad_full, None, None, None
+            return grad_full, None, None, None, None
+        local_len = grad_full.shape[ctx.dim] // ctx.world
+        if ctx.replicated:  # every rank holds the same gradient of the same loss: keep our shard, no communication
+            return _take(grad_full, ctx.dim, ctx.lay.ranges(local_len, ctx.world, ctx.rank)), None, None, None, None
         # Adjoint of all-gather: every rank's gradient for our positions is summed, and only our shard comes to us
         # (a reduce-scatter: each rank receives 1/P of the gradient, not all of it).
-        local_len = grad_full.shape[ctx.dim] // ctx.world
         parts = [_take(grad_full, ctx.dim, ctx.lay.ranges(local_len, ctx.world, r)) for r in range(ctx.world)]
         mine = torch.empty_like(parts[ctx.rank])
         dist.reduce_scatter(mine, parts, group=ctx.group)
-        return mine, None, None, None
+        return mine, None, None, None, None
 
 
 def gather_sequence(
-    local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None, layout: str | Layout = "contiguous"
+    local: torch.Tensor,
+    dim: int,
+    group: dist.ProcessGroup | None = None,
+    layout: str | Layout = "contiguous",
+    *,
+    replicated_loss: bool = False,
 ) -> torch.Tensor:
     """All-gather the shards along ``dim`` back into global order (S/P -> S). Differentiable.
 
     The backward is the adjoint of all-gather: the gradients that every rank computes for the full tensor are summed
     and each rank receives its shard's sum (a reduce-scatter). If every rank computes the same loss from the gathered
     tensor, that loss is counted once per rank.
+
+    ``replicated_loss=True``: every rank of ``group`` computes the SAME loss from the gathered tensor, and it counts
+    once. Each rank then holds the same gradient for the full tensor and keeps its shard of it (no communication):
+    the ranks' parameter gradients are shares that sum to the one-process gradient (``causal_lm_loss``'s contract).
     """
     lay = get_layout(layout)
     world, _ = group_size_rank(group)
     err = lay.local_len_error(local.shape[dim], world)
     if err:
         raise ValueError(f"gather_sequence: dimension {dim}: {err}")
-    return _GatherSequence.apply(local, dim, group, lay)
+    return _GatherSequence.apply(local, dim, group, lay, replicated_loss)

@@ -2,11 +2,15 @@
 
 Two forms with one contract: ``causal_lm_loss`` on full logits, and ``chunked_causal_lm_loss``, which takes the
 final hidden states and the LM head and never holds more than one chunk of the sequence's logits.
+
+This module is also the one home of the chunked LM head (``head_chunks``, ``head_gradients``, ``lm_head_chunk``,
+``call_as_forward``) and of the ring's value/gradient-share rule (``ring_sum``): ``training/logprobs.py`` builds the
+sequence log-probabilities on the same pieces.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,14 +83,7 @@ def chunked_causal_lm_loss(
             f"chunked_causal_lm_loss: hidden_states {tuple(hidden_states.shape)} must be (B, L, h) for shift_labels "
             f"{tuple(shift_labels.shape)} (B, L)"
         )
-    weight = getattr(lm_head, "weight", None)
-    if weight is None or weight.dim() != 2 and not hasattr(weight, "ds_shape"):
-        raise ValueError(f"chunked_causal_lm_loss: lm_head must be a linear layer with a (V, h) weight, got "
-                         f"{type(lm_head).__name__}")
-    vocab = int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3 keeps the shape
-    chunk = chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // vocab)
-    if chunk < 1:
-        raise ValueError(f"chunked_causal_lm_loss: chunk_tokens must be >= 1, got {chunk_tokens}")
+    chunk = lm_head_chunk(lm_head, chunk_tokens, "chunked_causal_lm_loss")
     labels = shift_labels.to(hidden_states.device).reshape(-1)
 
     def head_loss(x: torch.Tensor) -> torch.Tensor:  # reads the weight when lm_head's hooks have gathered it
@@ -96,6 +93,18 @@ def chunked_causal_lm_loss(
 
     local_sum = call_as_forward(lm_head, head_loss, hidden_states)
     return _ring_mean(local_sum, labels, sp, ignore_index)
+
+
+def lm_head_chunk(lm_head: nn.Module, chunk_tokens: int | None, who: str) -> int:
+    """Rows per chunk of the chunked LM head: ``chunk_tokens``, default ``LOSS_CHUNK_ELEMENTS // V``. Checks that
+    ``lm_head`` is a linear layer (weight (V, h); under ZeRO-3 the partitioned weight keeps its shape in ds_shape)."""
+    weight = getattr(lm_head, "weight", None)
+    if weight is None or weight.dim() != 2 and not hasattr(weight, "ds_shape"):
+        raise ValueError(f"{who}: lm_head must be a linear layer with a (V, h) weight, got {type(lm_head).__name__}")
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"{who}: chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    vocab = int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else weight.shape[0]
+    return chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // vocab)
 
 
 def call_as_forward(module: nn.Module, fn: Callable, *args):
@@ -135,8 +144,59 @@ def ring_mean_and_sums(local_sum: torch.Tensor, labels: torch.Tensor, sp: Sequen
     if sp is not None and sp.sp_size > 1:
         dist.all_reduce(stats, group=sp.group)
     global_sum, count = stats[0], stats[1].clamp(min=1)
-    local_part = local_sum / count.float()
-    return local_part + ((global_sum / count).float() - local_part).detach(), stats[1], stats[2:]
+    return _share(local_sum / count.float(), (global_sum / count).float()), stats[1], stats[2:]
+
+
+def ring_sum(local: torch.Tensor, sp: SequenceParallel | None) -> torch.Tensor:
+    """``local`` (any shape, this rank's partial sums) summed over the ring, with this rank's gradient share.
+
+    VALUE: the sum over the ring's ranks (float64 all-reduce, returned in ``local``'s dtype), the same on every rank.
+    GRADIENT: that of ``local`` alone, so the parameter gradients of a loss computed from the value identically on
+    every rank sum over the ring to the one-process gradient (``causal_lm_loss``'s contract). One all-reduce over
+    ``sp.group``, outside autograd."""
+    if sp is None or sp.sp_size == 1:
+        return local
+    total = local.detach().double()
+    dist.all_reduce(total, group=sp.group)
+    return _share(local, total.to(local.dtype))
+
+
+def _share(local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in forward, ``local``'s gradient in backward: a ring rank's share of a global quantity."""
+    return local + (value - local).detach()
+
+
+def head_chunks(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int,
+                ignore_index: int) -> Iterator[tuple]:
+    """The LM head, ``chunk`` rows at a time: per chunk ``(start, x rows, fp32 logits, log-sum-exp, valid, target)``.
+
+    ``x2`` (N, h), ``labels`` (N,). The logits are computed in the model's dtype and then made fp32 (as
+    ``causal_lm_loss`` does with full logits); ``target`` (n, 1) has ignored labels clamped to 0 (use ``valid``)."""
+    for s in range(0, x2.shape[0], chunk):
+        xc, yc = x2[s:s + chunk], labels[s:s + chunk]
+        logits = F.linear(xc, weight, bias).float()
+        yield s, xc, logits, torch.logsumexp(logits, dim=-1), yc != ignore_index, yc.clamp(min=0).unsqueeze(1)
+
+
+def head_gradients(logits: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+                   row_scale: torch.Tensor | None, xc: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor | None,
+                   dw: torch.Tensor | None, db: torch.Tensor | None) -> None:
+    """Add one chunk's gradients of ``sum_t row_scale[t] * cross_entropy_t`` to ``dx`` (this chunk's rows, written),
+    ``dw`` (V, h fp32) and ``db`` (V fp32); ``row_scale`` None is 1. Overwrites ``logits`` (the softmax in place)."""
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    grad.scatter_add_(1, target, -valid.to(grad.dtype).unsqueeze(1))  # minus the one-hot target
+    scale = valid.to(grad.dtype) if row_scale is None else torch.where(valid, row_scale, 0.0)
+    grad.mul_(scale.unsqueeze(1))  # ignored targets have no gradient
+    g = grad.to(xc.dtype)
+    if dx is not None:
+        torch.mm(g, weight, out=dx)
+    if dw is not None:
+        if g.dtype == torch.float32:
+            dw.addmm_(g.t(), xc)
+        else:  # a half-precision product per chunk, summed in fp32
+            dw += torch.mm(g.t(), xc)
+    if db is not None:
+        db += grad.sum(0)
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
@@ -158,28 +218,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for s in range(0, x2.shape[0], chunk):
-            xc, yc = x2[s:s + chunk], labels[s:s + chunk]
-            logits = F.linear(xc, weight, bias).float()  # the model's dtype, then fp32, as causal_lm_loss does
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = yc != ignore_index
-            target = yc.clamp(min=0).unsqueeze(1)
+        for s, xc, logits, lse, valid, target in head_chunks(x2, weight, bias, labels, chunk, ignore_index):
             total += torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
-            if not (need_x or need_w or need_b):
-                continue
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-            grad.scatter_add_(1, target, -valid.to(grad.dtype).unsqueeze(1))  # minus the one-hot target
-            grad.mul_(valid.unsqueeze(1))  # ignored targets have no gradient
-            g = grad.to(x.dtype)
-            if need_x:
-                torch.mm(g, weight, out=dx[s:s + chunk])
-            if need_w:
-                if g.dtype == torch.float32:
-                    dw.addmm_(g.t(), xc)
-                else:  # a half-precision product per chunk, summed in fp32
-                    dw += torch.mm(g.t(), xc)
-            if need_b:
-                db += grad.sum(0)
+            if need_x or need_w or need_b:
+                head_gradients(logits, lse, valid, target, None, xc, weight,
+                               dx[s:s + len(xc)] if need_x else None, dw, db)
         ctx.grads = (dx, dw, db)
         ctx.x_shape, ctx.w_dtype = x.shape, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
