@@ -9,6 +9,7 @@ from dist_utils import run_distributed
 from reference import dense_reference
 
 import ds_ring
+from ds_ring.op import kernels
 from ds_ring.op.attention import attend
 from ds_ring.parallel.sharding import shard_sequence
 
@@ -97,7 +98,12 @@ def _inputs(case, B=2, D=8):
     return q, k, v, dout, _padding(case["pad"], B, gen), _documents(case.get("docs"), B, gen)
 
 
-def _run_cases(rank, world, cases, overlap):
+def _run_cases(rank, world, cases, overlap, path=None):
+    with kernels.force_path(path):
+        return _run_cases_on_path(world, cases, overlap)
+
+
+def _run_cases_on_path(world, cases, overlap):
     results = []
     for case in cases:
         q, k, v, dout, kpm, docs = _inputs(case)
@@ -156,14 +162,30 @@ def test_matches_dense_reference(world):
     _check(world, results, cases)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_flex_path_matches_dense_reference(world):
+    """Every block on the FlexAttention path (its eager, unfused form on CPU: about 0.4 s per block backward):
+    forward and gradients. Every case at P=1; at P=2, 3, 4 a third of the cases each, together all of them.
+    ``DS_RING_KERNEL=flex python -m pytest tests/test_ring_attention.py`` runs every case at every P on it."""
+    cases = _cases() if world == 1 else _cases()[world - 2 :: 3]
+    results = run_distributed(_run_cases, world, cases, True, "flex", timeout_s=1200.0)
+    _check(world, results, cases)
+
+
 def test_matches_dense_reference_without_overlap():
     cases = _cases()[::3]
     results = run_distributed(_run_cases, 2, cases, False)
     _check(2, results, cases)
 
 
-def test_single_process_is_sdpa():
+@pytest.mark.parametrize("path", [None, "flex"])
+def test_single_process_is_sdpa(path):
     """segment_lengths=None is exact full attention, identical to torch's SDPA."""
+    with kernels.force_path(path):
+        _single_process_is_sdpa()
+
+
+def _single_process_is_sdpa():
     q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
     for causal in (False, True):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -171,8 +193,14 @@ def test_single_process_is_sdpa():
         assert _rel(out, ref.double()) < 1e-6
 
 
-def test_float64_forward_and_backward():
+@pytest.mark.parametrize("path", [None, "flex"])
+def test_float64_forward_and_backward(path):
     """float64 inputs run the whole path in float64 (a regression: the backward once mixed in float32)."""
+    with kernels.force_path(path):
+        _float64_forward_and_backward()
+
+
+def _float64_forward_and_backward():
     g = torch.Generator().manual_seed(7)
     q, k, v, do = (torch.randn(2, h, 40, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
     kpm = torch.rand(2, 40, generator=g) > 0.3

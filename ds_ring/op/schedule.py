@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -31,6 +31,8 @@ class Piece:
     for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
     length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
     own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
+    ``kernel_cache``: what the kernels derive from the piece once (its AllowedPairs, the Flex BlockMask): kept with
+    the schedule, never rebuilt per call; a replaced piece starts empty.
     """
 
     head_start: int
@@ -45,6 +47,7 @@ class Piece:
     causal_diag: bool
     groups: int = 1
     batch: int | None = None
+    kernel_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
