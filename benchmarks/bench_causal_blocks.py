@@ -1,7 +1,7 @@
 """Why small causal blocks are slow on CPU: ATen's CPU flash kernel, causal vs non-causal, on G batched blocks of m
 rows (G*m = --total), and the same causal work cut into two causal halves (one batched call) plus the dense
 off-diagonal quarter (one unmasked call). Forward + backward of the raw ops; merge cost not included. Then what
-ds_ring's block kernel does with a causal diagonal block on the CPU (``kernels.CAUSAL_LEAF``): the cut applied
+ds_ring's block kernel does with a causal diagonal block on the CPU (``kernels.CAUSAL_CUT``): the cut applied
 recursively down to a leaf of c rows, with its log-sum-exp merges, for each c in --leaves (c >= m: no cut).
 
     python benchmarks/bench_causal_blocks.py          # m in {256, 512, 1024, 2048}, G*m = 8192, H=4, D=64
@@ -25,13 +25,13 @@ def fb(q, k, v, causal):
 
 def recursive(q, k, v, leaf: int):
     """ds_ring's CPU block kernel on a causal diagonal block cut down to ``leaf`` rows: forward + backward."""
-    old, kernels.CAUSAL_LEAF = kernels.CAUSAL_LEAF, leaf
+    old, kernels.CAUSAL_CUT = kernels.CAUSAL_CUT, (leaf, 1 << 30)
     try:
         scale = q.shape[-1] ** -0.5
         o, lse = kernels._causal_fwd("cpu", q, k, v, None, scale)
         return kernels._causal_bwd("cpu", o, q, k, v, o, lse, None, scale)
     finally:
-        kernels.CAUSAL_LEAF = old
+        kernels.CAUSAL_CUT = old
 
 
 def main():

@@ -116,7 +116,8 @@ def test_flex_block_mask_is_made_once_per_block():
         q = torch.randn(B, 2, 12, 8)
         block_forward(q, q, q, pairs, 0.3, path="flex")
         block_forward(q, q, q, pairs, 0.3, torch.rand(B, 12) > 0.2, path="flex")
-    assert len(pairs.cache) == 2 and pairs.cache[("flex", "cpu", False)] is made[("flex", "cpu", False)]
+    assert pairs.cache.keys() == {("flex", "cpu", False), ("flex", "cpu", True), "mask_mod"}
+    assert pairs.cache[("flex", "cpu", False)] is made[("flex", "cpu", False)]
 
 
 def test_block_path_table():
@@ -131,10 +132,10 @@ def test_block_path_table():
 
 
 def test_cpu_causal_split_matches_definition(monkeypatch):
-    """Causal diagonal blocks cut recursively into causal halves and dense quarters (CAUSAL_LEAF = 8: 64 -> 32 -> 16
-    -> 8 rows, and 44 -> 22 -> 11, an odd leaf) equal the definition, forward and partial gradients, with left
+    """Causal diagonal blocks cut recursively into causal halves and dense quarters (CAUSAL_CUT = (8, 64): 64 -> 32 ->
+    16 -> 8 rows, and 44 -> 22 -> 11, an odd leaf) equal the definition, forward and partial gradients, with left
     padding (rows with no key yet), holes and a fully padded row."""
-    monkeypatch.setattr(kernels, "CAUSAL_LEAF", 8)
+    monkeypatch.setattr(kernels, "CAUSAL_CUT", (8, 64))
     g = torch.Generator().manual_seed(5)
     for m, Hkv in ((64, 2), (44, 1)):
         q, do = (torch.randn(3, 2, m, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -153,3 +154,33 @@ def test_cpu_causal_split_matches_definition(monkeypatch):
         grads = block_backward(do, q, k, v, out, lse.masked_fill(lse == float("-inf"), 0.0), pairs, 8 ** -0.5, kpm)
         for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
             assert torch.allclose(got.double(), want, atol=1e-10)
+
+
+def test_flex_compiled_graphs_capture_once():
+    """The compiled Flex forward and backward (inductor on CUDA) capture their graphs once per shape: a new padding
+    mask each call reuses them (no recompile), and the captured graphs give the eager results. Captured here with a
+    backend that runs the graph as it is (Inductor's CPU Flex kernels serve inference only)."""
+    from ds_ring.op import flex
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    g = torch.Generator().manual_seed(1)
+    pos = torch.arange(20)[None] * 2
+    pairs = AllowedPairs(pos, pos + 1, seg=8, causal=True)
+    for _ in range(3):
+        q, do = (torch.randn(2, 4, 20, 16, generator=g) for _ in range(2))
+        k, v = (torch.randn(2, 2, 20, 16, generator=g) for _ in range(2))
+        kpm = torch.rand(2, 20, generator=g) > 0.3
+        out, lse = flex.forward(q, k, v, pairs, 0.25, kpm, compile_backend=capture)
+        ref, ref_lse = flex.forward(q, k, v, pairs, 0.25, kpm)
+        assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-6)
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        got = flex.backward(do, q, k, v, out, lse, pairs, 0.25, kpm, compile_backend=capture)
+        want = flex.backward(do, q, k, v, out, lse, pairs, 0.25, kpm)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert len(graphs) == 2, f"{len(graphs)} graphs captured for one shape: a padding mask recompiled"

@@ -74,13 +74,15 @@ def block_mask(pairs: "AllowedPairs", device: torch.device, key_padding: torch.T
         G, M, N = pairs.q_pos.shape[0], pairs.q_pos.shape[1], pairs.k_pos.shape[1]
         # On CUDA the mask is evaluated tile by tile in a compiled kernel, so no (M x N) mask is materialised even
         # for long blocks; on CPU the eager form materialises it (test shapes only).
-        cache[key] = _flex.create_block_mask(mask_mod(pairs), G if G > 1 else None, None, M, N, device=device,
+        cache[key] = _flex.create_block_mask(cache.setdefault("mask_mod", mask_mod(pairs)), G if G > 1 else None, None, M, N, device=device,
                                              BLOCK_SIZE=TILE, _compile=torch.device(device).type == "cuda",
                                              separate_full_blocks=not padded)
     bm = cache[key]
     if not padded:
         return bm
-    structural = mask_mod(pairs)
+    # the same structural function every call: a compiled kernel guards on the mask_mod's code and reads the
+    # tensors it closes over (positions, this call's padding) as inputs, so a new padding mask does not recompile
+    structural = cache.setdefault("mask_mod", mask_mod(pairs))
     bm = copy.copy(bm)
     bm.mask_mod = lambda b, h, i, t: structural(b, h, i, t) & key_padding[b, t]
     return bm
@@ -101,12 +103,12 @@ def _forward_eager(q, k, v, bm, scale):
 
 
 @functools.cache
-def _forward_compiled():
+def _forward_compiled(backend="inductor"):
     def fwd(q, k, v, bm, scale):
         return _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=True,
                                     return_aux=_flex.AuxRequest(lse=True))
 
-    return torch.compile(fwd, fullgraph=True, dynamic=False)
+    return torch.compile(fwd, backend=backend, fullgraph=True, dynamic=False)
 
 
 def _backward_call(dout, q, k, v, out, lse2, bm_tuple, scale, options):
@@ -115,26 +117,35 @@ def _backward_call(dout, q, k, v, out, lse2, bm_tuple, scale, options):
 
 
 @functools.cache
-def _backward_compiled():
-    return torch.compile(_backward_call, fullgraph=True, dynamic=False)
+def _backward_compiled(backend="inductor"):
+    return torch.compile(_backward_call, backend=backend, fullgraph=True, dynamic=False)
+
+
+def _backend(q: torch.Tensor, compile_backend):
+    """The torch.compile backend to run with, None = eager: inductor on CUDA, eager on the CPU (compiled Flex on the
+    CPU serves inference only); tests pass a backend to capture the compiled graphs on the CPU."""
+    return compile_backend or ("inductor" if q.device.type == "cuda" else None)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: "AllowedPairs", scale: float,
-            key_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            key_padding: torch.Tensor | None = None, compile_backend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B', Hq, M, D), k/v (B', Hkv, N, D) -> out (B', Hq, M, D), lse (B', Hq, M) fp32 (natural log; -inf and
     out 0 for a row with no allowed key). ``key_padding``: (B', N) bool, True = real token."""
     bm = block_mask(pairs, q.device, key_padding)
-    if q.device.type == "cuda":
-        out, aux = _forward_compiled()(q, k, v, bm, scale)
+    backend = _backend(q, compile_backend)
+    if backend is not None:
+        out, aux = _forward_compiled(backend)(q, k, v, bm, scale)
         return out, aux.lse
     return _forward_eager(q, k, v, bm, scale)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, pairs: "AllowedPairs", scale: float, key_padding: torch.Tensor | None = None):
+             lse: torch.Tensor, pairs: "AllowedPairs", scale: float, key_padding: torch.Tensor | None = None,
+             compile_backend=None):
     """Partial dq (B', Hq, M, D), dk/dv (B', Hkv, N, D) of the block given the rows' final ``out`` and ``lse``
     (natural log, finite)."""
     bm = block_mask(pairs, q.device, key_padding)
     lse2 = (lse / _LN2).to(torch.promote_types(q.dtype, torch.float32)).contiguous()
-    run = _backward_compiled() if q.device.type == "cuda" else _backward_call
+    backend = _backend(q, compile_backend)
+    run = _backward_call if backend is None else _backward_compiled(backend)
     return run(dout, q, k, v, out, lse2, bm.as_tuple(), scale, _options(q, k, v))

@@ -107,7 +107,7 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     ==========  =====================  ==========================================================  ============
     device      dtype                  block                                                       path
     ==========  =====================  ==========================================================  ============
-    CPU         any                    any (masks tiled over query rows)                           ``cpu``
+    CPU         any                    any (masks tiled over query rows; causal cut, CAUSAL_CUT)   ``cpu``
     CUDA        fp16 / bf16, D % 8 = 0  dense or causal diagonal, no key padding                   ``flash``
     CUDA        fp16 / bf16 / fp32,    anything else: key padding, segment, window, causal         ``flex``
                 D in 16..256 (2^k)     off-diagonal (documents and dilation classes are pieces)
@@ -232,12 +232,14 @@ def _cuda_bwd(path, dout, q, k, v, out, lse, attn_mask, is_causal, scale):
     return dq, dk, dv
 
 
-# CPU: a causal diagonal block longer than this is cut into its two causal halves (run as one batched call) and the
-# dense quarter below the diagonal (one unmasked call), recursively. ATen's CPU flash kernel tiles keys in 512
-# columns and skips only whole tiles above the diagonal, so a causal block of <= 512 rows costs the full square and
-# one of 1-2k rows 0.63-0.77 of it (benchmarks/bench_causal_blocks.py); cut down to CAUSAL_LEAF rows, a block of m
-# rows costs about m^2 / 2 + m * CAUSAL_LEAF / 2 plus one log-sum-exp merge per level.
-CAUSAL_LEAF = 128
+# CPU: a causal diagonal block of (lo, hi] rows is cut into its two causal halves (run as one batched call) and the
+# dense quarter below the diagonal (one unmasked call), merged by log-sum-exp; halves still in (lo, hi] are cut
+# again. ATen's CPU flash kernel tiles keys in 512 columns and skips only whole tiles above the diagonal, so a causal
+# block of <= 512 rows costs the full square. Measured (benchmarks/bench_causal_blocks.py, fwd+bwd over non-causal
+# time, merges included): 512 rows 1.03 -> 0.84 cut once; cutting 256-row blocks (1.83 at a 128-row leaf) or
+# 1024-2048-row blocks (0.69 -> 0.77, 0.47 -> 0.73) costs more than it saves: small calls run below the kernel's
+# rate, and the halves and merges are extra passes.
+CAUSAL_CUT = (256, 512)
 
 
 def _halves(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -258,11 +260,11 @@ def _merge_two(o1, l1, o2, l2):
 
 def _split_causal(path: str, q: torch.Tensor) -> bool:
     m = q.shape[2]
-    return path == "cpu" and m > CAUSAL_LEAF and m % 2 == 0
+    return path == "cpu" and CAUSAL_CUT[0] < m <= CAUSAL_CUT[1] and m % 2 == 0
 
 
 def _causal_fwd(path, q, k, v, kp, scale):
-    """A causal diagonal block (same positions on both sides), cut recursively on the CPU (see CAUSAL_LEAF)."""
+    """A causal diagonal block (same positions on both sides), cut on the CPU (see CAUSAL_CUT)."""
     if not _split_causal(path, q):
         add, is_causal, row_any = _simple_mask(True, kp, q.dtype, q.shape[2])
         return _fix_empty_rows(*_fwd(path, q, k, v, add, is_causal, scale), row_any)
