@@ -91,12 +91,12 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
         every_row = piece.q_idx is None and bool(whole.all())
         out.append(make_piece(*args, None if every_row else q_idx[whole].reshape(-1),
                           (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
-                          piece.causal, piece.window))
+                          piece.causal, piece.window, piece.batch))
     for g in cut.nonzero().flatten().tolist():
         keep = inside[g]
         q_rows = None if piece.q_idx is None and G == 1 else q_idx[g]
         out.append(make_piece(*args, q_rows, k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
-                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window))
+                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window, piece.batch))
     return out
 
 
