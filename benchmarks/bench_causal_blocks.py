@@ -1,8 +1,6 @@
 """Why small causal blocks are slow on CPU: ATen's CPU flash kernel, causal vs non-causal, on G batched blocks of m
 rows (G*m = --total), and the same causal work cut into two causal halves (one batched call) plus the dense
-off-diagonal quarter (one unmasked call). Forward + backward of the raw ops; merge cost not included. Then what
-ds_ring's block kernel does with a causal diagonal block on the CPU (``kernels.CAUSAL_CUT``): the cut applied
-recursively down to a leaf of c rows, with its log-sum-exp merges, for each c in --leaves (c >= m: no cut).
+off-diagonal quarter (one unmasked call). Forward + backward of the raw ops; merge cost not included.
 
     python benchmarks/bench_causal_blocks.py          # m in {256, 512, 1024, 2048}, G*m = 8192, H=4, D=64
 """
@@ -12,7 +10,6 @@ from __future__ import annotations
 import torch
 
 import _common as C
-from ds_ring.op import kernels
 
 op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 bop = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -23,24 +20,12 @@ def fb(q, k, v, causal):
     return bop(o, q, k, v, o, lse, 0.0, causal, scale=q.shape[-1] ** -0.5)
 
 
-def recursive(q, k, v, leaf: int):
-    """ds_ring's CPU block kernel on a causal diagonal block cut down to ``leaf`` rows: forward + backward."""
-    old, kernels.CAUSAL_CUT = kernels.CAUSAL_CUT, (leaf, 1 << 30)
-    try:
-        scale = q.shape[-1] ** -0.5
-        o, lse = kernels._causal_fwd("cpu", q, k, v, None, scale)
-        return kernels._causal_bwd("cpu", o, q, k, v, o, lse, None, scale)
-    finally:
-        kernels.CAUSAL_CUT = old
-
-
 def main():
     p = C.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--total", type=int, default=8192)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--leaves", type=int, nargs="+", default=[64, 128, 256])
     p.set_defaults(repeat=7)
     args = p.parse_args()
     if args.quick:
@@ -52,22 +37,18 @@ def main():
         G = max(1, args.total // m)
         q, k, v = (torch.randn(G, H, m, D) for _ in range(3))
         qa, qb = torch.randn(2 * G, H, m // 2, D), torch.randn(G, H, m // 2, D)
-        cands = {
+        res = C.bench_interleaved({
             "full": lambda: fb(q, k, v, False),
             "causal": lambda: fb(q, k, v, True),
             "split": lambda: (fb(qa, qa, qa, True), fb(qb, qb, qb, False)),
-        }
-        for c in args.leaves:
-            cands[f"leaf {c}"] = lambda c=c: recursive(q, k, v, c)
-        res = C.bench_interleaved(cands, args.warmup, args.repeat)
+        }, args.warmup, args.repeat)
         full = res["full"]["median"]
         r = dict(m=m, G=G, causal_ratio=res["causal"]["median"] / full, split_ratio=res["split"]["median"] / full,
-                 leaf_ratios={c: res[f"leaf {c}"]["median"] / full for c in args.leaves}, raw=res)
+                 raw=res)
         rows.append(r)
-        table.append([m, G, r["causal_ratio"], r["split_ratio"], *r["leaf_ratios"].values(), 0.5])
+        table.append([m, G, r["causal_ratio"], r["split_ratio"], 0.5])
     md = C.markdown_table(["m (rows per causal block)", "G blocks", "causal / non-causal time",
-                           "(2 causal halves + dense off-diagonal quarter) / non-causal",
-                           *(f"ds_ring cut to {c} rows / non-causal" for c in args.leaves), "ideal"], table)
+                           "(2 causal halves + dense off-diagonal quarter) / non-causal", "ideal"], table)
     print(f"ATen CPU flash fwd+bwd, H={H}, D={D}, fp32, torch.set_num_threads({args.threads}); median of "
           f"{args.repeat} interleaved runs")
     print(md)

@@ -23,7 +23,6 @@ import torch
 
 import _common as C
 import ds_ring
-from ds_ring.op import kernels
 
 
 def patterns(S: int) -> list[tuple[str, list | None, list | None]]:
@@ -119,8 +118,6 @@ def main():
     p.add_argument("--heads", type=int, default=4, help="query heads (offsets h %% r need heads >= r to all occur)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--cut-off-too", action="store_true",
-                   help="also time every pattern with the CPU causal cut off (kernels.CAUSAL_CUT), in the same rounds")
     p.add_argument("--replot", metavar="JSON", help="only redraw the PNG (into docs/) from a JSON this script wrote")
     p.set_defaults(repeat=3)
     args = p.parse_args()
@@ -141,20 +138,13 @@ def main():
         g = torch.randn(B, H, S, D, dtype=dtype)
         pats = patterns(S)
 
-        def make(segs, rates, cut=kernels.CAUSAL_CUT):
+        def make(segs, rates):
             def fn():
-                old, kernels.CAUSAL_CUT = kernels.CAUSAL_CUT, cut
-                try:
-                    o = ds_ring.ring_dilated_attention(q, k, v, segs, rates, causal=causal, local=True)
-                    return torch.autograd.grad(o, (q, k, v), g)
-                finally:
-                    kernels.CAUSAL_CUT = old
+                o = ds_ring.ring_dilated_attention(q, k, v, segs, rates, causal=causal, local=True)
+                return torch.autograd.grad(o, (q, k, v), g)
             return fn
 
-        cands = {name: make(s, r) for name, s, r in pats}
-        if args.cut_off_too and causal:
-            cands.update({f"{name} [cut off]": make(s, r, (0, 0)) for name, s, r in pats})
-        res = C.bench_interleaved(cands, args.warmup, args.repeat)
+        res = C.bench_interleaved({name: make(s, r) for name, s, r in pats}, args.warmup, args.repeat)
         t_dense = res["dense"]["median"]
         for name, segs, rates in pats:
             att, work, dense = count_pairs(S, H, segs, rates, causal)
@@ -163,8 +153,6 @@ def main():
             row = dict(S=S, causal=causal, pattern=name, segment_lengths=segs, dilation_rates=rates, f=f,
                        work_f=work / dense, time_s=res[name]["median"], dense_s=t_dense, ratio=ratio,
                        ratio_over_f=ratio / f, raw=res[name]["samples"])
-            if f"{name} [cut off]" in res:  # both against the dense row with the cut (the shipped baseline)
-                row["ratio_over_f_cut_off"] = res[f"{name} [cut off]"]["median"] / t_dense / f
             rows.append(row)
             print(f"S={S:6d} causal={causal!s:5} {name:40s} f={f:.4f} work={work / dense:.4f} "
                   f"time={res[name]['median'] * 1e3:9.1f} ms ratio={ratio:.3f} ratio/f={ratio / f:.2f}", flush=True)

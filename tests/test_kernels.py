@@ -131,31 +131,6 @@ def test_block_path_table():
     assert kernels.block_path(q, plain, None) == "cpu"
 
 
-def test_cpu_causal_split_matches_definition(monkeypatch):
-    """Causal diagonal blocks cut recursively into causal halves and dense quarters (CAUSAL_CUT = (8, 64): 64 -> 32 ->
-    16 -> 8 rows, and 44 -> 22 -> 11, an odd leaf) equal the definition, forward and partial gradients, with left
-    padding (rows with no key yet), holes and a fully padded row."""
-    monkeypatch.setattr(kernels, "CAUSAL_CUT", (8, 64))
-    g = torch.Generator().manual_seed(5)
-    for m, Hkv in ((64, 2), (44, 1)):
-        q, do = (torch.randn(3, 2, m, 8, generator=g, dtype=torch.float64) for _ in range(2))
-        k, v = (torch.randn(3, Hkv, m, 8, generator=g, dtype=torch.float64) for _ in range(2))
-        kpm = torch.rand(3, m, generator=g) > 0.3
-        kpm[0, :13] = False
-        kpm[2] = False
-        pos = torch.arange(m)[None]
-        pairs = AllowedPairs(pos, pos, causal=True, causal_diag=True)
-        out, lse = block_forward(q, k, v, pairs, 8 ** -0.5, kpm)
-        qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
-        ref = dense_reference(qd, kd, vd, causal=True, key_padding_mask=kpm)
-        ref.backward(do)
-        assert torch.allclose(out, ref, atol=1e-12)
-        assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
-        grads = block_backward(do, q, k, v, out, lse.masked_fill(lse == float("-inf"), 0.0), pairs, 8 ** -0.5, kpm)
-        for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
-            assert torch.allclose(got.double(), want, atol=1e-10)
-
-
 def test_flex_compiled_graphs_capture_once():
     """The compiled Flex forward and backward (inductor on CUDA) capture their graphs once per shape: a new padding
     mask each call reuses them (no recompile), and the captured graphs give the eager results. Captured here with a

@@ -107,7 +107,7 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     ==========  =====================  ==========================================================  ============
     device      dtype                  block                                                       path
     ==========  =====================  ==========================================================  ============
-    CPU         any                    any (masks tiled over query rows; causal cut, CAUSAL_CUT)   ``cpu``
+    CPU         any                    any (masks tiled over query rows)                           ``cpu``
     CUDA        fp16 / bf16, D % 8 = 0  dense or causal diagonal, no key padding                   ``flash``
     CUDA        fp16 / bf16 / fp32,    anything else: key padding, segment, window, causal         ``flex``
                 D in 16..256 (2^k)     off-diagonal (documents and dilation classes are pieces)
@@ -232,66 +232,6 @@ def _cuda_bwd(path, dout, q, k, v, out, lse, attn_mask, is_causal, scale):
     return dq, dk, dv
 
 
-# CPU: a causal diagonal block of (lo, hi] rows is cut into its two causal halves (run as one batched call) and the
-# dense quarter below the diagonal (one unmasked call), merged by log-sum-exp; halves still in (lo, hi] are cut
-# again. ATen's CPU flash kernel tiles keys in 512 columns and skips only whole tiles above the diagonal, so a causal
-# block of <= 512 rows costs the full square. Measured (benchmarks/bench_causal_blocks.py, fwd+bwd over non-causal
-# time, merges included): 512 rows 1.03 -> 0.84 cut once; cutting 256-row blocks (1.83 at a 128-row leaf) or
-# 1024-2048-row blocks (0.69 -> 0.77, 0.47 -> 0.73) costs more than it saves: small calls run below the kernel's
-# rate, and the halves and merges are extra passes.
-CAUSAL_CUT = (256, 512)
-
-
-def _halves(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(B, ..., 2h, ...) -> (2B, ..., h, ...): the two halves along ``dim`` batched (first half = batch [:B])."""
-    h = t.shape[dim] // 2
-    return torch.cat([t.narrow(dim, 0, h), t.narrow(dim, h, h)], 0)
-
-
-def _merge_two(o1, l1, o2, l2):
-    """Online-softmax merge of two partial results of the same rows (fp32 weights, fp64 for fp64); rows at -inf
-    stay 0."""
-    dt = torch.promote_types(l1.dtype, torch.float32)
-    lse = torch.logaddexp(l1.to(dt), l2.to(dt))
-    ref = lse.masked_fill(lse == float("-inf"), 0.0)
-    out = o1 * torch.exp(l1 - ref).unsqueeze(-1).to(o1.dtype) + o2 * torch.exp(l2 - ref).unsqueeze(-1).to(o2.dtype)
-    return out, lse.to(l1.dtype)
-
-
-def _split_causal(path: str, q: torch.Tensor) -> bool:
-    m = q.shape[2]
-    return path == "cpu" and CAUSAL_CUT[0] < m <= CAUSAL_CUT[1] and m % 2 == 0
-
-
-def _causal_fwd(path, q, k, v, kp, scale):
-    """A causal diagonal block (same positions on both sides), cut on the CPU (see CAUSAL_CUT)."""
-    if not _split_causal(path, q):
-        add, is_causal, row_any = _simple_mask(True, kp, q.dtype, q.shape[2])
-        return _fix_empty_rows(*_fwd(path, q, k, v, add, is_causal, scale), row_any)
-    B, h = q.shape[0], q.shape[2] // 2
-    o_h, l_h = _causal_fwd(path, _halves(q, 2), _halves(k, 2), _halves(v, 2), None if kp is None else
-                           _halves(kp, 1), scale)
-    add, _, row_any = _simple_mask(False, None if kp is None else kp[:, :h], q.dtype, q.shape[2] - h)
-    o_q, l_q = _fix_empty_rows(*_fwd(path, q[:, :, h:], k[:, :, :h], v[:, :, :h], add, False, scale), row_any)
-    o_2, l_2 = _merge_two(o_h[B:], l_h[B:], o_q, l_q)
-    return torch.cat([o_h[:B], o_2], 2), torch.cat([l_h[:B], l_2], 2)
-
-
-def _causal_bwd(path, dout, q, k, v, out, lse, kp, scale):
-    """Partial gradients of a causal diagonal block, cut as ``_causal_fwd`` cuts it."""
-    if not _split_causal(path, q):
-        add, is_causal, _ = _simple_mask(True, kp, q.dtype, q.shape[2])
-        return _bwd(path, dout, q, k, v, out, lse, add, is_causal, scale)
-    B, h = q.shape[0], q.shape[2] // 2
-    dq_h, dk_h, dv_h = _causal_bwd(path, *(_halves(t, 2) for t in (dout, q, k, v, out, lse)),
-                                   None if kp is None else _halves(kp, 1), scale)
-    add, _, _ = _simple_mask(False, None if kp is None else kp[:, :h], q.dtype, q.shape[2] - h)
-    dq_q, dk_q, dv_q = _bwd(path, dout[:, :, h:], q[:, :, h:], k[:, :, :h], v[:, :, :h], out[:, :, h:],
-                            lse[:, :, h:], add, False, scale)
-    return (torch.cat([dq_h[:B], dq_h[B:] + dq_q], 2), torch.cat([dk_h[:B] + dk_q, dk_h[B:]], 2),
-            torch.cat([dv_h[:B] + dv_q, dv_h[B:]], 2))
-
-
 def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: AllowedPairs, scale: float,
     key_padding: torch.Tensor | None = None, path: str | None = None,
@@ -305,10 +245,8 @@ def block_forward(
     if path == "flex":
         return flex.forward(q, k, v, pairs, scale, key_padding)
     M = q.shape[2]
-    if pairs.causal_diag and not pairs.has_rowcol:
-        return _causal_fwd(path, q, k, v, key_padding, scale)
     if not pairs.has_rowcol:
-        add, is_causal, row_any = _simple_mask(False, key_padding, q.dtype, M)
+        add, is_causal, row_any = _simple_mask(pairs.causal_diag, key_padding, q.dtype, M)
         out, lse = _fwd(path, q, k, v, add, is_causal, scale)
         return _fix_empty_rows(out, lse, row_any)
     outs, lses = [], []
@@ -335,10 +273,8 @@ def block_backward(
     if path == "flex":
         return flex.backward(dout, q, k, v, out, lse, pairs, scale, key_padding)
     M = q.shape[2]
-    if pairs.causal_diag and not pairs.has_rowcol:
-        return _causal_bwd(path, dout, q, k, v, out, lse, key_padding, scale)
     if not pairs.has_rowcol:
-        add, is_causal, _ = _simple_mask(False, key_padding, q.dtype, M)
+        add, is_causal, _ = _simple_mask(pairs.causal_diag, key_padding, q.dtype, M)
         return _bwd(path, dout, q, k, v, out, lse, add, is_causal, scale)
     t = pairs.tile_rows(q.shape[0])
     dqs, dk, dv = [], None, None
