@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from reference import dense_reference
+from reference import dense_reference, each_document_alone
 
 import ds_ring
 from ds_ring.op import kernels
@@ -234,24 +234,6 @@ def _dilated_document_cases():
     return cases
 
 
-def _each_document_alone(case):
-    """out, dq, dk, dv (float64, full rows) with each document of each row run alone through the definition."""
-    q, k, v, dout, kpm, docs = _inputs(case)
-    outs = [torch.zeros(q.shape, dtype=torch.float64) for _ in range(2)] + [
-        torch.zeros(k.shape, dtype=torch.float64) for _ in range(2)]
-    for b in range(q.shape[0]):
-        for d in docs[b].unique().tolist():
-            idx = (docs[b] == d).nonzero().flatten()
-            a, e = int(idx[0]), int(idx[-1]) + 1
-            qd, kd, vd = (t[b : b + 1, :, a:e].double().requires_grad_() for t in (q, k, v))
-            ref = dense_reference(qd, kd, vd, case["segs"], case["rates"], case["causal"],
-                                  None if kpm is None else kpm[b : b + 1, a:e], case["window"])
-            ref.backward(dout[b : b + 1, :, a:e].double())
-            for full, part in zip(outs, (ref, qd.grad, kd.grad, vd.grad)):
-                full[b : b + 1, :, a:e] = part.detach()
-    return outs
-
-
 @pytest.mark.parametrize("world,path", [(1, None), (2, None), (3, None), (4, None), (1, "flex"), (2, "flex")])
 def test_dilated_packed_rows_match_each_document_alone(world, path):
     """Dilated patterns on packed rows (both layouts, causal or not, padding, windows, GQA) equal each document run
@@ -259,7 +241,10 @@ def test_dilated_packed_rows_match_each_document_alone(world, path):
     cases = _dilated_document_cases()
     results = run_distributed(_run_cases, world, cases, True, path, timeout_s=1200.0)
     for ci, case in enumerate(cases):
-        for idx, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), _each_document_alone(case))):
+        q, k, v, dout, kpm, docs = _inputs(case)
+        alone = each_document_alone(q, k, v, dout, docs, case["segs"], case["rates"], case["causal"], kpm,
+                                    case["window"])
+        for idx, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), alone)):
             got = _assemble([results[r][ci][idx] for r in range(world)], world, case["layout"])
             err = _rel(got, want)
             assert err < 1e-5, f"P={world} case {case} {name}: relative error {err:.2e} against each document alone"
