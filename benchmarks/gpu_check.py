@@ -4,8 +4,8 @@
     PYTHONPATH=. python benchmarks/gpu_check.py --dry-run                     # CPU, tiny sizes: the script's own check
 
 1. Correctness: ring_dilated_attention (local=True: one device, no ring) vs the dense float64 definition computed on
-   the CPU (tests/reference.py), forward and dq/dk/dv, for dense, causal, padded, windowed, GQA, dilated and packed
-   cases, fp32 and bf16, on each block path: the table (``kernels.block_path``), Flex forced, the
+   the CPU (tests/reference.py; packed rows against each document alone), forward and dq/dk/dv, for dense, causal,
+   padded, windowed, GQA, dilated and packed (dense or dilated) cases, fp32 and bf16, on each block path: the table (``kernels.block_path``), Flex forced, the
    memory-efficient kernel forced. Each row records which paths served its blocks.
 2. Dense: the block path (flash) vs scaled_dot_product_attention with the flash backend, bf16, D=128; padded rows
    (Flex) on the same shapes.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from reference import dense_reference, multiplicity  # noqa: E402
+from reference import dense_reference, each_document_alone, multiplicity  # noqa: E402
 
 import ds_ring  # noqa: E402
 from ds_ring.op import kernels  # noqa: E402
@@ -109,6 +109,8 @@ CASES = [
     dict(name="longnet causal+pad", kw=dict(segment_lengths=[48, 100], dilation_rates=[1, 2], causal=True), pad=True),
     dict(name="packed documents causal+pad", kw=dict(causal=True), pad=True, docs=True),
     dict(name="packed documents window", kw=dict(causal=True, window=37), docs=True),
+    dict(name="packed documents longnet causal+pad", kw=dict(segment_lengths=[16, 32], dilation_rates=[1, 2],
+                                                             causal=True), pad=True, docs=True),
 ]
 
 
@@ -136,17 +138,22 @@ def correctness(dev, S, paths, dtypes, deadline):
                         docs = torch.stack([torch.repeat_interleave(torch.arange(4), torch.tensor(n + [S - sum(n)]))
                                             for n in cuts])
                     try:
-                        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-                        ref = dense_reference(qd, kd, vd, key_padding_mask=kpm, document_ids=docs, **c["kw"])
-                        ref.backward(do.double())
+                        if docs is not None:  # each document alone (a dilated pattern counts from its start)
+                            kw = dict(c["kw"])
+                            want = each_document_alone(q, k, v, do, docs, kw.pop("segment_lengths", None),
+                                                       kw.pop("dilation_rates", None), key_padding_mask=kpm, **kw)
+                        else:
+                            qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+                            ref = dense_reference(qd, kd, vd, key_padding_mask=kpm, **c["kw"])
+                            ref.backward(do.double())
+                            want = [ref, qd.grad, kd.grad, vd.grad]
                         qg, kg, vg = (t.to(dev, dtype).requires_grad_() for t in (q, k, v))
                         with kernels.force_path(path), served_paths() as served:
                             out = ds_ring.ring_dilated_attention(
                                 qg, kg, vg, key_padding_mask=None if kpm is None else kpm.to(dev), local=True,
                                 document_ids=None if docs is None else docs.to(dev), **c["kw"])
                             out.backward(do.to(dev, dtype))
-                        errs = [rel(a.cpu(), b) for a, b in ((out, ref), (qg.grad, qd.grad), (kg.grad, kd.grad),
-                                                              (vg.grad, vd.grad))]
+                        errs = [rel(a.cpu(), b) for a, b in zip((out, qg.grad, kg.grad, vg.grad), want)]
                         rows.append(dict(row, errs=errs, ok=all(e < tol for e in errs), served=dict(served)))
                     except Exception:
                         rows.append(dict(row, ok=False, error=traceback.format_exc()[-1500:]))
