@@ -159,3 +159,23 @@ def test_flex_compiled_graphs_capture_once():
         for a, b in zip(got, want):
             assert torch.allclose(a, b, atol=1e-6)
     assert len(graphs) == 2, f"{len(graphs)} graphs captured for one shape: a padding mask recompiled"
+
+
+def test_flex_compiled_graphs_serve_many_block_shapes():
+    """A dilated pattern makes more block shapes than dynamo's default of 8 compiled graphs per function (past it a
+    fullgraph compile raises FailOnRecompileLimitHit): every shape gets its own graph."""
+    from ds_ring.op import flex
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    g = torch.Generator().manual_seed(2)
+    for n in range(4, 16):  # 12 shapes
+        pos = torch.arange(n)[None]
+        pairs = AllowedPairs(pos, pos, causal=True, window=3)
+        q = torch.randn(1, 2, n, 16, generator=g)
+        flex.forward(q, q, q, pairs, 0.25, compile_backend=capture)
+    assert len(graphs) == 12

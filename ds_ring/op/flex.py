@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 _LN2 = math.log(2.0)
 TILE = 128  # FlexAttention's tile: BlockMask sparsity is decided per TILE x TILE tile
+# Compiled kernels kept per function: one per (block shape, dtype, segment/causal/window facts). A dilated pattern
+# makes a few dozen shapes; past dynamo's default of 8 per function a fullgraph compile raises
+# FailOnRecompileLimitHit (checked on the CPU: tests/test_kernels.py).
+MAX_COMPILED_SHAPES = 128
 
 
 def mask_mod(pairs: "AllowedPairs"):
@@ -134,7 +138,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: "AllowedPa
     bm = block_mask(pairs, q.device, key_padding)
     backend = _backend(q, compile_backend)
     if backend is not None:
-        out, aux = _forward_compiled(backend)(q, k, v, bm, scale)
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+            out, aux = _forward_compiled(backend)(q, k, v, bm, scale)
         return out, aux.lse
     return _forward_eager(q, k, v, bm, scale)
 
@@ -147,5 +152,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     bm = block_mask(pairs, q.device, key_padding)
     lse2 = (lse / _LN2).to(torch.promote_types(q.dtype, torch.float32)).contiguous()
     backend = _backend(q, compile_backend)
-    run = _backward_call if backend is None else _backward_compiled(backend)
-    return run(dout, q, k, v, out, lse2, bm.as_tuple(), scale, _options(q, k, v))
+    args = (dout, q, k, v, out, lse2, bm.as_tuple(), scale, _options(q, k, v))
+    if backend is None:
+        return _backward_call(*args)
+    with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+        return _backward_compiled(backend)(*args)
