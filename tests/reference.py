@@ -47,3 +47,22 @@ def dense_reference(q, k, v, segment_lengths=None, dilation_rates=None, causal=F
     s = s.masked_fill(~allowed, float("-inf")).masked_fill(~row_any, 0.0)
     p = torch.softmax(s, -1) * row_any  # a row with no key outputs 0, with zero gradient
     return p @ v
+
+
+def each_document_alone(q, k, v, dout, document_ids, segment_lengths=None, dilation_rates=None, causal=False,
+                        key_padding_mask=None, window=None):
+    """out, dq, dk, dv (float64, full rows) with each document of each row run alone through the definition: what a
+    packed row must give (segments and dilation classes count from each document's own start)."""
+    outs = [torch.zeros(q.shape, dtype=torch.float64) for _ in range(2)] + [
+        torch.zeros(k.shape, dtype=torch.float64) for _ in range(2)]
+    for b in range(q.shape[0]):
+        for d in document_ids[b].unique().tolist():
+            idx = (document_ids[b] == d).nonzero().flatten()
+            a, e = int(idx[0]), int(idx[-1]) + 1
+            qd, kd, vd = (t[b : b + 1, :, a:e].double().requires_grad_() for t in (q, k, v))
+            ref = dense_reference(qd, kd, vd, segment_lengths, dilation_rates, causal,
+                                  None if key_padding_mask is None else key_padding_mask[b : b + 1, a:e], window)
+            ref.backward(dout[b : b + 1, :, a:e].double())
+            for full, part in zip(outs, (ref, qd.grad, kd.grad, vd.grad)):
+                full[b : b + 1, :, a:e] = part.detach()
+    return outs

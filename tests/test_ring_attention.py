@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from reference import dense_reference
+from reference import dense_reference, each_document_alone
 
 import ds_ring
+from ds_ring.op import kernels
 from ds_ring.op.attention import attend
 from ds_ring.parallel.sharding import shard_sequence
 
@@ -97,7 +98,12 @@ def _inputs(case, B=2, D=8):
     return q, k, v, dout, _padding(case["pad"], B, gen), _documents(case.get("docs"), B, gen)
 
 
-def _run_cases(rank, world, cases, overlap):
+def _run_cases(rank, world, cases, overlap, path=None):
+    with kernels.force_path(path):
+        return _run_cases_on_path(world, cases, overlap)
+
+
+def _run_cases_on_path(world, cases, overlap):
     results = []
     for case in cases:
         q, k, v, dout, kpm, docs = _inputs(case)
@@ -156,14 +162,30 @@ def test_matches_dense_reference(world):
     _check(world, results, cases)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_flex_path_matches_dense_reference(world):
+    """Every block on the FlexAttention path (its eager, unfused form on CPU: about 0.4 s per block backward):
+    forward and gradients. Every case at P=1; at P=2, 3, 4 a third of the cases each, together all of them.
+    ``DS_RING_KERNEL=flex python -m pytest tests/test_ring_attention.py`` runs every case at every P on it."""
+    cases = _cases() if world == 1 else _cases()[world - 2 :: 3]
+    results = run_distributed(_run_cases, world, cases, True, "flex", timeout_s=1200.0)
+    _check(world, results, cases)
+
+
 def test_matches_dense_reference_without_overlap():
     cases = _cases()[::3]
     results = run_distributed(_run_cases, 2, cases, False)
     _check(2, results, cases)
 
 
-def test_single_process_is_sdpa():
+@pytest.mark.parametrize("path", [None, "flex"])
+def test_single_process_is_sdpa(path):
     """segment_lengths=None is exact full attention, identical to torch's SDPA."""
+    with kernels.force_path(path):
+        _single_process_is_sdpa()
+
+
+def _single_process_is_sdpa():
     q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
     for causal in (False, True):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -171,8 +193,14 @@ def test_single_process_is_sdpa():
         assert _rel(out, ref.double()) < 1e-6
 
 
-def test_float64_forward_and_backward():
+@pytest.mark.parametrize("path", [None, "flex"])
+def test_float64_forward_and_backward(path):
     """float64 inputs run the whole path in float64 (a regression: the backward once mixed in float32)."""
+    with kernels.force_path(path):
+        _float64_forward_and_backward()
+
+
+def _float64_forward_and_backward():
     g = torch.Generator().manual_seed(7)
     q, k, v, do = (torch.randn(2, h, 40, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
     kpm = torch.rand(2, 40, generator=g) > 0.3
@@ -187,3 +215,36 @@ def test_float64_forward_and_backward():
         assert out.dtype == torch.float64
         for a, b in ((out, ref), (ql.grad, qd.grad), (kl.grad, kd.grad), (vl.grad, vd.grad)):
             assert _rel(a, b.detach()) < 1e-10
+
+
+# Dilated patterns on packed rows: every document gets exactly what it would get alone (segments and dilation classes
+# counted from its own start), against each document run alone through the float64 definition.
+DOC_PATTERNS = [([8, 16, None], [1, 2, 4]), ([7, 20], [1, 3]), ([12], [8])]
+
+
+def _dilated_document_cases():
+    cases, i = [], 0
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            for (segs, rates), docs in zip(DOC_PATTERNS, ("short", "cross", "aligned")):
+                pad = ["none", "holes", "right"][i % 3]
+                cases.append(dict(layout=layout, causal=causal, segs=segs, rates=rates, pad=pad,
+                                  window=[None, 9][i % 2], Hq=4, Hkv=2, dtype=torch.float32, seed=300 + i, docs=docs))
+                i += 1
+    return cases
+
+
+@pytest.mark.parametrize("world,path", [(1, None), (2, None), (3, None), (4, None), (1, "flex"), (2, "flex")])
+def test_dilated_packed_rows_match_each_document_alone(world, path):
+    """Dilated patterns on packed rows (both layouts, causal or not, padding, windows, GQA) equal each document run
+    alone, forward and gradients; on the CPU kernel and on the Flex path."""
+    cases = _dilated_document_cases()
+    results = run_distributed(_run_cases, world, cases, True, path, timeout_s=1200.0)
+    for ci, case in enumerate(cases):
+        q, k, v, dout, kpm, docs = _inputs(case)
+        alone = each_document_alone(q, k, v, dout, docs, case["segs"], case["rates"], case["causal"], kpm,
+                                    case["window"])
+        for idx, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), alone)):
+            got = _assemble([results[r][ci][idx] for r in range(world)], world, case["layout"])
+            err = _rel(got, want)
+            assert err < 1e-5, f"P={world} case {case} {name}: relative error {err:.2e} against each document alone"

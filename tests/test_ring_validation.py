@@ -71,8 +71,6 @@ def _bad_cases():
         ("documents on one rank only", on_rank1(set_kw(document_ids=torch.zeros(B, L, dtype=torch.long))),
          "has document_ids differs"),
         ("document ids decrease", docs(torch.arange(L).flip(0).expand(B, -1)), "decrease"),
-        ("documents with a dilated pattern", docs(torch.zeros(B, L, dtype=torch.long), segment_lengths=[8],
-                                                  dilation_rates=[2]), "dilated pattern"),
     ]
 
 

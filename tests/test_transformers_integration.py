@@ -547,11 +547,19 @@ def test_models_with_non_attention_mixers_are_refused():
         assert model.config._attn_implementation != "ring_dilated"
 
 
-def test_dilated_pattern_with_packed_rows_is_refused():
-    model = ds_ring.patch(build("llama", 0), segment_lengths=[8, 16], dilation_rates=[1, 2])
-    batch, _ = packed([9, 5, 12, 4], seed=3)
-    with pytest.raises(ValueError, match="dilated pattern"):
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+def test_dilated_pattern_on_packed_rows_equals_each_document_alone():
+    """A dilated pattern on a row packed by DataCollatorWithFlattening: segments and dilation classes count from
+    each document's start, so every document gets the logits and gradients the same patched model gives it alone."""
+    model = ds_ring.patch(build("llama", 0).train(), segment_lengths=[8, 16], dilation_rates=[1, 2])
+    batch, docs = packed([9, 5, 12, 4], seed=3)
+    ref_logits, ref_grads = documents_alone(model, docs)
+    model.zero_grad()
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    r = compare((ref_logits[None], None, ref_grads), (out.logits.detach(), None, grads),
+                torch.ones(1, ref_logits.shape[0]), loss=False)
+    assert max(r.values()) < TOL, r
 
 
 def test_shard_batch_reads_packing_like_transformers():

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from reference import dense_reference
+from reference import dense_reference, each_document_alone
 
 import ds_ring
 from ds_ring.op.layouts import get_layout
@@ -23,7 +23,7 @@ def _cases():
     for layout in ("contiguous", "zigzag"):
         for causal in (False, True):
             for hkv, extra in ((2, dict(pad=True)), (1, dict(docs=True)), (2, dict(segs=[8, 16], rates=[1, 2])),
-                               (1, dict(window=9, pad=True))):
+                               (1, dict(window=9, pad=True)), (2, dict(docs=True, segs=[8, 16], rates=[1, 2]))):
                 cases.append(dict(layout=layout, causal=causal, Hq=4, Hkv=hkv, seed=i, **extra))
                 i += 1
     return cases
@@ -96,11 +96,16 @@ def results():
 def test_matches_dense_reference(results, u):
     for ci, case in enumerate(_cases()):
         q, k, v, dout, kpm, docs = _inputs(case)
-        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-        ref = dense_reference(qd, kd, vd, case.get("segs"), case.get("rates"), case["causal"], kpm,
-                              case.get("window"), document_ids=docs)
-        ref.backward(dout.double())
-        for i, (name, want) in enumerate((("out", ref), ("dq", qd.grad), ("dk", kd.grad), ("dv", vd.grad))):
+        # each document alone: with a dilated pattern, segments and offsets count from each document's start
+        want_all = each_document_alone(q, k, v, dout, docs, case.get("segs"), case.get("rates"), case["causal"], kpm,
+                                       case.get("window")) if docs is not None else None
+        if docs is None:
+            qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+            ref = dense_reference(qd, kd, vd, case.get("segs"), case.get("rates"), case["causal"], kpm,
+                                  case.get("window"))
+            ref.backward(dout.double())
+            want_all = [ref, qd.grad, kd.grad, vd.grad]
+        for i, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), want_all)):
             got = torch.zeros_like(want)
             for rank in range(WORLD):
                 tensors, pos, _ = results[rank][(u, ci)]

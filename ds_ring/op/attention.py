@@ -74,10 +74,6 @@ def _local_errors(q, k, v, kpm, lay: Layout, world: int, u: int, document_ids, p
         if M != L:
             errs.append(f"document_ids with {M} queries for {L} keys (decoding with a cache) is not supported: run "
                         "the packed rows without a cache")
-        if pattern.has_segments:
-            errs.append("document_ids with a dilated pattern (segment_lengths/dilation_rates) is not supported: "
-                        "segments would have to count from each document's start; use the dense pattern (None, "
-                        "None), with causal and window as needed")
     return errs
 
 
@@ -144,7 +140,8 @@ def ring_dilated_attention(
     document_ids: (B, L) integers, this rank's shard of GLOBAL document ids, non-decreasing along the row (one run
     per document; ``ds_ring.shard_batch`` numbers them): a query and a key interact only inside one document, so a
     packed row gives every document the result it would get alone. Chunk pairs that share no document cost neither
-    compute nor traffic. Dense pattern only (with causal, window and padding).
+    compute nor traffic. Any pattern, causal, window and padding: segments and dilation classes count from each
+    document's own start.
     ulysses_group: two-dimensional sequence parallelism (see ds_ring.op.ulysses): the u ranks of this rank's ring
     position; ``group`` is then the ring across positions and ``layout`` cuts the sequence over ring positions (the
     grid layout: ``ds_ring.get_layout(layout, ulysses_size=u)``). An all-to-all gives each rank its ring position's
@@ -224,10 +221,9 @@ def _ring(q, k, v, kpm, pattern: Pattern, lay: Layout, facts: RingFacts, rank: i
           head_base: int = 0) -> torch.Tensor:
     """The ring over ``group`` on agreed, validated shards: the schedule, then the engine."""
     if facts.documents is not None:
-        if pattern.has_segments:  # documents reached the call through the facts (the HF integration)
-            raise ValueError(f"{_WHO}: packed documents with a dilated pattern are not supported: segments would "
-                             "have to count from each document's start; use the dense pattern")
-        schedule = facts.documents.schedule(pattern, lay, k.shape[2], rank, q.shape[0], q.device)
+        # segments and dilation classes count from each document's start (documents.DocumentPieces)
+        schedule = facts.documents.schedule(pattern, lay, k.shape[2], rank, q.shape[0], q.device, q.shape[1],
+                                            head_base)
     else:
         source = pattern.pieces(lay, k.shape[2], facts.world_size, q.shape[1], q_len=q.shape[2],
                                 head_base=head_base)

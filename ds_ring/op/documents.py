@@ -11,19 +11,22 @@ between chunks exactly:
 
 They travel in the ring's agreement (see agreement.py). From them every rank derives, identically, the pieces of
 work (``DocumentPieces``, a source of pieces for schedule.py): per rank pair and batch row, the (query run x key
-run) sub-blocks that share a document, as contiguous row ranges (views, no per-element mask); the schedule then
+run) sub-blocks that share a document, as contiguous row ranges (views, no per-element mask; under a dilated
+pattern, each block's pieces per pair and offset class, counted from the document's start); the schedule then
 skips steps with no work (no compute) and sends no rank needs (no traffic). A chunk's own runs, needed only for its
 diagonal blocks, are read on the owning rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from .layouts import Layout
-from .pattern import Pattern
+from .pattern import Pattern, class_pieces
 from .schedule import Piece, Schedule, build_schedule, make_piece
 
 Bound = tuple[int, int, int, int]  # first id, last id, first run length, last run length
@@ -85,33 +88,59 @@ class Documents:
                                 f"document (ds_ring.shard_batch numbers them)")
         return errs[:3]
 
-    def schedule(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device) -> Schedule:
-        """This rank's schedule under the documents (dense pattern, with its causal flag and window); built once per
-        forward (every layer reuses it)."""
-        key = (pattern, lay, local_len, rank, batch, str(device))
+    def schedule(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device,
+                 num_heads: int = 1, head_base: int = 0) -> Schedule:
+        """This rank's schedule under the documents and ``pattern`` (segments and dilation count from each
+        document's start); built once per forward (every layer reuses it). ``num_heads``/``head_base``: the local
+        query heads and the global index of the first (dilation offsets count global heads)."""
+        key = (pattern, lay, local_len, rank, batch, str(device), num_heads, head_base)
         if key not in self._schedules:
-            self._schedules[key] = build_schedule(DocumentPieces(self, pattern, lay, local_len, batch), rank, device)
+            source = DocumentPieces(self, pattern, lay, local_len, batch, num_heads, head_base)
+            self._schedules[key] = build_schedule(source, rank, device)
         return self._schedules[key]
 
 
 @dataclass(frozen=True, eq=False)
 class DocumentPieces:
     """The pieces of packed rows (a source of pieces, see schedule.py): per batch row, the (query run x key run)
-    blocks that share a document, under the dense ``pattern``'s causal flag and window."""
+    blocks that share a document, under ``pattern`` with its segments and dilation counted from the document's own
+    start, so every document gets exactly what it would get alone."""
 
     docs: Documents
     pattern: Pattern
     layout: Layout
     local_len: int
     batch: int
+    num_heads: int = 1
+    head_base: int = 0
 
     @property
     def world_size(self) -> int:
         return len(self.docs.bounds)
 
+    @functools.cached_property
+    def _run_starts(self) -> dict:
+        """(rank, chunk, batch row) -> global start of the document of the chunk's (first run, last run), from the
+        bounds alone (identical on every rank): a first run that continues the previous chunk's last document
+        starts where that one started."""
+        lay, world, n = self.layout, self.world_size, self.local_len // self.layout.chunks_per_rank
+        at = sorted((lay.ranges(self.local_len, world, r)[c][0], r, c) for r in range(world)
+                    for c in range(lay.chunks_per_rank))
+        starts = {}
+        for b in range(self.batch):
+            prev, prev_last = None, 0
+            for g0, r, c in at:
+                first_id, last_id, _, last_len = self.docs.bounds[r][c][b]
+                first = prev_last if prev is not None and prev == first_id else g0
+                last = first if first_id == last_id else g0 + n - last_len
+                starts[r, c, b] = (first, last)
+                prev, prev_last = last_id, last
+        return starts
+
     def _blocks(self, dst: int, src: int, b: int):
-        """(query rows, key rows) local ranges of rank ``dst``'s queries x rank ``src``'s keys that share a
-        document, batch row ``b``. A chunk with itself: its runs; two chunks: at most one shared document."""
+        """(query rows, key rows, document start) of rank ``dst``'s queries x rank ``src``'s keys that share a
+        document, batch row ``b``: local row ranges and the document's first global position. A chunk with itself:
+        its runs; two chunks: at most one shared document."""
         docs, lay, C = self.docs, self.layout, self.layout.chunks_per_rank
         n = self.local_len // C
         q_starts = [a for a, _ in lay.ranges(self.local_len, self.world_size, dst)]
@@ -120,28 +149,40 @@ class DocumentPieces:
             for ki in range(C):
                 if dst == src and qi == ki:
                     for a, e in docs.runs[qi][b]:
-                        yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e)
+                        start = self._run_starts[dst, qi, b][0] if a == 0 else q_starts[qi] + a
+                        yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e), start
                     continue
                 q, k = docs.bounds[dst][qi][b], docs.bounds[src][ki][b]
                 if k_starts[ki] < q_starts[qi]:  # keys before queries: the keys' last run, the queries' first
                     if k[1] == q[0]:
-                        yield (qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n)
+                        yield ((qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n),
+                               self._run_starts[src, ki, b][1])
                 elif q[1] == k[0]:  # keys after queries: the queries' last run, the keys' first
-                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2])
+                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2]), self._run_starts[dst, qi, b][1]
 
     def pieces(self, dst: int, src: int) -> tuple[Piece, ...]:
         pattern, world = self.pattern, self.world_size
         q_pos, k_pos = (self.layout.positions(self.local_len, world, r) for r in (dst, src))
         out = []
         for b in range(self.batch):
-            for (q0, q1), (k0, k1) in self._blocks(dst, src, b):
+            for (q0, q1), (k0, k1), start in self._blocks(dst, src, b):
                 qp, kp = q_pos[q0:q1], k_pos[k0:k1]
                 first_q, last_q, first_k, last_k = int(qp[0]), int(qp[-1]), int(kp[0]), int(kp[-1])  # host tensors
                 if (pattern.causal and first_k > last_q
                         or pattern.window is not None and first_q - last_k >= pattern.window):
                     continue  # no allowed pair (positions increase inside a run)
-                out.append(make_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None, pattern.causal,
-                                      pattern.window, b))
+                if not pattern.has_segments:  # the whole block: two runs, read as views
+                    out.append(make_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None,
+                                          pattern.causal, pattern.window, b))
+                    continue
+                # positions from the document's start: its segments and dilation classes are its own
+                qr, kr = qp - start, kp - start
+                for pc in class_pieces(pattern, qr, kr, [(first_q - start, last_q - start + 1)],
+                                       [(first_k - start, last_k - start + 1)], self.num_heads, self.head_base,
+                                       self.local_len * world):
+                    q_idx = torch.arange(q1 - q0) if pc.q_idx is None else pc.q_idx
+                    k_idx = torch.arange(k1 - k0) if pc.k_idx is None else pc.k_idx
+                    out.append(dataclasses.replace(pc, q_idx=q_idx + q0, k_idx=k_idx + k0, batch=b))
         return tuple(out)
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .agreement import RingFacts
 from .comm import RingComm
-from .kernels import BlockMask, block_backward, block_forward
+from .kernels import AllowedPairs, block_backward, block_forward
 from .schedule import Piece, Schedule, Step
 
 
@@ -80,11 +80,18 @@ def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
     return _select(_batch(t, piece)[:, piece.head_start :: piece.head_step], 2, piece.q_idx)
 
 
-def _piece_mask(piece: Piece, kpm: torch.Tensor | None) -> BlockMask:
-    """What the kernel masks in one piece's block: positions (causal, window, segments) and its keys' padding."""
-    if kpm is not None and piece.groups > 1:
-        kpm = kpm.reshape(kpm.shape[0] * piece.groups, -1)
-    return BlockMask(piece.q_pos, piece.k_pos, piece.seg, piece.causal, piece.window, piece.causal_diag, kpm)
+def _allowed_pairs(piece: Piece) -> AllowedPairs:
+    """What the kernel masks in one piece's block (positions: causal, window, segments), made once and kept with the
+    piece (so with the schedule), with what kernels derive from it (the Flex BlockMask)."""
+    if "pairs" not in piece.kernel_cache:
+        piece.kernel_cache["pairs"] = AllowedPairs(piece.q_pos, piece.k_pos, piece.seg, piece.causal, piece.window,
+                                                   piece.causal_diag)
+    return piece.kernel_cache["pairs"]
+
+
+def _fold_padding(kpm: torch.Tensor | None, G: int) -> torch.Tensor | None:
+    """(B, G * n) -> (B * G, n), as ``_fold`` batches the segment blocks."""
+    return kpm if kpm is None or G == 1 else kpm.reshape(kpm.shape[0] * G, -1)
 
 
 def _fold(t: torch.Tensor, G: int) -> torch.Tensor:
@@ -189,8 +196,8 @@ def _forward_pieces(pieces, q, k, v, kpm, acc: _Softmax, scale):
     for piece in pieces:
         kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
         G = piece.groups
-        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G),
-                                     _piece_mask(piece, kpm_p), scale)
+        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G), _allowed_pairs(piece),
+                                     scale, _fold_padding(kpm_p, G))
         acc.add(piece, _unfold(out_b, G), _unfold(lse_b, G))
 
 
@@ -201,7 +208,7 @@ def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _RunningSum, dk: 
         G = piece.groups
         grads = block_backward(
             *(_fold(t, G) for t in (_rows(dout, piece), _rows(q, piece), kp, vp, _rows(out, piece), _rows(lse, piece))),
-            _piece_mask(piece, kpm_p), scale,
+            _allowed_pairs(piece), scale, _fold_padding(kpm_p, G),
         )
         dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
         dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx, piece.batch)

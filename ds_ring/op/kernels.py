@@ -4,27 +4,40 @@ Forward returns ``out`` (B, H, M, D) in the input dtype and ``lse`` (B, H, M) in
 online softmax. Backward takes the FINAL out and lse of the rows (after all blocks were merged): then each block's
 dq/dk/dv are exact partial sums and blocks add up. A row with no allowed key in a block gets lse = -inf and out = 0.
 
-Masks are built from global positions (segment, causal, window) and the key-padding mask, tile by tile over query
-rows, so no (M x N) mask is materialised for large blocks. Blocks with no row/column constraint pass no mask or a
-broadcast (B, 1, 1, N) padding mask; the causal diagonal block uses the kernel's own causal flag.
+Which kernel serves a block is decided in one place, ``block_path`` (its docstring holds the table). The CPU and
+memory-efficient paths build masks from global positions (segment, causal, window) and the key-padding mask, tile
+by tile over query rows, so no (M x N) mask is materialised for large blocks; blocks with no row/column constraint
+pass no mask or a broadcast (B, 1, 1, N) padding mask, and the causal diagonal block uses the kernel's causal flag.
+The Flex path (flex.py) turns the same facts into one mask_mod and a cached BlockMask.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+from dataclasses import dataclass, field
 
 import torch
+
+from . import flex
 
 # Elements of the float mask built per query tile (B x Mt x N); bounds the kernel's extra memory.
 MASK_TILE_ELEMENTS = 1 << 22
 
+# Force one block path for every block (tests, benchmarks): "flex", or "auto" / unset for ``block_path``'s table.
+FORCE_ENV = "DS_RING_KERNEL"
+_forced: str | None = None
+PATHS = ("cpu", "flash", "efficient", "flex")
 
-@dataclass(frozen=True)
-class BlockMask:
-    """Which (query, key) pairs of a block may interact.
+
+@dataclass(frozen=True, eq=False)
+class AllowedPairs:
+    """Which (query, key) pairs of a block may interact, from the plan alone (the key-padding mask is per call and
+    passed beside it). Made once per piece of a plan and kept with it; ``cache`` holds what kernels derive from it
+    once (the Flex BlockMask).
 
     The block may be G blocks batched along the batch dimension (index b * G + g): positions are global, shape
-    (G, M) and (G, N); ``key_padding`` is (B * G, N) bool, True = real token.
+    (G, M) and (G, N).
     """
 
     q_pos: torch.Tensor
@@ -33,14 +46,14 @@ class BlockMask:
     causal: bool = False  # k_pos <= q_pos
     window: int | None = None  # q_pos - k_pos < window
     causal_diag: bool = False  # q_pos == k_pos and sorted: the kernel's top-left causal flag is exact
-    key_padding: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def has_rowcol(self) -> bool:
         return self.seg is not None or self.window is not None or (self.causal and not self.causal_diag)
 
-    def allowed(self, rows: slice, batch: int) -> torch.Tensor:
-        """(batch or 1, 1, Mt, N) bool for query rows ``rows``; ``batch`` = B * G."""
+    def allowed(self, rows: slice, batch: int, key_padding: torch.Tensor | None) -> torch.Tensor:
+        """(batch or 1, 1, Mt, N) bool for query rows ``rows``; ``batch`` = B * G; ``key_padding`` (B * G, N)."""
         qp, kp = self.q_pos[:, rows, None], self.k_pos[:, None, :]
         ok = torch.ones(qp.shape[0], qp.shape[1], kp.shape[2], dtype=torch.bool, device=qp.device)
         if self.seg is not None:
@@ -50,30 +63,93 @@ class BlockMask:
         if self.window is not None:
             ok &= (qp - kp) < self.window
         G = ok.shape[0]
-        if G == 1 and self.key_padding is None:
+        if G == 1 and key_padding is None:
             return ok[:, None]
         ok = ok.expand(batch // G, *ok.shape).reshape(batch, 1, *ok.shape[1:])
-        return ok if self.key_padding is None else ok & self.key_padding[:, None, None, :]
+        return ok if key_padding is None else ok & key_padding[:, None, None, :]
 
     def tile_rows(self, batch: int) -> int:
         return max(16, MASK_TILE_ELEMENTS // max(self.k_pos.shape[1] * batch, 1))
+
+
+@contextlib.contextmanager
+def force_path(path: str | None):
+    """Run every block on ``path`` ("flex"; None = the table) inside the block, in this process."""
+    global _forced
+    if path is not None and path not in PATHS:
+        raise ValueError(f"force_path: unknown block path {path!r}: use one of {PATHS} or None")
+    old, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def forced_path() -> str | None:
+    """The forced path: ``force_path`` in this process, else the environment variable DS_RING_KERNEL."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get(FORCE_ENV, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in PATHS:
+        raise ValueError(f"{FORCE_ENV}={env!r} is not a block path: use one of {PATHS} or auto")
+    return env
+
+
+# Head dims FlexAttention's CUDA kernels are generated for here (checked by benchmarks/gpu_check.py).
+_FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor | None) -> str:
+    """Which kernel serves one block: the single place where the choice is made.
+
+    ==========  =====================  ==========================================================  ============
+    device      dtype                  block                                                       path
+    ==========  =====================  ==========================================================  ============
+    CPU         any                    any (masks tiled over query rows)                           ``cpu``
+    CUDA        fp16 / bf16, D % 8 = 0  dense or causal diagonal, no key padding                   ``flash``
+    CUDA        fp16 / bf16 / fp32,    anything else: key padding, segment, window, causal         ``flex``
+                D in 16..256 (2^k)     off-diagonal (documents and dilation classes are pieces)
+    CUDA        fp64, other D          anything flash does not take                                ``efficient``
+    any         any                    ``DS_RING_KERNEL=flex`` or ``force_path("flex")``           ``flex``
+    ==========  =====================  ==========================================================  ============
+
+    ``cpu``: aten's CPU flash kernel with an additive mask. ``flash``: PyTorch's CUDA flash kernel (1.00-1.03x SDPA
+    flash on an H100). ``efficient``: the memory-efficient kernel with a materialised additive bias (2.5x the flash
+    kernel for padded rows on an H100, hence Flex where it can). ``flex``: FlexAttention with the block's mask_mod
+    and a BlockMask cached with the plan (flex.py); eager and unfused on CPU (tests). The CUDA rows follow
+    benchmarks/gpu_check.py, which times each path.
+    """
+    forced = forced_path()
+    if forced is not None:
+        return forced
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type != "cuda":
+        raise NotImplementedError(f"ds_ring has no block kernel for device {q.device.type!r}: use CPU or CUDA")
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if half and q.shape[-1] % 8 == 0 and key_padding is None and not pairs.has_rowcol:
+        return "flash"
+    if q.dtype != torch.float64 and q.shape[-1] in _FLEX_HEAD_DIMS:
+        return "flex"
+    return "efficient"
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _simple_mask(mask: BlockMask, dtype: torch.dtype, num_rows: int):
+def _simple_mask(causal_diag: bool, kp: torch.Tensor | None, dtype: torch.dtype, num_rows: int):
     """For blocks without row/column constraints: (additive mask or None, is_causal, row_has_key or None)."""
-    kp = mask.key_padding
     if kp is None:
-        return None, mask.causal_diag, None
+        return None, causal_diag, None
     add = _additive(kp[:, None, None, :], dtype)
-    if mask.causal_diag:  # row i sees keys 0..i: it has one iff a real key is among them
+    if causal_diag:  # row i sees keys 0..i: it has one iff a real key is among them
         row_any = (kp.cumsum(-1) > 0)[:, None, :]
     else:
         row_any = kp.any(-1)[:, None, None].expand(-1, 1, num_rows)
-    return add, mask.causal_diag, row_any
+    return add, causal_diag, row_any
 
 
 def _fix_empty_rows(out, lse, row_any):
@@ -83,32 +159,26 @@ def _fix_empty_rows(out, lse, row_any):
     return out.masked_fill(~row_any[..., None], 0.0), lse
 
 
-def _fwd(q, k, v, attn_mask, is_causal, scale):
-    if q.device.type == "cuda":
-        return _cuda_fwd(q, k, v, attn_mask, is_causal, scale)
-    if q.device.type != "cpu":
-        raise NotImplementedError(f"ds_ring has no block kernel for device {q.device.type!r}: use CPU or CUDA")
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
-    )
+def _fwd(path, q, k, v, attn_mask, is_causal, scale):
+    if path == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )
+    return _cuda_fwd(path, q, k, v, attn_mask, is_causal, scale)
 
 
-def _bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
-    if q.device.type == "cuda":
-        return _cuda_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale)
-    lse = lse.to(torch.promote_types(q.dtype, torch.float32))  # the CPU kernel's lse is fp64 for fp64 inputs
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
-    )
+def _bwd(path, dout, q, k, v, out, lse, attn_mask, is_causal, scale):
+    if path == "cpu":
+        lse = lse.to(torch.promote_types(q.dtype, torch.float32))  # the CPU kernel's lse is fp64 for fp64 inputs
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )
+    return _cuda_bwd(path, dout, q, k, v, out, lse, attn_mask, is_causal, scale)
 
 
 # CUDA: PyTorch's flash kernel (fp16/bf16, no mask) or its memory-efficient kernel (any float dtype, additive bias).
 # Both return the log-sum-exp and take the final out/lse in backward. Neither groups query heads, so K/V are expanded
 # here, after communication (they travel with Hkv heads).
-
-
-def _use_flash(q, attn_mask) -> bool:
-    return attn_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
 
 
 def _expand_kv(q, k, v):
@@ -126,9 +196,9 @@ def _cuda_bias(attn_mask, q, k):
     return padded[..., :n].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def _cuda_fwd(q, k, v, attn_mask, is_causal, scale):
+def _cuda_fwd(path, q, k, v, attn_mask, is_causal, scale):
     k, v = _expand_kv(q, k, v)
-    if _use_flash(q, attn_mask):
+    if path == "flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
         return out, lse
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -137,10 +207,10 @@ def _cuda_fwd(q, k, v, attn_mask, is_causal, scale):
     return out, lse[..., : q.shape[2]]
 
 
-def _cuda_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
+def _cuda_bwd(path, dout, q, k, v, out, lse, attn_mask, is_causal, scale):
     hkv = k.shape[1]
     k, v = _expand_kv(q, k, v)
-    if _use_flash(q, attn_mask):
+    if path == "flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, is_causal, None, None,
             scale=scale,
@@ -163,23 +233,28 @@ def _cuda_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
 
 
 def block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: AllowedPairs, scale: float,
+    key_padding: torch.Tensor | None = None, path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B', Hq, M, D), k/v (B', Hkv, N, D) with Hq % Hkv == 0 -> out (B', Hq, M, D), lse (B', Hq, M) fp32.
 
-    B' = B * G when the mask batches G segment blocks.
+    B' = B * G when ``pairs`` batches G segment blocks; ``key_padding`` (B', N) bool, True = real token.
+    ``path``: the block path (``block_path`` decides when None).
     """
+    path = path or block_path(q, pairs, key_padding)
+    if path == "flex":
+        return flex.forward(q, k, v, pairs, scale, key_padding)
     M = q.shape[2]
-    if not mask.has_rowcol:
-        add, is_causal, row_any = _simple_mask(mask, q.dtype, M)
-        out, lse = _fwd(q, k, v, add, is_causal, scale)
+    if not pairs.has_rowcol:
+        add, is_causal, row_any = _simple_mask(pairs.causal_diag, key_padding, q.dtype, M)
+        out, lse = _fwd(path, q, k, v, add, is_causal, scale)
         return _fix_empty_rows(out, lse, row_any)
     outs, lses = [], []
-    t = mask.tile_rows(q.shape[0])
+    t = pairs.tile_rows(q.shape[0])
     for i in range(0, M, t):
         rows = slice(i, min(i + t, M))
-        allowed = mask.allowed(rows, q.shape[0])
-        out, lse = _fwd(q[:, :, rows], k, v, _additive(allowed, q.dtype), False, scale)
+        allowed = pairs.allowed(rows, q.shape[0], key_padding)
+        out, lse = _fwd(path, q[:, :, rows], k, v, _additive(allowed, q.dtype), False, scale)
         out, lse = _fix_empty_rows(out, lse, allowed.any(-1))
         outs.append(out)
         lses.append(lse)
@@ -188,23 +263,26 @@ def block_forward(
 
 def block_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask: BlockMask, scale: float,
+    pairs: AllowedPairs, scale: float, key_padding: torch.Tensor | None = None, path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial gradients of one block given the rows' final ``out`` and ``lse`` (fp32, finite).
 
     Returns dq (B, Hq, M, D) and dk/dv (B, Hkv, N, D), in the input dtype (dk/dv in fp32 when tiled).
     """
+    path = path or block_path(q, pairs, key_padding)
+    if path == "flex":
+        return flex.backward(dout, q, k, v, out, lse, pairs, scale, key_padding)
     M = q.shape[2]
-    if not mask.has_rowcol:
-        add, is_causal, _ = _simple_mask(mask, q.dtype, M)
-        return _bwd(dout, q, k, v, out, lse, add, is_causal, scale)
-    t = mask.tile_rows(q.shape[0])
+    if not pairs.has_rowcol:
+        add, is_causal, _ = _simple_mask(pairs.causal_diag, key_padding, q.dtype, M)
+        return _bwd(path, dout, q, k, v, out, lse, add, is_causal, scale)
+    t = pairs.tile_rows(q.shape[0])
     dqs, dk, dv = [], None, None
     for i in range(0, M, t):
         rows = slice(i, min(i + t, M))
-        add = _additive(mask.allowed(rows, q.shape[0]), q.dtype)
-        dq_t, dk_t, dv_t = _bwd(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], add, False,
-                                scale)
+        add = _additive(pairs.allowed(rows, q.shape[0], key_padding), q.dtype)
+        dq_t, dk_t, dv_t = _bwd(path, dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], add,
+                                False, scale)
         dqs.append(dq_t)
         acc = torch.promote_types(dk_t.dtype, torch.float32)
         dk = dk_t.to(acc) if dk is None else dk.add_(dk_t)

@@ -149,6 +149,28 @@ def _segment_pieces(start, o, r, w, qsel, ksel, pos_q, pos_k, pattern: Pattern) 
     return out
 
 
+def class_pieces(pattern: Pattern, q_pos: torch.Tensor, k_pos: torch.Tensor, q_ranges, k_ranges, num_heads: int,
+                 head_base: int, seq_len: int) -> list[Piece]:
+    """The pieces of queries at ``q_pos`` against keys at ``k_pos`` (positions, host tensors; the other side's
+    positions as [a, b) ranges): per pair and offset class, the selected rows with a partner on the other side.
+    Rows are indices into ``q_pos`` / ``k_pos`` (None = all). Positions count from the origin of the segments: the
+    sequence's start, or a packed document's (documents.py)."""
+    out = []
+    for w, r in pattern.pairs(seq_len):
+        for o in range(r):  # offset class o holds the GLOBAL heads h with h % r == o
+            start = (o - head_base) % r  # its first local head (local head i is global head head_base + i)
+            if start >= num_heads:
+                continue
+            qsel = _selected(q_pos, w, r, o) & _rows_with_partner(q_pos, k_ranges, w, r, o, pattern.causal,
+                                                                  pattern.window, True)
+            if not bool(qsel.any()):
+                continue
+            ksel = _selected(k_pos, w, r, o) & _rows_with_partner(k_pos, q_ranges, w, r, o, pattern.causal,
+                                                                  pattern.window, False)
+            out += _segment_pieces(start, o, r, w, qsel, ksel, q_pos, k_pos, pattern)
+    return out
+
+
 @dataclass(frozen=True)
 class PatternPieces:
     """The pieces of ``pattern`` on a ring of ``world_size`` ranks cut by ``layout``, shards of ``local_len`` keys and
@@ -184,21 +206,6 @@ class PatternPieces:
     def pieces(self, dst: int, src: int) -> tuple[Piece, ...]:
         """Rank ``dst``'s pieces against rank ``src``'s keys: per pair and offset class, the selected rows with a
         partner on the other side."""
-        pattern, head_base = self.pattern, self.head_base
         k_ranges, q_ranges, k_pos, q_pos = self._ranges
-        out = []
-        for w, r in pattern.pairs(self.local_len * self.world_size):
-            for o in range(r):  # offset class o holds the GLOBAL heads h with h % r == o
-                start = (o - head_base) % r  # its first local head (local head i is global head head_base + i)
-                if start >= self.num_heads:
-                    continue
-                qsel = _selected(q_pos[dst], w, r, o) & _rows_with_partner(
-                    q_pos[dst], k_ranges[src], w, r, o, pattern.causal, pattern.window, True
-                )
-                if not bool(qsel.any()):
-                    continue
-                ksel = _selected(k_pos[src], w, r, o) & _rows_with_partner(
-                    k_pos[src], q_ranges[dst], w, r, o, pattern.causal, pattern.window, False
-                )
-                out += _segment_pieces(start, o, r, w, qsel, ksel, q_pos[dst], k_pos[src], pattern)
-        return tuple(out)
+        return tuple(class_pieces(self.pattern, q_pos[dst], k_pos[src], q_ranges[dst], k_ranges[src], self.num_heads,
+                                  self.head_base, self.local_len * self.world_size))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -31,6 +31,8 @@ class Piece:
     for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
     length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
     own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
+    ``kernel_cache``: what the kernels derive from the piece once (its AllowedPairs, the Flex BlockMask): kept with
+    the schedule, never rebuilt per call; a replaced piece starts empty.
     """
 
     head_start: int
@@ -45,6 +47,7 @@ class Piece:
     causal_diag: bool
     groups: int = 1
     batch: int | None = None
+    kernel_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
@@ -88,12 +91,12 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
         every_row = piece.q_idx is None and bool(whole.all())
         out.append(make_piece(*args, None if every_row else q_idx[whole].reshape(-1),
                           (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
-                          piece.causal, piece.window))
+                          piece.causal, piece.window, piece.batch))
     for g in cut.nonzero().flatten().tolist():
         keep = inside[g]
         q_rows = None if piece.q_idx is None and G == 1 else q_idx[g]
         out.append(make_piece(*args, q_rows, k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
-                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window))
+                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window, piece.batch))
     return out
 
 
