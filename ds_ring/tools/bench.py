@@ -17,7 +17,7 @@ SCRIPTS = ("bench_kernel", "bench_dilated", "bench_ring", "bench_memory", "bench
 
 
 def bench_dir() -> Path:
-    d = Path(__file__).resolve().parent.parent / "benchmarks"
+    d = Path(__file__).resolve().parents[2] / "benchmarks"  # ds_ring/tools/bench.py -> the checkout
     if not (d / "bench_kernel.py").is_file():
         raise SystemExit(
             f"ds-ring bench: the benchmark scripts are not next to the package ({d} is missing): run it from a source "
