@@ -58,6 +58,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def quick_sizes(args, **sizes) -> bool:
+    """``--quick``: the smoke run CI makes of every script (tests/test_bench.py), so sizes are tiny and nothing is
+    repeated: one timed run, no warm-up, and ``sizes`` (argument name -> value) set on ``args``. Its timings say
+    nothing; it checks that the script runs end to end and shows the table layout. Returns ``args.quick``."""
+    if args.quick:
+        args.repeat, args.warmup = 1, 0
+        for name, value in sizes.items():
+            setattr(args, name, value)
+    return args.quick
+
+
 def dtype_of(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 

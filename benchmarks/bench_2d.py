@@ -97,8 +97,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     args = p.parse_args()
-    if args.quick:
-        args.seq_lens, args.repeat, args.warmup = [512], 2, 1
+    C.quick_sizes(args, seq_lens=[128])
     cfg = dict(seq_lens=args.seq_lens, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                warmup=args.warmup, repeat=args.repeat)
     res = C.run_ranks(_job, 4, cfg, threads=args.threads)

@@ -28,8 +28,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.set_defaults(repeat=7)
     args = p.parse_args()
-    if args.quick:
-        args.rows, args.total, args.repeat = [256, 512], 2048, 2
+    C.quick_sizes(args, rows=[64, 128], total=256)
     torch.set_num_threads(args.threads)
     H, D = args.heads, args.head_dim
     rows, table = [], []

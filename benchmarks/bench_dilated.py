@@ -123,8 +123,7 @@ def main():
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
-    if args.quick:
-        args.seq_lens, args.repeat, args.warmup = [1024], 1, 1
+    C.quick_sizes(args, seq_lens=[256])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = C.dtype_of(args.dtype)

@@ -77,8 +77,7 @@ def main():
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
-    if args.quick:
-        args.seq_lens, args.head_dims, args.repeat, args.warmup = [512, 1024], [64], 2, 1
+    C.quick_sizes(args, seq_lens=[128], head_dims=[16])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = C.dtype_of(args.dtype)

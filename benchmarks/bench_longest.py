@@ -478,11 +478,10 @@ def main():
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
                    "ds_ring long": [8192, 16384], "ALST": [8192, 16384]}
-    if args.quick:
-        cfg.update(vocab=4096, hidden=128, intermediate=352, cap_bytes=96 * 2**20, grid=256, max_runs=2,
-                   time_seq_lens=[1024], repeat=1)
-        calibration = {n: [512, 1024] for n in NAMES}
-        args.planner_check = ""
+    if C.quick_sizes(args, planner_check=""):  # every candidate measured at one length, no search
+        cfg.update(vocab=512, hidden=64, intermediate=176, layers=1, cap_bytes=96 * 2**20, grid=128, max_runs=0,
+                   warmup_seq_lens=[128], time_seq_lens=[256], warmup=0, repeat=1)
+        calibration = {n: [256] for n in NAMES}
     if args.gpu:
         if not torch.cuda.is_available():
             p.error("--gpu needs a CUDA device")
@@ -534,7 +533,7 @@ def main():
     if cfg["time_seq_lens"] and time_names:
         print(f"\nstep time, interleaved: {time_names} at S={cfg['time_seq_lens']}", flush=True)
         timing = C.run_ranks(time_worker, world, (cfg, tuple(time_names)), threads=args.threads, timeout_s=RUN_TIMEOUT_S)[0]
-    exact = None if args.gpu or args.at else exactness(cfg, 4096 if not args.quick else 512, args.threads)
+    exact = None if args.gpu or args.at else exactness(cfg, 4096 if not args.quick else 256, args.threads)
     elapsed = time.perf_counter() - t_start
 
     # ----- tables

@@ -112,8 +112,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--traffic-seq-len", type=int, default=8192)
     args = p.parse_args()
-    if args.quick:
-        args.seq_lens, args.repeat, args.warmup, args.traffic_seq_len = [1024], 2, 1, 1024
+    C.quick_sizes(args, seq_lens=[256], traffic_seq_len=256)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = time_rows(args, C.dtype_of(args.dtype))

@@ -102,8 +102,7 @@ def main():
                    help="alternate (one-process, ring) this many times and take the median over rounds")
     p.set_defaults(repeat=3)
     args = p.parse_args()
-    if args.quick:
-        args.seq_len, args.repeat, args.warmup = 1024, 1, 1
+    C.quick_sizes(args, seq_len=256)
     S, P = args.seq_len, args.world_size
     cfg_run = dict(B=args.batch, H=args.heads, S=S, D=args.head_dim, dtype=args.dtype, threads=args.threads,
                    warmup=args.warmup, repeat=args.repeat)

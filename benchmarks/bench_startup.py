@@ -74,8 +74,7 @@ def main() -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     p.set_defaults(repeat=5)
     args = p.parse_args()
-    if args.quick:
-        args.worlds, args.repeat, args.warmup = [2], 1, 0
+    C.quick_sizes(args, worlds=[2])
     rows, table = [], []
     for world in args.worlds:
         for sp_size in sorted({2, world}):

@@ -384,8 +384,7 @@ def main():
         plot(d["rows"], d["fits"], d["cap_bytes"], args.replot.parent.parent.parent / "docs" /
              (args.replot.stem + ".png") if args.out_dir is None else args.out_dir / (args.replot.stem + ".png"))
         return 0
-    if args.quick:
-        args.seq_lens, args.warmup, args.repeat = [256, 512], 1, 2
+    C.quick_sizes(args, seq_lens=[128], layers=1)
     if args.dtype != "float32":
         p.error("only float32 (CPU, ZeRO-3 fp32) is supported")
     cfg = dict(seq_lens=args.seq_lens, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
