@@ -75,7 +75,7 @@ def main():
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--causal", action="store_true")
     args = p.parse_args()
-    C.quick_sizes(args, seq_len=256, world_sizes=[1, 2])
+    C.quick_sizes(args, seq_len=256, world_sizes=[2])
     memory_estimate = _estimate_fn()
     S = args.seq_len
     cfg = dict(B=args.batch, H=args.heads, S=S, D=args.head_dim, dtype=args.dtype, causal=args.causal)
