@@ -176,6 +176,15 @@ def write_json(path: Path, payload: dict) -> None:
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 
+def finish(args, name: str, payload: dict, plot: Callable[[Path], None] | None = None) -> None:
+    """The end of every script: the JSON (``payload`` with the command line and the machine) and, unless
+    ``--no-plot`` (or no matplotlib), the PNG drawn by ``plot(png_path)``; ``--quick`` names both ``*_quick``."""
+    png, js = out_paths(args, name)
+    write_json(js, payload)
+    if plot is not None and not args.no_plot:
+        plot(png)
+
+
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 

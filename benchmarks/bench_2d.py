@@ -119,10 +119,7 @@ def main():
          "ring MiB sent", "bytes = cost model"],
         [[r["S"], r["grid"], r["wall_s"], r["cpu_s"], r["peak_mib"], r["a2a_mib"], r["ring_mib"],
           "yes" if r["bytes_match"] else "NO"] for r in rows])
-    png, js = C.out_paths(args, "bench_2d")
-    C.write_json(js, dict(threads=args.threads, rows=rows, table_markdown=md))
-    if not args.no_plot:
-        plot(rows, png)
+    C.finish(args, "bench_2d", dict(threads=args.threads, rows=rows, table_markdown=md), lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

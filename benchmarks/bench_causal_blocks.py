@@ -51,8 +51,7 @@ def main():
     print(f"ATen CPU flash fwd+bwd, H={H}, D={D}, fp32, torch.set_num_threads({args.threads}); median of "
           f"{args.repeat} interleaved runs")
     print(md)
-    _, js = C.out_paths(args, "bench_causal_blocks")
-    C.write_json(js, dict(rows=rows, table_markdown=md))
+    C.finish(args, "bench_causal_blocks", dict(rows=rows, table_markdown=md))
 
 
 if __name__ == "__main__":

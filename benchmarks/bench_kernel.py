@@ -144,11 +144,9 @@ def main():
     md = C.print_table(f"Block kernel fwd+bwd, B={args.batch}, H={args.heads}, {args.dtype}, torch.set_num_threads("
           f"{args.threads}); median of {args.repeat} interleaved runs (matmul {n}^3 timed in the same rounds)", headers, table)
 
-    png, js = C.out_paths(args, "bench_kernel")
-    C.write_json(js, dict(threads=args.threads, dtype=args.dtype,
-                          target=TARGET, rows=rows, table_markdown=md))
-    if not args.no_plot:
-        plot(rows, args.head_dims, causals, args.seq_lens, n, png)
+    C.finish(args, "bench_kernel", dict(threads=args.threads, dtype=args.dtype, target=TARGET, rows=rows,
+                                        table_markdown=md),
+             lambda png: plot(rows, args.head_dims, causals, args.seq_lens, n, png))
 
 
 if __name__ == "__main__":

@@ -591,14 +591,12 @@ def main():
             [[n, e["loss"], e["hidden_grad"], e["weight_grad"], e["weight_grad_norm_ratio"]]
              for n, e in exact["errors"].items()])
     print(f"\n(whole run {elapsed / 60:.0f} min)")
-    png, js = C.out_paths(args, "bench_longest" + ("_gpu" if args.gpu else "") + args.suffix)
     result = dict(cfg=cfg, world=world, gpu=args.gpu, cap_bytes=cfg["cap_bytes"], device_memory=device_memory,
                   searches=searches, aims=aims, planner_check=check, timing={str(k): v for k, v in timing.items()},
                   exactness=exact, tables=dict(longest=long_md, planner=plan_md, time=time_md, exactness=exact_md),
                   elapsed_s=elapsed)
-    C.write_json(js, result)
-    if not args.no_plot:
-        plot(result, png)
+    C.finish(args, "bench_longest" + ("_gpu" if args.gpu else "") + args.suffix, result,
+             lambda png: plot(result, png))
     return 0
 
 

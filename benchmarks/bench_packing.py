@@ -132,8 +132,7 @@ def main():
         [[r["world"], r["rank"], r["sent_bytes"] / 1024, r["needed_bytes"] / 1024,
           r["sent_bytes"] / r["needed_bytes"] if r["needed_bytes"] else "-", r["shard_bytes"] / 1024]
          for r in traffic])
-    _, js = C.out_paths(args, "bench_packing")
-    C.write_json(js, dict(threads=args.threads, dtype=args.dtype, target=TARGET, rows=rows, traffic=traffic,
+    C.finish(args, "bench_packing", dict(threads=args.threads, dtype=args.dtype, target=TARGET, rows=rows, traffic=traffic,
                           traffic_lengths=lengths, table_markdown=md, traffic_markdown=md2))
 
 

@@ -169,10 +169,7 @@ def main():
     for r in rows:
         r["verdict"] = verdict(r)
 
-    png, js = C.out_paths(args, "bench_ring")
-    C.write_json(js, dict(cfg=cfg_run, world_size=P, rows=rows,
-                          table_markdown=md))
-    if not args.no_plot:
+    def draw(png):
         plt = C.pyplot()
         labels = [f"{r['setup']}\n{'causal' if r['causal'] else 'full'}"
                   + ("" if r["overlap"] is None else f" {r['layout'][:6]}\noverlap {'on' if r['overlap'] else 'off'}")
@@ -195,6 +192,8 @@ def main():
         a2.set(ylabel="MiB per rank", title="Peak memory per rank (excl. inputs)")
         a2.legend(fontsize=7)
         C.save_fig(fig, png)
+
+    C.finish(args, "bench_ring", dict(cfg=cfg_run, world_size=P, rows=rows, table_markdown=md), draw)
 
 
 if __name__ == "__main__":

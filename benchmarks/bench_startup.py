@@ -94,8 +94,7 @@ def main() -> None:
         ["world", "sp_size", "new_group calls per rank, before / after", "before (ms)", "after (ms)",
          "before / after", "before: us per call for a group the rank is not in", "after: agreement check (ms)"],
         table)
-    _, js = C.out_paths(args, "bench_startup")
-    C.write_json(js, dict(rows=rows, table_markdown=md))
+    C.finish(args, "bench_startup", dict(rows=rows, table_markdown=md))
 
 
 if __name__ == "__main__":

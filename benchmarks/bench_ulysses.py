@@ -495,13 +495,10 @@ def main():
         print(prof_md)
     print(f"\n(whole run {elapsed:.0f} s)")
 
-    png, js = C.out_paths(args, "bench_ulysses" + args.suffix)
-    C.write_json(js, dict(cfg=cfg, cap_bytes=cap, fits=fits,
-                          rows=rows, first_loss_agree=ok, table_markdown=md, cap_table_markdown=cap_md,
-                          profile_table_markdown=prof_md, kernels=kernels,
-                          elapsed_s=elapsed))
-    if not args.no_plot and fits:
-        plot(rows, fits, cap, png)
+    C.finish(args, "bench_ulysses" + args.suffix,
+             dict(cfg=cfg, cap_bytes=cap, fits=fits, rows=rows, first_loss_agree=ok, table_markdown=md,
+                  cap_table_markdown=cap_md, profile_table_markdown=prof_md, kernels=kernels, elapsed_s=elapsed),
+             (lambda png: plot(rows, fits, cap, png)) if fits else None)
     return 0
 
 
