@@ -82,15 +82,12 @@ def _model_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def ring_mask(*, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+def ring_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+              mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
     """The mask builder for "ring_dilated": the 2D key-padding mask (B, kv_length) bool, or None without one.
 
     Unlike transformers' ``flash_attention_mask`` it does not test ``mask.all()`` (a host sync per mask): which
     shards are padded is decided once per forward by the agreement.
-
-    Only ``kv_length`` and ``attention_mask`` are read, by keyword: transformers calls mask builders with keywords
-    only, and the rest changed between releases (4.56 passes ``cache_position``, 5.x ``q_length``/``q_offset``),
-    so everything else goes to ``**kwargs`` and both signatures fit.
     """
     return None if attention_mask is None else attention_mask[:, -kv_length:]
 
