@@ -478,7 +478,9 @@ def main():
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
                    "ds_ring long": [8192, 16384], "ALST": [8192, 16384]}
-    if C.quick_sizes(args, planner_check=""):  # every candidate measured at one length, no search
+    # quick: three candidates (no memory option, all of them, DeepSpeed's ALST) at one length each, no search
+    if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", "ALST"],
+                     time_candidates=["ds_ring", "ds_ring long"]):
         cfg.update(vocab=512, hidden=64, intermediate=176, layers=1, cap_bytes=96 * 2**20, grid=128, max_runs=0,
                    warmup_seq_lens=[128], time_seq_lens=[256], warmup=0, repeat=1)
         calibration = {n: [256] for n in NAMES}
