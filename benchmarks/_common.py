@@ -58,6 +58,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def quick_sizes(args, **sizes) -> bool:
+    """``--quick``: the smoke run CI makes of every script (tests/test_bench.py), so sizes are tiny and nothing is
+    repeated: one timed run, no warm-up, and ``sizes`` (argument name -> value) set on ``args``. Its timings say
+    nothing; it checks that the script runs end to end and shows the table layout. Returns ``args.quick``."""
+    if args.quick:
+        args.repeat, args.warmup = 1, 0
+        for name, value in sizes.items():
+            setattr(args, name, value)
+    return args.quick
+
+
 def dtype_of(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -163,6 +174,15 @@ def write_json(path: Path, payload: dict) -> None:
     payload = dict(command=command_line(), machine=machine(), **payload)
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def finish(args, name: str, payload: dict, plot: Callable[[Path], None] | None = None) -> None:
+    """The end of every script: the JSON (``payload`` with the command line and the machine) and, unless
+    ``--no-plot`` (or no matplotlib), the PNG drawn by ``plot(png_path)``; ``--quick`` names both ``*_quick``."""
+    png, js = out_paths(args, name)
+    write_json(js, payload)
+    if plot is not None and not args.no_plot:
+        plot(png)
 
 
 def command_line() -> str:

@@ -97,8 +97,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     args = p.parse_args()
-    if args.quick:
-        args.seq_lens, args.repeat, args.warmup = [512], 2, 1
+    C.quick_sizes(args, seq_lens=[128])
     cfg = dict(seq_lens=args.seq_lens, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                warmup=args.warmup, repeat=args.repeat)
     res = C.run_ranks(_job, 4, cfg, threads=args.threads)
@@ -120,10 +119,7 @@ def main():
          "ring MiB sent", "bytes = cost model"],
         [[r["S"], r["grid"], r["wall_s"], r["cpu_s"], r["peak_mib"], r["a2a_mib"], r["ring_mib"],
           "yes" if r["bytes_match"] else "NO"] for r in rows])
-    png, js = C.out_paths(args, "bench_2d")
-    C.write_json(js, dict(threads=args.threads, rows=rows, table_markdown=md))
-    if not args.no_plot:
-        plot(rows, png)
+    C.finish(args, "bench_2d", dict(threads=args.threads, rows=rows, table_markdown=md), lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

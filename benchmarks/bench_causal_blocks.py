@@ -28,8 +28,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.set_defaults(repeat=7)
     args = p.parse_args()
-    if args.quick:
-        args.rows, args.total, args.repeat = [256, 512], 2048, 2
+    C.quick_sizes(args, rows=[64, 128], total=256)
     torch.set_num_threads(args.threads)
     H, D = args.heads, args.head_dim
     rows, table = [], []
@@ -52,8 +51,7 @@ def main():
     print(f"ATen CPU flash fwd+bwd, H={H}, D={D}, fp32, torch.set_num_threads({args.threads}); median of "
           f"{args.repeat} interleaved runs")
     print(md)
-    _, js = C.out_paths(args, "bench_causal_blocks")
-    C.write_json(js, dict(rows=rows, table_markdown=md))
+    C.finish(args, "bench_causal_blocks", dict(rows=rows, table_markdown=md))
 
 
 if __name__ == "__main__":

@@ -123,8 +123,7 @@ def main():
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
-    if args.quick:
-        args.seq_lens, args.repeat, args.warmup = [1024], 1, 1
+    C.quick_sizes(args, seq_lens=[256])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = C.dtype_of(args.dtype)
@@ -176,11 +175,8 @@ def main():
     for r in rows:
         r["verdict"] = verdict(r)
 
-    png, js = C.out_paths(args, "bench_dilated")
-    C.write_json(js, dict(threads=args.threads, dtype=args.dtype,
-                          B=B, H=H, D=D, rows=rows, table_markdown=md))
-    if not args.no_plot:
-        plot(rows, args.seq_lens, causals, H, D, png)
+    C.finish(args, "bench_dilated", dict(threads=args.threads, dtype=args.dtype, B=B, H=H, D=D, rows=rows,
+                                         table_markdown=md), lambda png: plot(rows, args.seq_lens, causals, H, D, png))
 
 
 if __name__ == "__main__":

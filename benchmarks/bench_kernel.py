@@ -77,13 +77,12 @@ def main():
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
-    if args.quick:
-        args.seq_lens, args.head_dims, args.repeat, args.warmup = [512, 1024], [64], 2, 1
+    C.quick_sizes(args, seq_lens=[128], head_dims=[16])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = C.dtype_of(args.dtype)
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    n = 2048
+    n = 256 if args.quick else 2048  # the matmul reference, timed in the same rounds
     ma, mb, mc = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype)
     mm_flops = 2 * n**3
 
@@ -145,11 +144,9 @@ def main():
     md = C.print_table(f"Block kernel fwd+bwd, B={args.batch}, H={args.heads}, {args.dtype}, torch.set_num_threads("
           f"{args.threads}); median of {args.repeat} interleaved runs (matmul {n}^3 timed in the same rounds)", headers, table)
 
-    png, js = C.out_paths(args, "bench_kernel")
-    C.write_json(js, dict(threads=args.threads, dtype=args.dtype,
-                          target=TARGET, rows=rows, table_markdown=md))
-    if not args.no_plot:
-        plot(rows, args.head_dims, causals, args.seq_lens, n, png)
+    C.finish(args, "bench_kernel", dict(threads=args.threads, dtype=args.dtype, target=TARGET, rows=rows,
+                                        table_markdown=md),
+             lambda png: plot(rows, args.head_dims, causals, args.seq_lens, n, png))
 
 
 if __name__ == "__main__":

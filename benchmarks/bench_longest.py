@@ -478,11 +478,12 @@ def main():
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
                    "ds_ring long": [8192, 16384], "ALST": [8192, 16384]}
-    if args.quick:
-        cfg.update(vocab=4096, hidden=128, intermediate=352, cap_bytes=96 * 2**20, grid=256, max_runs=2,
-                   time_seq_lens=[1024], repeat=1)
-        calibration = {n: [512, 1024] for n in NAMES}
-        args.planner_check = ""
+    # quick: three candidates (no memory option, all of them, DeepSpeed's ALST) at one length each, no search
+    if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", "ALST"],
+                     time_candidates=["ds_ring", "ds_ring long"]):
+        cfg.update(vocab=512, hidden=64, intermediate=176, layers=1, cap_bytes=96 * 2**20, grid=128, max_runs=0,
+                   warmup_seq_lens=[128], time_seq_lens=[256], warmup=0, repeat=1)
+        calibration = {n: [256] for n in NAMES}
     if args.gpu:
         if not torch.cuda.is_available():
             p.error("--gpu needs a CUDA device")
@@ -534,7 +535,7 @@ def main():
     if cfg["time_seq_lens"] and time_names:
         print(f"\nstep time, interleaved: {time_names} at S={cfg['time_seq_lens']}", flush=True)
         timing = C.run_ranks(time_worker, world, (cfg, tuple(time_names)), threads=args.threads, timeout_s=RUN_TIMEOUT_S)[0]
-    exact = None if args.gpu or args.at else exactness(cfg, 4096 if not args.quick else 512, args.threads)
+    exact = None if args.gpu or args.at else exactness(cfg, 4096 if not args.quick else 256, args.threads)
     elapsed = time.perf_counter() - t_start
 
     # ----- tables
@@ -592,14 +593,12 @@ def main():
             [[n, e["loss"], e["hidden_grad"], e["weight_grad"], e["weight_grad_norm_ratio"]]
              for n, e in exact["errors"].items()])
     print(f"\n(whole run {elapsed / 60:.0f} min)")
-    png, js = C.out_paths(args, "bench_longest" + ("_gpu" if args.gpu else "") + args.suffix)
     result = dict(cfg=cfg, world=world, gpu=args.gpu, cap_bytes=cfg["cap_bytes"], device_memory=device_memory,
                   searches=searches, aims=aims, planner_check=check, timing={str(k): v for k, v in timing.items()},
                   exactness=exact, tables=dict(longest=long_md, planner=plan_md, time=time_md, exactness=exact_md),
                   elapsed_s=elapsed)
-    C.write_json(js, result)
-    if not args.no_plot:
-        plot(result, png)
+    C.finish(args, "bench_longest" + ("_gpu" if args.gpu else "") + args.suffix, result,
+             lambda png: plot(result, png))
     return 0
 
 

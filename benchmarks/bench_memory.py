@@ -75,8 +75,7 @@ def main():
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--causal", action="store_true")
     args = p.parse_args()
-    if args.quick:
-        args.seq_len = 1024
+    C.quick_sizes(args, seq_len=256, world_sizes=[2])
     memory_estimate = _estimate_fn()
     S = args.seq_len
     cfg = dict(B=args.batch, H=args.heads, S=S, D=args.head_dim, dtype=args.dtype, causal=args.causal)
@@ -111,9 +110,7 @@ def main():
     md = C.print_table(f"Per-rank memory, forward+backward, S={S}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
           f"{args.dtype}, causal={args.causal}; worst rank", headers, table)
 
-    png, js = C.out_paths(args, "bench_memory")
-    C.write_json(js, dict(cfg=cfg, rows=rows, table_markdown=md))
-    if not args.no_plot:
+    def draw(png):
         plt = C.pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4.3))
         Ps = [r["P"] for r in rows]
@@ -130,6 +127,8 @@ def main():
         ax.set_xticks(Ps, [str(P) for P in Ps])
         ax.legend(fontsize=7)
         C.save_fig(fig, png)
+
+    C.finish(args, "bench_memory", dict(cfg=cfg, rows=rows, table_markdown=md), draw)
 
 
 if __name__ == "__main__":

@@ -112,8 +112,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--traffic-seq-len", type=int, default=8192)
     args = p.parse_args()
-    if args.quick:
-        args.seq_lens, args.repeat, args.warmup, args.traffic_seq_len = [1024], 2, 1, 1024
+    C.quick_sizes(args, seq_lens=[256], traffic_seq_len=256)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = time_rows(args, C.dtype_of(args.dtype))
@@ -124,7 +123,8 @@ def main():
          f"target <= {TARGET}", "no mask / separate"],
         [[r["S"], r["documents"], r["packed_s"] * 1e3, r["separate_s"] * 1e3, r["unmasked_s"] * 1e3, r["ratio"],
           "met" if r["ratio"] <= TARGET else "MISSED", r["unmasked_ratio"]] for r in rows])
-    traffic, lengths = traffic_rows(args.traffic_seq_len, args.traffic_seq_len // args.docs, (2, 4))
+    traffic, lengths = traffic_rows(args.traffic_seq_len, args.traffic_seq_len // args.docs,
+                                   (2,) if args.quick else (2, 4))
     md2 = C.print_table(
         f"K/V bytes sent per rank, causal, contiguous, S={args.traffic_seq_len}, {len(lengths)} documents of "
         f"~S/{args.docs} (all shorter than a shard): against the rows of the documents crossing its boundary",
@@ -132,8 +132,7 @@ def main():
         [[r["world"], r["rank"], r["sent_bytes"] / 1024, r["needed_bytes"] / 1024,
           r["sent_bytes"] / r["needed_bytes"] if r["needed_bytes"] else "-", r["shard_bytes"] / 1024]
          for r in traffic])
-    _, js = C.out_paths(args, "bench_packing")
-    C.write_json(js, dict(threads=args.threads, dtype=args.dtype, target=TARGET, rows=rows, traffic=traffic,
+    C.finish(args, "bench_packing", dict(threads=args.threads, dtype=args.dtype, target=TARGET, rows=rows, traffic=traffic,
                           traffic_lengths=lengths, table_markdown=md, traffic_markdown=md2))
 
 

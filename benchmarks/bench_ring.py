@@ -103,8 +103,7 @@ def main():
                    help="alternate (one-process, ring) this many times and take the median over rounds")
     p.set_defaults(repeat=3)
     args = p.parse_args()
-    if args.quick:
-        args.seq_len, args.repeat, args.warmup = 1024, 1, 1
+    C.quick_sizes(args, seq_len=256)
     S, P = args.seq_len, args.world_size
     cfg_run = dict(B=args.batch, H=args.heads, S=S, D=args.head_dim, dtype=args.dtype, threads=args.threads,
                    warmup=args.warmup, repeat=args.repeat)
@@ -171,10 +170,7 @@ def main():
     for r in rows:
         r["verdict"] = verdict(r)
 
-    png, js = C.out_paths(args, "bench_ring")
-    C.write_json(js, dict(cfg=cfg_run, world_size=P, rows=rows,
-                          table_markdown=md))
-    if not args.no_plot:
+    def draw(png):
         plt = C.pyplot()
         labels = [f"{r['setup']}\n{'causal' if r['causal'] else 'full'}"
                   + ("" if r["overlap"] is None else f" {r['layout'][:6]}\noverlap {'on' if r['overlap'] else 'off'}")
@@ -197,6 +193,8 @@ def main():
         a2.set(ylabel="MiB per rank", title="Peak memory per rank (excl. inputs)")
         a2.legend(fontsize=7)
         C.save_fig(fig, png)
+
+    C.finish(args, "bench_ring", dict(cfg=cfg_run, world_size=P, rows=rows, table_markdown=md), draw)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def new_groups(sp_size: int) -> float:
 
     DeepSpeedMPU(ds_ring.init_sequence_parallel(sp_size)).get_model_parallel_group()
     t0 = time.perf_counter()
-    _check_same_on_every_rank(sp_size, "contiguous")
+    _check_same_on_every_rank(sp_size, "contiguous", 1)  # ulysses_size 1: a plain ring
     return time.perf_counter() - t0
 
 
@@ -74,8 +74,7 @@ def main() -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     p.set_defaults(repeat=5)
     args = p.parse_args()
-    if args.quick:
-        args.worlds, args.repeat, args.warmup = [2], 1, 0
+    C.quick_sizes(args, worlds=[2])
     rows, table = [], []
     for world in args.worlds:
         for sp_size in sorted({2, world}):
@@ -95,8 +94,7 @@ def main() -> None:
         ["world", "sp_size", "new_group calls per rank, before / after", "before (ms)", "after (ms)",
          "before / after", "before: us per call for a group the rank is not in", "after: agreement check (ms)"],
         table)
-    _, js = C.out_paths(args, "bench_startup")
-    C.write_json(js, dict(rows=rows, table_markdown=md))
+    C.finish(args, "bench_startup", dict(rows=rows, table_markdown=md))
 
 
 if __name__ == "__main__":

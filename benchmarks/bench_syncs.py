@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import base_parser, out_paths, print_table, write_json  # noqa: E402
+from _common import base_parser, finish, print_table  # noqa: E402
 
 from ds_ring.tools.launch import spawn_local  # noqa: E402
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     print_table("Per model forward / backward at P=2 (rank 0): collectives and host syncs",
                 ["layers", "padding", "fwd collectives", "fwd syncs", "bwd collectives", "bwd syncs",
                  "fwd collectives by name"], rows)
-    write_json(out_paths(args, "bench_syncs")[1], {"results": raw})
+    finish(args, "bench_syncs", {"results": raw})
     return 0
 
 

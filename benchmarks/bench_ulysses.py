@@ -384,8 +384,7 @@ def main():
         plot(d["rows"], d["fits"], d["cap_bytes"], args.replot.parent.parent.parent / "docs" /
              (args.replot.stem + ".png") if args.out_dir is None else args.out_dir / (args.replot.stem + ".png"))
         return 0
-    if args.quick:
-        args.seq_lens, args.warmup, args.repeat = [256, 512], 1, 2
+    C.quick_sizes(args, seq_lens=[128], layers=1)
     if args.dtype != "float32":
         p.error("only float32 (CPU, ZeRO-3 fp32) is supported")
     cfg = dict(seq_lens=args.seq_lens, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
@@ -496,13 +495,10 @@ def main():
         print(prof_md)
     print(f"\n(whole run {elapsed:.0f} s)")
 
-    png, js = C.out_paths(args, "bench_ulysses" + args.suffix)
-    C.write_json(js, dict(cfg=cfg, cap_bytes=cap, fits=fits,
-                          rows=rows, first_loss_agree=ok, table_markdown=md, cap_table_markdown=cap_md,
-                          profile_table_markdown=prof_md, kernels=kernels,
-                          elapsed_s=elapsed))
-    if not args.no_plot and fits:
-        plot(rows, fits, cap, png)
+    C.finish(args, "bench_ulysses" + args.suffix,
+             dict(cfg=cfg, cap_bytes=cap, fits=fits, rows=rows, first_loss_agree=ok, table_markdown=md,
+                  cap_table_markdown=cap_md, profile_table_markdown=prof_md, kernels=kernels, elapsed_s=elapsed),
+             (lambda png: plot(rows, fits, cap, png)) if fits else None)
     return 0
 
 

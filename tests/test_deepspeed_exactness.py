@@ -19,6 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from batches import padded_batches
 from dist_utils import run_distributed
 
+pytestmark = pytest.mark.hf  # DeepSpeed ZeRO: also run on the declared dependency floors (.ci/floors)
+
 VOCAB, SEQ, BATCH, STEPS, LR = 64, 32, 2, 3, 1e-2
 CASES = {  # name: (zero_optimization, layout)
     "zero1": ({"stage": 1}, "contiguous"),

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from dist_utils import PRELOAD, free_port, run_distributed
 from ds_ring.tools.launch import mp_context
 
+pytestmark = pytest.mark.hf  # DeepSpeed: also run on the declared dependency floors (.ci/floors)
+
 PG_TIMEOUT = 10.0
 
 

@@ -22,6 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_utils import run_distributed
 
+pytestmark = pytest.mark.hf  # the Trainer: also run on the declared dependency floors (.ci/floors)
+
 VOCAB, SEQ, BATCH, LR = 64, 32, 2, 1.0
 TRAIN_ROWS, EVAL_ROWS, STEPS, CKPT_STEP = 12, 8, 4, 2
 ZERO = {

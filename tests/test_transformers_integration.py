@@ -31,6 +31,8 @@ import ds_ring
 from ds_ring.parallel.sharding import gather_sequence
 from dist_utils import run_distributed
 
+pytestmark = pytest.mark.hf  # the transformers patch: also run on the declared dependency floors (.ci/floors)
+
 TOL = 1e-4
 VOCAB = 96
 SEQ = 30  # divides neither 4 (P=4 contiguous) nor 8 (P=4 zigzag): shard_batch must pad

@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("bench_kernel", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses", "bench_startup",
-           "bench_syncs", "bench_packing", "bench_2d", "bench_longest")
+# every benchmarks/bench_*.py (tests/test_bench.py checks that none is missing and runs each one's quick mode)
+SCRIPTS = ("bench_kernel", "bench_causal_blocks", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses",
+           "bench_startup", "bench_syncs", "bench_packing", "bench_2d", "bench_longest")
 
 
 def bench_dir() -> Path:
-    d = Path(__file__).resolve().parent.parent / "benchmarks"
+    d = Path(__file__).resolve().parents[2] / "benchmarks"  # ds_ring/tools/bench.py -> the checkout
     if not (d / "bench_kernel.py").is_file():
         raise SystemExit(
             f"ds-ring bench: the benchmark scripts are not next to the package ({d} is missing): run it from a source "

@@ -47,6 +47,22 @@ class MemoryOptions:
     mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
 
+# transformers' late 5.x releases call it "activation checkpointing" and keep the "gradient_checkpointing_*" names as
+# deprecated aliases; the declared floor (5.10.1) has only those: use the new names where they exist.
+def _checkpointing_on(model: nn.Module) -> bool:
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(model.is_gradient_checkpointing if on is None else on)
+
+
+def _enable_checkpointing(model: nn.Module):
+    """Non-reentrant activation checkpointing on; returns the call that turns it off."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model.activation_checkpointing_disable
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.gradient_checkpointing_disable
+
+
 def optimize_memory(
     model: nn.Module,
     sp: SequenceParallel | None = None,
@@ -70,7 +86,7 @@ def optimize_memory(
         raise ValueError("optimize_memory: the model is already optimized; call ds_ring.restore_memory(model) first")
     if offload not in (True, False, "auto"):
         raise ValueError(f"optimize_memory: offload must be True, False or 'auto', got {offload!r}")
-    if offload is True and not checkpointing and not getattr(model, "is_activation_checkpointing", False):
+    if offload is True and not checkpointing and not _checkpointing_on(model):
         raise ValueError("optimize_memory: offload=True moves the checkpointed layer inputs to the host and needs "
                          "checkpointing=True (or activation checkpointing already enabled on the model)")
     for name, v in (("loss_chunk_tokens", loss_chunk_tokens), ("mlp_chunk_tokens", mlp_chunk_tokens)):
@@ -88,9 +104,8 @@ def optimize_memory(
     if chunked_loss:
         _check_plain_lm_head(model)
     undo = []
-    if checkpointing and not model.is_activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        undo.append(model.activation_checkpointing_disable)
+    if checkpointing and not _checkpointing_on(model):
+        undo.append(_enable_checkpointing(model))
     if chunked_loss:
         model.forward = types.MethodType(_chunked_loss_forward, model)
         undo.append(lambda: model.__dict__.pop("forward"))
