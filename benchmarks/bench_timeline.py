@@ -234,35 +234,8 @@ def plot(result, png):
     C.save_fig(fig, png)
 
 
-def main():
-    p = C.base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--seq-len", type=int, default=16384)
-    p.add_argument("--candidates", nargs="+", default=["ds_ring long", "ALST"], choices=BL.NAMES)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--suffix", default="")
-    args = p.parse_args()
-    world = 2
-    cfg = dict(vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
-               heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, tied=False, dtype="float32",
-               ds_config="zero3.json", warmup_seq_lens=[256, 512])
-    S = args.seq_len
-    if args.quick:
-        cfg.update(vocab=4096, hidden=128, intermediate=352)
-        S = 1024
-    print(f"Llama-shaped model: hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "
-          f"{cfg['heads']} heads / {cfg['kv_heads']} KV heads of {cfg['head_dim']}, vocabulary {cfg['vocab']}; fp32; "
-          f"ZeRO-3; P={world}; S={S:,}", flush=True)
-    runs = {}
-    for name in args.candidates:
-        runs[name] = C.run_ranks(timeline_worker, world, (cfg, name, S), threads=args.threads,
-                                 timeout_s=BL.RUN_TIMEOUT_S)
-        print(f"  {name}: step peak {max(r['peak'] for r in runs[name]) / 2**20:,.0f} MiB (worse rank)", flush=True)
+def report(runs, cfg, world, S, args):
+    """The side-by-side table, the JSON and the plot of ``runs`` ({candidate: [per-rank result]})."""
     merged = {n: merge_moments(r) for n, r in runs.items()}
     keys = list(dict.fromkeys(k for n in merged for k, *_ in merged[n]))
     by = {n: {k: (a, pk) for k, a, pk in m} for n, m in merged.items()}
@@ -282,10 +255,59 @@ def main():
         a, b = list(runs)
         print(f"\nstep peak {a} / {b}: {peaks[a] / peaks[b]:.3f}")
     png, js = C.out_paths(args, "bench_timeline" + args.suffix)
-    result = dict(cfg=cfg, world=world, seq_len=S, runs=runs, peaks=peaks, table=md)
+    result = dict(cfg=cfg, world=world, seq_len=S, runs=runs, peaks=peaks, table=md, merged_from=args.merge)
     C.write_json(js, result)
     if not args.no_plot:
         plot(result, png)
+
+
+def main():
+    p = C.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--seq-len", type=int, default=16384)
+    p.add_argument("--candidates", nargs="+", default=["ds_ring long", "ALST"], choices=BL.NAMES)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--suffix", default="")
+    p.add_argument("--merge", nargs="+", default=None, metavar="[LABEL=]JSON",
+                   help="no new runs: one table and plot from earlier runs' JSON files (same length; LABEL renames a "
+                   "file's single candidate, e.g. to compare before and after a change)")
+    args = p.parse_args()
+    if args.merge:
+        import json
+
+        runs = {}
+        for item in args.merge:
+            label, _, path = item.rpartition("=")
+            data = json.loads(open(path).read())
+            if label and len(data["runs"]) != 1:
+                p.error(f"--merge {item}: LABEL needs a file with one candidate, it has {list(data['runs'])}")
+            for name, r in data["runs"].items():
+                runs[label or name] = r
+            cfg, world, S = data["cfg"], data["world"], data["seq_len"]
+        report(runs, cfg, world, S, args)
+        return 0
+    world = 2
+    cfg = dict(vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+               heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, tied=False, dtype="float32",
+               ds_config="zero3.json", warmup_seq_lens=[256, 512])
+    S = args.seq_len
+    if args.quick:
+        cfg.update(vocab=4096, hidden=128, intermediate=352)
+        S = 1024
+    print(f"Llama-shaped model: hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "
+          f"{cfg['heads']} heads / {cfg['kv_heads']} KV heads of {cfg['head_dim']}, vocabulary {cfg['vocab']}; fp32; "
+          f"ZeRO-3; P={world}; S={S:,}", flush=True)
+    runs = {}
+    for name in args.candidates:
+        runs[name] = C.run_ranks(timeline_worker, world, (cfg, name, S), threads=args.threads,
+                                 timeout_s=BL.RUN_TIMEOUT_S)
+        print(f"  {name}: step peak {max(r['peak'] for r in runs[name]) / 2**20:,.0f} MiB (worse rank)", flush=True)
+    report(runs, cfg, world, S, args)
     return 0
 
 
