@@ -139,3 +139,36 @@ def test_config_forms_agree(tmp_path):
     with pytest.raises(ValueError, match="Llama-style"):
         ModelShape.from_config({"n_embd": 64})
     assert copy.deepcopy(ModelShape.from_config(cfg)).params > 0
+
+
+def test_zero3_release_and_kernel_constants():
+    """The memory switch's ZeRO-3 release: the config keys it sets (stage 3 only), the plan's gathered parameters
+    under it (the LM head at the loss, one layer in backward, instead of the whole model), and the kernel constants
+    the plan names."""
+    from ds_ring.integrations.deepspeed import RELEASE_AFTER_USE, release_gathered_parameters
+
+    z3 = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7}}
+    changed = release_gathered_parameters(z3)
+    assert set(changed) == set(RELEASE_AFTER_USE) and changed["stage3_prefetch_bucket_size"][0] == 5e7
+    assert all(z3["zero_optimization"][k] == v for k, v in RELEASE_AFTER_USE.items())
+    assert release_gathered_parameters(z3) == {}  # already set: nothing to say
+    z2 = {"zero_optimization": {"stage": 2}}
+    assert release_gathered_parameters(z2) == {} and z2 == {"zero_optimization": {"stage": 2}}
+
+    cfg, S = SHAPES["untied, h=96"]
+    shape = ModelShape.from_config(cfg)
+    keep = plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", release_parameters=False)
+    rel = plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", release_parameters=True)
+    assert keep.moments["loss"]["ZeRO-3 gathered parameters"] == shape.params * 4
+    assert rel.moments["loss"]["ZeRO-3 gathered parameters"] == shape.vocab * shape.hidden * 4
+    layer = (shape.params - 2 * shape.vocab * shape.hidden - shape.hidden) // shape.layers
+    assert rel.moments["layer backward"]["ZeRO-3 gathered parameters"] == layer * 4
+    assert plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32").moments == rel.moments  # on with the options
+    assert plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", checkpointing=False, chunked_loss=False,
+                tiled_mlp=False).moments["loss"]["ZeRO-3 gathered parameters"] == shape.params * 4
+
+    cuda = plan(cfg, S, sp_size=2, dtype="bf16", kernels="cuda")
+    assert any("UNVERIFIED" in n for n in cuda.notes)
+    assert any("measured on CPU (torch's flash kernel)" in n for n in plan(cfg, S, sp_size=2).notes)
+    with pytest.raises(ValueError, match="kernels"):
+        plan(cfg, S, sp_size=2, kernels="tpu")

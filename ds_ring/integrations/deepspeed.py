@@ -22,7 +22,7 @@ from ..parallel.groups import SequenceParallel, new_group
 from ..parallel.lifecycle import on_teardown, release_captured_default_group
 
 __all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
-           "initialize"]
+           "initialize", "release_gathered_parameters"]
 
 
 class DeepSpeedMPU:
@@ -196,6 +196,30 @@ def gradient_factor(config: dict, sp: SequenceParallel) -> float:
     return float(sp.sp_size) if config["zero_optimization"]["stage"] == 3 else 1.0
 
 
+# What the memory switch sets in a ZeRO-3 config: release every gathered parameter right after the module that used
+# it, and fetch none ahead. Why: with a stable module trace (ds_ring's step calls the same modules in the same order
+# every step) ZeRO-3 keeps a parameter gathered while its next use is within stage3_max_reuse_distance (default 10^9
+# elements: for most models, the whole step) and prefetches stage3_prefetch_bucket_size elements ahead. Measured
+# (benchmarks/bench_timeline.py, P=2, 16k tokens): that kept 210 MiB per rank of gathered parameters through the step
+# peak that DeepSpeed ALST does not hold (its trace is invalidated every step, so DeepSpeed releases after each use).
+# The cost: each layer's parameters are gathered again for its backward, as ZeRO-3 does for any model over the limit.
+RELEASE_AFTER_USE = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
+
+
+def release_gathered_parameters(config: dict) -> dict[str, tuple[Any, int]]:
+    """Set ``RELEASE_AFTER_USE`` in a ZeRO-3 ``config`` (in place); return ``{key: (old value, new value)}`` for the
+    keys it changed (nothing for ZeRO-0/1/2, which do not partition parameters)."""
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return {}
+    changed = {}
+    for key, value in RELEASE_AFTER_USE.items():
+        if zero.get(key) != value:
+            changed[key] = (zero.get(key, "DeepSpeed's default"), value)
+            zero[key] = value
+    return changed
+
+
 def initialize(
     model: torch.nn.Module,
     sp: SequenceParallel,
@@ -205,6 +229,7 @@ def initialize(
     model_parameters=None,
     lr_scheduler=None,
     fill: dict[str, Any] | None = None,
+    release_parameters: bool | None = None,
     **kwargs,
 ):
     """``deepspeed.initialize`` with ds_ring's groups as ``mpu`` and exact gradients for every ZeRO stage.
@@ -212,11 +237,22 @@ def initialize(
     Returns DeepSpeed's tuple ``(engine, optimizer, dataloader, lr_scheduler)``. ``engine.backward(loss)`` multiplies
     ``loss`` by :func:`gradient_factor` before DeepSpeed's backward; pass the loss from ``ds_ring.causal_lm_loss``.
     Use ``ds_ring.sp_dataloader`` for data (every rank of a ring must see the same samples).
+    ``release_parameters``: under ZeRO-3, release gathered parameters after each use and prefetch none
+    (``RELEASE_AFTER_USE``, said on rank 0 when it changes the config); None: when the model has
+    ``ds_ring.optimize_memory``'s switch on.
     """
     import deepspeed
 
     config = load_config(config, fill)
     check_config(config, sp)
+    if release_parameters is None:
+        release_parameters = hasattr(model, "_ds_ring_memory")
+    if release_parameters:
+        changed = release_gathered_parameters(config)
+        if changed and (not dist.is_initialized() or dist.get_rank() == 0):
+            print("ds_ring memory switch: ZeRO-3 releases gathered parameters after each use ("
+                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                  + "; pass release_parameters=False to keep them)", file=sys.stderr, flush=True)
     engine, opt, loader, sched = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=model_parameters, lr_scheduler=lr_scheduler,
         config=config, mpu=DeepSpeedMPU(sp) if sp.sp_size > 1 or sp.dp_size > 1 else None, **kwargs,

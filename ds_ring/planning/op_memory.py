@@ -30,29 +30,54 @@ class MemoryEstimate:
         return self.single_rank_peak_bytes / self.peak_bytes
 
 
-# Bytes per query element that torch's CPU flash kernel allocates (its output and fp32 scratch), measured with
-# ``measure_peak_bytes`` at L <= 4096 for fp32 and bf16; the backward with half the keys (ring steps) needs less.
-# The whole estimate agrees with measurements within 20% for shards of L <= 2048 (tests/test_memory.py); the
-# kernel's scratch grows more slowly than L, so at larger L the estimate drifts (benchmarks/bench_memory.py).
-_KERNEL_FWD, _KERNEL_BWD, _KERNEL_BWD_HALF_KEYS = 8.4, 20.0, 12.0
+@dataclass(frozen=True)
+class KernelConstants:
+    """What the block kernel allocates, in bytes per query element (q's numel): forward (output and scratch),
+    backward against all keys, and backward against half the keys (the ring steps). A value is
+    ``fixed + per_byte * e`` for elements of ``e`` bytes."""
+
+    name: str
+    source: str  # where the numbers come from, as ``ds-ring plan`` prints it
+    fwd: tuple[float, float]
+    bwd: tuple[float, float]
+    bwd_half_keys: tuple[float, float]
+
+    def at(self, e: int) -> tuple[float, float, float]:
+        return tuple(a + b * e for a, b in (self.fwd, self.bwd, self.bwd_half_keys))
 
 
-def _peaks(B, Hq, Hkv, L, D, e, has_mask, comm_buffers):
+KERNELS = {
+    # torch's CPU flash kernel, measured with ``measure_peak_bytes`` at L <= 4096 for fp32 and bf16 (its output and
+    # fp32 scratch do not depend on the dtype). The whole estimate agrees with measurements within 20% for shards of
+    # L <= 2048 (tests/test_memory.py); the kernel's scratch grows more slowly than L, so at larger L the estimate
+    # drifts (benchmarks/bench_memory.py).
+    "cpu": KernelConstants("cpu", "measured on CPU (torch's flash kernel)", (8.4, 0.0), (20.0, 0.0), (12.0, 0.0)),
+    # CUDA FlashAttention-2 / cuDNN / FlexAttention through SDPA: forward allocates its output (e) and an fp32 lse
+    # (4 / head_dim per element, at most 0.5); backward dq (e), its fp32 accumulator (4), dk/dv (at most e each per
+    # query element with GQA), the fp32 softmax-dot term (0.5). COUNTED from the kernels' documented outputs, NOT
+    # measured: no GPU has checked these.
+    "cuda": KernelConstants("cuda", "UNVERIFIED: counted for CUDA flash / FlexAttention kernels, not measured",
+                            (0.5, 1.0), (4.5, 3.0), (4.5, 3.0)),
+}
+
+
+def _peaks(B, Hq, Hkv, L, D, e, has_mask, comm_buffers, kernels: KernelConstants = KERNELS["cpu"]):
     Q, K, R = B * Hq * L * D, B * Hkv * L * D, B * Hq * L
     M = B * L if has_mask else 0
+    k_fwd, k_bwd, k_bwd_half = kernels.at(e)
     kv = comm_buffers * (2 * K * e + M)  # K/V (+ mask) receive buffers
     saved = (Q + 2 * K) * e + M + Q * e + 4 * R  # q, k, v, mask, out, lse
     ring = comm_buffers > 0
     # One rank keeps the kernel's own outputs; a ring merges blocks into fp32 accumulators (plus the merge's
     # temporaries) and receives K/V into buffers.
-    fwd = _KERNEL_FWD * Q
+    fwd = k_fwd * Q
     if ring:
         fwd += 4 * Q + 4 * R + M + kv + (0 if e == 4 else 4 * Q) + 4 * Q + 12 * R
     # out and lse from forward, fp32 dq/dk/dv (ring only), receive buffers, then the local block (all keys) ...
     held = Q * e + 8 * R + kv + (4 * Q + 8 * K if ring else 0)
-    bwd = held + _KERNEL_BWD * Q + (4 * K if ring else 0)
+    bwd = held + k_bwd * Q + (4 * K if ring else 0)
     if ring:  # ... and ring steps: dK/dV halves (one computed, one travelling, one arriving), fp32
-        bwd = max(bwd, held + _KERNEL_BWD_HALF_KEYS * Q + 12 * K)
+        bwd = max(bwd, held + k_bwd_half * Q + 12 * K)
     return saved, int(fwd), int(bwd)
 
 
@@ -67,20 +92,25 @@ def memory_estimate(
     dtype: torch.dtype = torch.bfloat16,
     key_padding_mask: bool = False,
     communicates: bool = True,
+    kernels: str = "cpu",
 ) -> MemoryEstimate:
     """Estimate the per-rank bytes of ``ring_dilated_attention`` forward + backward on a sequence of ``seq_len``.
 
     The estimate is for the dense pattern (dilated patterns need less: their pieces are smaller). ``communicates``:
     False when the pattern needs no exchange (segments inside one shard), which drops the receive buffers.
+    ``kernels``: whose block-kernel constants (``KERNELS``): ``"cpu"`` (measured) or ``"cuda"`` (counted, unverified).
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"memory_estimate: kernels must be one of {sorted(KERNELS)}, got {kernels!r}")
+    kc = KERNELS[kernels]
     if seq_len % world_size:
         raise ValueError(f"seq_len={seq_len} must be divisible by world_size={world_size}")
     Hkv = num_heads if num_kv_heads is None else num_kv_heads
     e = torch.empty((), dtype=dtype).element_size()
     L = seq_len // world_size
     bufs = min(2, world_size - 1) if communicates else 0
-    saved, fwd, bwd = _peaks(batch_size, num_heads, Hkv, L, head_dim, e, key_padding_mask, bufs)
-    s1, f1, b1 = _peaks(batch_size, num_heads, Hkv, seq_len, head_dim, e, key_padding_mask, 0)
+    saved, fwd, bwd = _peaks(batch_size, num_heads, Hkv, L, head_dim, e, key_padding_mask, bufs, kc)
+    s1, f1, b1 = _peaks(batch_size, num_heads, Hkv, seq_len, head_dim, e, key_padding_mask, 0, kc)
     buffers = bufs * batch_size * L * (2 * Hkv * head_dim * e + (1 if key_padding_mask else 0))
     return MemoryEstimate(saved, fwd, bwd, max(f1, b1), world_size, buffers)
 

@@ -15,7 +15,8 @@ A step's peak is the largest of three moments:
 
 Under ZeRO-3 the gathered parameters are added to the first two (DeepSpeed keeps a parameter gathered while it is
 used again within ``stage3_max_reuse_distance``, so a model under ``stage3_max_live_parameters`` stays gathered for
-the whole step), and the gradient being reduce-scattered to the layer backward.
+the whole step; under the memory switch ``ds_ring.deepspeed_initialize`` releases each after use, leaving the LM head
+at the loss and one layer in its backward), and the gradient being reduce-scattered to the layer backward.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 from ..op.layouts import get_layout
 from ..training.loss import LOSS_CHUNK_ELEMENTS
-from .op_memory import memory_estimate
+from .op_memory import KERNELS, memory_estimate
 
 # Measured constants (fp32 on CPU, benchmarks/bench_longest.py fits them; see docs/planner.md):
 # bytes per local token and vocabulary entry at the peak of the full-logits loss (the LogSoftmax backward holds the
@@ -239,6 +240,8 @@ def plan(
     mlp_chunk_tokens: int | None = None,
     reduce_bucket_size: int | None = None,
     max_live_parameters: int | None = None,
+    release_parameters: bool | None = None,
+    kernels: str = "cpu",
     count_held: bool = True,
 ) -> MemoryPlan:
     """Per-rank memory of one training step (forward, backward, optimizer step) of a causal LM under ds_ring.
@@ -249,7 +252,11 @@ def plan(
     accelerator). ZeRO settings come from the arguments, else from ``ds_config`` (a DeepSpeed config: stage,
     offload, bf16, bucket sizes), else ZeRO-3 in bf16 with DeepSpeed's defaults. AdamW is assumed.
     ``count_held=False``: ``device_memory`` caps what one step adds above the memory held between steps (how the CPU
-    benchmark measures), not the whole.
+    benchmark measures), not the whole. ``release_parameters``: ZeRO-3 releases each gathered parameter after use
+    (what ``ds_ring.deepspeed_initialize`` sets under the memory switch); None: on when any memory option is on.
+    ``kernels``: the attention kernel's constants, ``"cpu"`` (measured) or ``"cuda"`` (flash / FlexAttention, counted
+    and UNVERIFIED); the RMSNorm and MLP constants are the same on both (transformers' unfused modules; measured on
+    CPU only). The plan's notes say which were used.
     """
     shape = ModelShape.from_config(config)
     zs = _zero_settings(ds_config)
@@ -263,6 +270,8 @@ def plan(
         raise ValueError("plan: sp_size, dp_size and batch_size must be >= 1")
     if seq_len is None and device_memory is None:
         raise ValueError("plan: give seq_len, device_memory, or both")
+    if kernels not in KERNELS:
+        raise ValueError(f"plan: kernels must be one of {sorted(KERNELS)}, got {kernels!r}")
     settings = dict(
         shape=shape, sp_size=sp_size, dp_size=dp_size, batch_size=batch_size, zero_stage=zero_stage, dtype=dtype,
         e=_DTYPE_BYTES[dtype],
@@ -274,6 +283,9 @@ def plan(
         mlp_chunk=mlp_chunk_tokens or shape.hidden,
         reduce_bucket_size=reduce_bucket_size or zs.get("reduce_bucket_size", 500_000_000),
         max_live_parameters=max_live_parameters or zs.get("max_live_parameters", 1_000_000_000),
+        release_parameters=(checkpointing or chunked_loss or tiled_mlp or offload_checkpoints)
+        if release_parameters is None else release_parameters,
+        kernels=kernels,
     )
     grain = get_layout(layout).divisor(sp_size)
     limit = None if device_memory is None else parse_bytes(device_memory)
@@ -351,7 +363,7 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
     norm_in = T * h * (2 * e + (4 if e != 4 else 0))
     norm_post = norm_in + u
     att = memory_estimate(seq_len, st["batch_size"], s.heads, s.head_dim, P, num_kv_heads=s.kv_heads,
-                          dtype=_torch_dtype(e), communicates=P > 1)
+                          dtype=_torch_dtype(e), communicates=P > 1, kernels=st["kernels"])
     o_in = T * s.heads * s.head_dim * e  # o_proj's input
     mlp_saved = 0 if opt["tiled_mlp"] else 4 * T * i * e  # gate, up, activation, product (TiledMLP keeps its input)
     norms = norm_in + norm_post + o_in  # per layer, besides attention and MLP
@@ -362,7 +374,13 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
     else:  # every layer's activations; in fp32 the input norm keeps the layer input itself
         kept = {"saved activations: attention": n * att.saved_bytes, "saved activations: MLP": n * mlp_saved,
                 "saved activations: norms, projections": n * (norms + (u if e == 4 else 0))}
-    gathered = min(psi, st["max_live_parameters"]) * e if z3 else 0
+    if not z3:
+        gathered = gathered_layer = 0
+    elif st["release_parameters"]:  # released after each use: only the module at work (LM head; one layer)
+        gathered = V * h * e
+        gathered_layer = (psi - V * h * (1 if s.tied else 2) - h) // n * e
+    else:  # kept while reused within stage3_max_reuse_distance: the whole model under max_live_parameters
+        gathered = gathered_layer = min(psi, st["max_live_parameters"]) * e
 
     # ----- moment 1: the loss, at the end of forward
     if opt["chunked_loss"]:
@@ -388,8 +406,12 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
         kept_b = {k: v * (n - 1) // n for k, v in kept.items()}
     else:
         kept_b = kept
-    largest_grad = max(V * h, h * i) * e if z3 else 0
-    at_layer = {**kept_b, **in_layer, "ZeRO-3 gathered parameters": gathered,
+    # The gradient being reduce-scattered: the largest module's, plus, when ZeRO-3 flushes its reduce bucket inside a
+    # layer's backward, the bucket's worth of gradients in flight (read off benchmarks/bench_timeline.py at 16k
+    # tokens: the first layer's MLP backward holds 283 MiB more than the second's, a 50M-element fp32 bucket and the
+    # LM head's gradient arriving into it).
+    largest_grad = (max(V * h, h * i) + min(st["reduce_bucket_size"], psi)) * e if z3 else 0
+    at_layer = {**kept_b, **in_layer, "ZeRO-3 gathered parameters": gathered_layer,
                 "gradient being reduced": largest_grad}
 
     # ----- moment 3: the optimizer step (AdamW's temporaries over this rank's fp32 partition)
@@ -401,6 +423,8 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
     notes.append("one layer's backward, the largest part counts: " + ", ".join(
         f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
         + (f"; attention includes {att.ring_buffer_bytes / 2**20:,.0f} MiB of K/V ring buffers" if P > 1 else ""))
+    notes.append(f"attention kernel constants: {KERNELS[st['kernels']].source}; RMSNorm and MLP constants: "
+                 "measured on CPU" + (" (UNVERIFIED on a GPU)" if st["kernels"] != "cpu" else ""))
     if opt["offload_checkpoints"]:
         notes.append("checkpoint offload acts on an accelerator only (DeepSpeed skips host tensors)")
     return MemoryPlan(shape=s, seq_len=seq_len, sp_size=P, dp_size=st["dp_size"], batch_size=st["batch_size"],

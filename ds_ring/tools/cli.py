@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="zigzag")
     p.add_argument("--options", default="long", help="memory options: 'long' (all), 'off', or a comma list of "
                    "checkpointing,chunked_loss,tiled_mlp,offload (as ds_ring.optimize_memory)")
+    p.add_argument("--kernels", choices=["cpu", "cuda"], default="cpu", help="attention kernel constants: 'cpu' "
+                   "(measured on CPU) or 'cuda' (flash / FlexAttention, counted, UNVERIFIED on a GPU); the plan's "
+                   "notes say which were used")
     c = p.add_argument_group("communication (with --ranks > 1): bytes and attention time per (Ulysses x ring) "
                              "factorization, from ds_ring.planning.cost_model")
     c.add_argument("--cluster", choices=sorted(CLUSTERS), default="h100", help="preset for the values below")
@@ -79,7 +82,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                       device_memory=args.memory, dtype=args.dtype, batch_size=args.batch_size,
                       checkpointing=opts["checkpointing"], chunked_loss=opts["chunked_loss"],
                       tiled_mlp=opts["tiled_mlp"], offload_checkpoints=bool(opts["offload"]),
-                      ds_config=args.deepspeed, layout=args.layout)
+                      ds_config=args.deepspeed, layout=args.layout, kernels=args.kernels)
     except (ValueError, FileNotFoundError) as e:
         print(f"ds-ring plan: {e}", file=sys.stderr)
         return 2
