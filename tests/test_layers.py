@@ -20,6 +20,7 @@ PUBLIC = {
     "gather_sequence", "get_layout", "init_distributed", "init_sequence_parallel", "load_config", "local_attention",
     "measure_peak_bytes", "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
     "ring_dilated_attention", "shard_batch", "shard_sequence", "sp_dataloader", "teardown", "unpatch",
+    "fully_shard",  # issue 18
 }
 
 

@@ -10,9 +10,10 @@ through the patched model, and the loss is the ring's loss over the whole sequen
 - loss: ``compute_loss`` shards the batch (``ds_ring.shard_batch``) and computes ``ds_ring.causal_lm_loss``; the
   Trainer's token normalisation (``num_items_in_batch``, ``average_tokens_across_devices``) counts each ring once;
 - gradients: each ring rank holds its share of the ring's gradient. The shares are SUMMED over the ring and
-  AVERAGED over the rings: DDP gets a communication hook that does this in its one all-reduce; DeepSpeed gets
-  ds_ring's groups as ``mpu`` through ``ds_ring.integrations.deepspeed.initialize`` (which also applies its ZeRO-3
-  loss factor);
+  AVERAGED over the rings (``ds_ring.parallel.gradients``, the rule's one home): DDP gets its communication hook
+  (one all-reduce); DeepSpeed gets ds_ring's groups as ``mpu`` through ``ds_ring.integrations.deepspeed.initialize``
+  (which also applies its ZeRO-3 loss factor); accelerate's FSDP2 gets the rule's divide factor through
+  ``ds_ring.integrations.fsdp2.apply_gradient_rule``, the code ``ds_ring.fully_shard`` uses; FSDP1 is refused;
 - gathers (logged token counts, evaluation losses and predictions): a ring's ranks hold the same values, so only the
   first rank of each ring counts.
 Logged and evaluated losses are the ring's global values, equal on every rank.
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
+from ..parallel.gradients import ddp_comm_hook, gradient_divisor
 from ..parallel.groups import SequenceParallel, init_sequence_parallel
 from ..parallel.sharding import gather_sequence
 from ..training.data import shard_batch
@@ -302,21 +304,12 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
             out = plain_prepare(*args, device_placement=device_placement)
         for obj in out if isinstance(out, tuple) else (out,):
             if isinstance(obj, nn.parallel.DistributedDataParallel) and sp.sp_size > 1:
-                obj.register_comm_hook(sp.dp_size, _sum_over_ring_mean_over_rings)
+                obj.register_comm_hook(gradient_divisor(sp), ddp_comm_hook)
         return out
 
     accelerator.prepare_data_loader = ring_prepare_data_loader
     accelerator.gather = ring_gather
     accelerator.prepare = ring_prepare
-
-
-def _sum_over_ring_mean_over_rings(dp_size, bucket):
-    """DDP communication hook (``dp_size``: int, ``bucket``: ``dist.GradBucket`` -> ``Future[Tensor]``; no
-    annotations: DDP checks them, and this module's are strings): one all-reduce over every rank, divided by the
-    number of rings (DDP's own hook divides by the number of ranks). Each ring rank holds its share of the ring's
-    gradient, so this is the ring's gradient averaged over the rings."""
-    buf = bucket.buffer().div_(dp_size)
-    return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
 @contextlib.contextmanager
