@@ -8,6 +8,8 @@ every ring's gradient by sp_size (test_without_the_rule_the_update_is_off shows 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -196,3 +198,40 @@ def test_resume_reproduces_steps_3_and_4(sp2):
     assert resumed["losses"] == pytest.approx(plain["losses"][SAVE_AT:], rel=1e-6, abs=1e-6)
     assert _off(resumed["params"], plain["params"], start) < 1e-5
     assert _off(resumed["params"], ref_end, start) < 1e-3
+
+
+# ----- the Trainer under FSDP ---------------------------------------------------------------------------------------
+
+
+def _trainer_worker(rank, world, root):
+    """What SequenceParallelTrainer says on CPU ranks configured for FSDP2 and FSDP1 (accelerate: MULTI_CPU)."""
+    from transformers import TrainingArguments
+
+    from ds_ring import SequenceParallelTrainer
+
+    rows = padded_batches(0, 1, 2, SEQ, VOCAB, pad=3)
+    rows = [{k: v[i] for k, v in rows[0].items()} for i in range(2)]
+    out = {}
+    for version, extra in ((2, {}), (1, {"sync_module_states": False}), ("launch", None)):
+        if version == "launch":  # what `accelerate launch --config_file integrations/accelerate/fsdp2.yaml` sets
+            os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+            args = TrainingArguments(output_dir=f"{root}/launch", use_cpu=True, report_to=[])
+        else:
+            args = TrainingArguments(output_dir=f"{root}/v{version}", use_cpu=True, fsdp=True, report_to=[],
+                                     fsdp_config={"version": version, **extra})
+        try:
+            SequenceParallelTrainer(model=build_model(0), args=args, train_dataset=rows, sp_size=2)
+            out[version] = "accepted"
+        except Exception as e:  # noqa: BLE001 (the test reads the type and message)
+            out[version] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_trainer_refuses_fsdp_it_cannot_apply(tmp_path):
+    """On CPU accelerate would train an FSDP2 configuration as plain DDP: refused, naming the reason, on every rank;
+    FSDP1 is refused for its gradient averaging (where accelerate builds its plugin at all)."""
+    for out in run_distributed(_trainer_worker, 2, str(tmp_path), timeout_s=300):
+        assert out[2].startswith("RuntimeError: SequenceParallelTrainer: FSDP is configured but accelerate does not "
+                                 "apply it on this machine (distributed type MULTI_CPU"), out[2]
+        assert out[1].startswith("ValueError: SequenceParallelTrainer: FSDP version 1 is not supported"), out[1]
+        assert out["launch"] == out[2]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from ..training.memory_switch import (
     optimize_memory,
     parse_memory_options,
 )
+from .fsdp2 import apply_gradient_rule
 from .transformers import patch
 
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
@@ -137,11 +139,33 @@ class SequenceParallelMixin:
         for name, (bad, fix) in refused.items():
             if bad:
                 raise ValueError(f"{type(self).__name__}: {name} is not supported under sequence parallelism: {fix}")
+        self._check_fsdp()
         if not self._loss_shifts_labels:
             raise NotImplementedError(
                 f"{type(self).__name__} trains causal language models (transformers' ForCausalLMLoss); "
                 f"{type(self.model).__name__} has loss_type {getattr(self.model, 'loss_type', None)!r}"
             )
+
+    def _check_fsdp(self) -> None:
+        """FSDP2 trains with ds_ring's gradient rule (set in ``prepare``); FSDP1, and FSDP configured where accelerate
+        does not apply it, are refused."""
+        from accelerate.utils import DistributedType
+
+        version = _fsdp_version_asked(self.accelerator, self.args)
+        if version is None:
+            return
+        if version != 2:
+            raise ValueError(
+                f"{type(self).__name__}: FSDP version {version} is not supported under sequence parallelism: FSDP1 "
+                "averages its flat parameters' gradients over every rank with no public way to set the divisor, so "
+                "each ring's gradient would be divided by sp_size. Use FSDP2: fsdp_config={'version': 2} or "
+                "fsdp_version: 2 in the accelerate config (integrations/accelerate/fsdp2.yaml)")
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            raise RuntimeError(
+                f"{type(self).__name__}: FSDP is configured but accelerate does not apply it on this machine "
+                f"(distributed type {self.accelerator.distributed_type.value}; accelerate applies FSDP only on "
+                "accelerators), so training would run as plain DDP with the whole model on every rank. Without GPUs "
+                "use ds_ring.fully_shard in your own training loop, or remove the FSDP configuration to train as DDP")
 
     # ----- loss --------------------------------------------------------------------------------------------------
 
@@ -305,11 +329,27 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
         for obj in out if isinstance(out, tuple) else (out,):
             if isinstance(obj, nn.parallel.DistributedDataParallel) and sp.sp_size > 1:
                 obj.register_comm_hook(gradient_divisor(sp), ddp_comm_hook)
+            elif accelerator.is_fsdp2 and isinstance(obj, nn.Module):  # the code ds_ring.fully_shard ends with
+                apply_gradient_rule(obj, sp)
         return out
 
     accelerator.prepare_data_loader = ring_prepare_data_loader
     accelerator.gather = ring_gather
     accelerator.prepare = ring_prepare
+
+
+def _fsdp_version_asked(accelerator, args) -> int | None:
+    """The FSDP version the run is configured for, None without FSDP: accelerate's plugin where it made one (only on
+    accelerators), else ``TrainingArguments(fsdp=..., fsdp_config=...)``, else ``accelerate launch``'s FSDP config
+    (its ACCELERATE_USE_FSDP / FSDP_VERSION environment, version 1 by default as in accelerate)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        return int(plugin.fsdp_version)
+    if getattr(args, "fsdp_plugin_args", None):
+        return int(args.fsdp_plugin_args.get("fsdp_version", 1))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
 
 
 @contextlib.contextmanager
