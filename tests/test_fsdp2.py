@@ -200,6 +200,24 @@ def test_resume_reproduces_steps_3_and_4(sp2):
     assert _off(resumed["params"], ref_end, start) < 1e-3
 
 
+def test_one_rule_for_every_engine():
+    """The factors each engine gets from ds_ring.parallel.gradients, for the reductions measured on DeepSpeed 0.19
+    (ZeRO-1/2 with the mpu: sum over the ring, mean over rings; ZeRO-3: mean over every rank) and FSDP2/DDP."""
+    from ds_ring.integrations.deepspeed import gradient_factor
+    from ds_ring.parallel.gradients import gradient_divisor, loss_factor
+    from ds_ring.parallel.groups import SequenceParallel
+
+    for sp_size, dp_size in ((2, 1), (2, 2), (4, 3), (1, 4)):
+        sp = SequenceParallel(None, None, sp_size, 0, dp_size, 0)
+        assert gradient_divisor(sp) == dp_size
+        assert gradient_factor({"zero_optimization": {"stage": 3}}, sp) == sp_size
+        for stage in (0, 1, 2):
+            assert gradient_factor({"zero_optimization": {"stage": stage}}, sp) == 1.0
+        assert loss_factor(sp, sp.world_size) == sp_size
+    with pytest.raises(ValueError, match="averaged_over=5"):
+        loss_factor(SequenceParallel(None, None, 2, 0, 2, 0), 5)
+
+
 # ----- the Trainer under FSDP ---------------------------------------------------------------------------------------
 
 
