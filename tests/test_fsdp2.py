@@ -229,7 +229,17 @@ def _trainer_worker(rank, world, root):
 
     rows = padded_batches(0, 1, 2, SEQ, VOCAB, pad=3)
     rows = [{k: v[i] for k, v in rows[0].items()} for i in range(2)]
+    import ds_ring
+
     out = {}
+    sp = ds_ring.init_sequence_parallel(2)
+    sharded = ds_ring.fully_shard(ds_ring.patch(build_model(0), sp=sp), sp)
+    args = TrainingArguments(output_dir=f"{root}/sharded", use_cpu=True, report_to=[])
+    try:
+        SequenceParallelTrainer(model=sharded, args=args, train_dataset=rows, sp=sp)
+        out["sharded"] = "accepted"
+    except Exception as e:  # noqa: BLE001
+        out["sharded"] = f"{type(e).__name__}: {e}"
     for version, extra in ((2, {}), (1, {"sync_module_states": False}), ("launch", None)):
         if version == "launch":  # what `accelerate launch --config_file integrations/accelerate/fsdp2.yaml` sets
             os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
@@ -247,9 +257,12 @@ def _trainer_worker(rank, world, root):
 
 def test_trainer_refuses_fsdp_it_cannot_apply(tmp_path):
     """On CPU accelerate would train an FSDP2 configuration as plain DDP: refused, naming the reason, on every rank;
-    FSDP1 is refused for its gradient averaging (where accelerate builds its plugin at all)."""
+    FSDP1 is refused for its gradient averaging (where accelerate builds its plugin at all); so is a model sharded
+    before the trainer (the Trainer would skip accelerate's wrapping, and with it the gradient rule)."""
     for out in run_distributed(_trainer_worker, 2, str(tmp_path), timeout_s=300):
         assert out[2].startswith("RuntimeError: SequenceParallelTrainer: FSDP is configured but accelerate does not "
                                  "apply it on this machine (distributed type MULTI_CPU"), out[2]
         assert out[1].startswith("ValueError: SequenceParallelTrainer: FSDP version 1 is not supported"), out[1]
         assert out["launch"] == out[2]
+        assert out["sharded"].startswith("ValueError: SequenceParallelTrainer: the model is already sharded with "
+                                         "FSDP2"), out["sharded"]

@@ -151,6 +151,13 @@ class SequenceParallelMixin:
         does not apply it, are refused."""
         from accelerate.utils import DistributedType
 
+        if _has_fsdp2_units(self.model):
+            # transformers' from_pretrained(distributed_config=...) or the user's fully_shard: the Trainer then skips
+            # accelerate's wrapping (and ds_ring's prepare), and nothing would apply the gradient rule for its mesh
+            raise ValueError(
+                f"{type(self).__name__}: the model is already sharded with FSDP2 (e.g. from_pretrained("
+                "distributed_config=...)); pass an unsharded model and configure FSDP2 in accelerate (fsdp_version: "
+                "2, integrations/accelerate/fsdp2.yaml), or train it in your own loop after ds_ring.fully_shard")
         version = _fsdp_version_asked(self.accelerator, self.args)
         if version is None:
             return
@@ -336,6 +343,14 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
     accelerator.prepare_data_loader = ring_prepare_data_loader
     accelerator.gather = ring_gather
     accelerator.prepare = ring_prepare
+
+
+def _has_fsdp2_units(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _fsdp_version_asked(accelerator, args) -> int | None:
