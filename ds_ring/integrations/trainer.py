@@ -336,7 +336,7 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
         for obj in out if isinstance(out, tuple) else (out,):
             if isinstance(obj, nn.parallel.DistributedDataParallel) and sp.sp_size > 1:
                 obj.register_comm_hook(gradient_divisor(sp), ddp_comm_hook)
-            elif accelerator.is_fsdp2 and isinstance(obj, nn.Module):  # the code ds_ring.fully_shard ends with
+            elif getattr(accelerator, "is_fsdp2", False) and isinstance(obj, nn.Module):  # as ds_ring.fully_shard
                 apply_gradient_rule(obj, sp)
         return out
 
