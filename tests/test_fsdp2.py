@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from batches import padded_batches
 from dist_utils import run_distributed
+from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB, SEQ, BATCH, LR, MOMENTUM = 64, 32, 2, 0.2, 0.9
 STEPS, SAVE_AT = 3, 2  # exactness after STEPS; the checkpoint case saves after SAVE_AT and runs to SAVE_AT + 2
@@ -49,8 +48,12 @@ def _train(sp, case: str, batches, seed: int, *, steps: int, model=None, save_di
     """Steps of SGD on ``ds_ring.fully_shard``; returns (losses, full parameters, per-parameter (local, full) numel)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     import ds_ring
@@ -234,6 +237,12 @@ def _trainer_worker(rank, world, root):
     out = {}
     sp = ds_ring.init_sequence_parallel(2)
     sharded = ds_ring.fully_shard(ds_ring.patch(build_model(0), sp=sp), sp)
+    for name, model in (("unpatched", build_model(0)), ("twice", sharded)):
+        try:
+            ds_ring.fully_shard(model, sp)
+            out[name] = "accepted"
+        except ValueError as e:
+            out[name] = str(e)
     args = TrainingArguments(output_dir=f"{root}/sharded", use_cpu=True, report_to=[])
     try:
         SequenceParallelTrainer(model=sharded, args=args, train_dataset=rows, sp=sp)
@@ -258,11 +267,14 @@ def _trainer_worker(rank, world, root):
 def test_trainer_refuses_fsdp_it_cannot_apply(tmp_path):
     """On CPU accelerate would train an FSDP2 configuration as plain DDP: refused, naming the reason, on every rank;
     FSDP1 is refused for its gradient averaging (where accelerate builds its plugin at all); so is a model sharded
-    before the trainer (the Trainer would skip accelerate's wrapping, and with it the gradient rule)."""
+    before the trainer (the Trainer would skip accelerate's wrapping, and with it the gradient rule). ds_ring.fully_shard
+    refuses an unpatched model (the rule would count each rank's whole-sequence gradient) and a sharded one."""
     for out in run_distributed(_trainer_worker, 2, str(tmp_path), timeout_s=300):
         assert out[2].startswith("RuntimeError: SequenceParallelTrainer: FSDP is configured but accelerate does not "
                                  "apply it on this machine (distributed type MULTI_CPU"), out[2]
         assert out[1].startswith("ValueError: SequenceParallelTrainer: FSDP version 1 is not supported"), out[1]
         assert out["launch"] == out[2]
+        assert out["unpatched"].startswith("ds_ring.fully_shard: the model is not patched for this sp")
+        assert out["twice"].startswith("ds_ring.fully_shard: the model is already an FSDP2 module")
         assert out["sharded"].startswith("ValueError: SequenceParallelTrainer: the model is already sharded with "
                                          "FSDP2"), out["sharded"]

@@ -31,7 +31,8 @@ __all__ = ["apply_gradient_rule", "decoder_layers", "fully_shard"]
 
 def _fsdp():
     try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard as torch_fully_shard
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import fully_shard as torch_fully_shard
     except ImportError as e:  # torch < 2.6 has it only under torch.distributed._composable
         raise ImportError(f"ds_ring.fully_shard needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from e
     return FSDPModule, torch_fully_shard
@@ -90,9 +91,10 @@ def fully_shard(model: nn.Module, sp: SequenceParallel, **fully_shard_kwargs: An
         raise ValueError("ds_ring.fully_shard: the model is not patched for this sp: call ds_ring.patch(model, sp=sp) "
                          "before ds_ring.fully_shard (and ds_ring.optimize_memory, if used, between the two)")
     FSDPModule, torch_fully_shard = _fsdp()
-    if isinstance(model, FSDPModule):
-        raise ValueError("ds_ring.fully_shard: the model is already an FSDP2 module; to add ds_ring's gradient rule to "
-                         "a model you sharded yourself, call ds_ring.integrations.fsdp2.apply_gradient_rule(model, sp)")
+    if isinstance(model, FSDPModule):  # a state of the model, not a wrong type of argument
+        raise ValueError(  # noqa: TRY004
+            "ds_ring.fully_shard: the model is already an FSDP2 module; to add ds_ring's gradient rule to a model you "
+            "sharded yourself, call ds_ring.integrations.fsdp2.apply_gradient_rule(model, sp)")
     mesh = fully_shard_kwargs.pop("mesh", None)
     if mesh is None:
         from torch.distributed.device_mesh import DeviceMesh
