@@ -9,6 +9,8 @@ with labels = input_ids, all candidates on the same weights:
   * ``ds_ring+ckpt``: the same with activation checkpointing only (``optimize_memory`` with every other part off);
   * ``ds_ring tiled``: chunked loss and tiled MLP, no checkpointing;
   * ``ds_ring long``: ``ds_ring.optimize_memory(model, sp)``: all of it (offload is a no-op on CPU);
+  * ``FSDP2 long``: the same model and switch, sharded by torch FSDP2 instead of ZeRO-3 (``ds_ring.fully_shard``:
+    each decoder layer and the root over both ranks, fp32, torch AdamW, ``clip_grad_norm_`` 1.0 as the ZeRO config);
   * ``ALST``: DeepSpeed Ulysses attention with ArcticTraining's recipe: activation checkpointing, DeepSpeed's
     ``TiledMLP`` on every MLP (ceil(L / hidden) tiles agreed by an all-reduce per layer), the decoder called on its
     own and ``TiledFusedLogitsLoss`` over the LM head (sum, then the valid-token mean and the SP weighted mean), and
@@ -28,6 +30,7 @@ the LM head and loss at the model's shape against float64, ds_ring's chunked los
 
     python benchmarks/bench_longest.py                         # CPU: searches, planner check, timing, exactness, plot
     python benchmarks/bench_longest.py --quick                 # a few minutes: tiny model and cap (a smoke run)
+    python benchmarks/bench_longest.py --quick --candidates "ds_ring long" "FSDP2 long"   # ZeRO-3 against FSDP2
     python benchmarks/bench_longest.py --candidates "ds_ring long" ALST --at 81920 82944 --suffix _at   # lengths only
     python benchmarks/bench_longest.py --gpu --candidates "ds_ring long" --budget-s 400   # one GPU: Llama-3.2-1B
         # shape (untied), bf16, ds_config/zero3_offload.json; a step "fits" when it does not run out of memory
@@ -51,7 +54,7 @@ import _common as C
 from bench_ulysses import _batch, shard_ulysses, ulysses_mean
 
 ROOT = C.ROOT
-NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "ALST")
+NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "FSDP2 long", "ALST")
 # optimize_memory arguments of the ds_ring candidates (None: not optimized)
 DS_RING_OPTIONS = {
     "ds_ring": None,
@@ -101,6 +104,8 @@ def build_candidate(name, base, cfg, world):
 
     model = copy.deepcopy(base)
     config = ds_config(cfg)
+    if name == "FSDP2 long":
+        return _build_fsdp2(model, world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if name != "ALST":
         sp = ds_ring.init_sequence_parallel(world, layout="zigzag")
@@ -123,6 +128,34 @@ def build_candidate(name, base, cfg, world):
 
         return engine, step, lambda: ds_ring.offload_context(model)
     return _build_alst(model, config, opt, cfg, world)
+
+
+class _NoEngine:
+    def destroy(self):
+        pass
+
+
+def _build_fsdp2(model, world):
+    """``ds_ring long`` under torch FSDP2: patch, the memory switch, ``ds_ring.fully_shard``, AdamW over the shards."""
+    import ds_ring
+    from ds_ring.training.data import shard_batch
+
+    sp = ds_ring.init_sequence_parallel(world, layout="zigzag")
+    ds_ring.optimize_memory(ds_ring.patch(model, sp=sp), sp)
+    ds_ring.fully_shard(model, sp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(batch):
+        local = shard_batch(batch, sp)
+        labels = local.pop("shift_labels")
+        loss = model(**local, shift_labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return _NoEngine(), step, lambda: ds_ring.offload_context(model)
 
 
 def _build_alst(model, config, opt, cfg, world):
@@ -477,7 +510,7 @@ def main():
                warmup_seq_lens=[256, 512], warmup=args.warmup, repeat=args.repeat,
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
-                   "ds_ring long": [8192, 16384], "ALST": [8192, 16384]}
+                   "ds_ring long": [8192, 16384], "FSDP2 long": [8192, 16384], "ALST": [8192, 16384]}
     # quick: three candidates (no memory option, all of them, DeepSpeed's ALST) at one length each, no search
     if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", "ALST"],
                      time_candidates=["ds_ring", "ds_ring long"]):
@@ -500,13 +533,13 @@ def main():
     cfg["dtype"] = dtype_name
     print(f"Llama-shaped model: hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "
           f"{cfg['heads']} heads / {cfg['kv_heads']} KV heads of {cfg['head_dim']}, vocabulary {cfg['vocab']}"
-          f"{' (tied)' if cfg['tied'] else ''}; {dtype_name}; ZeRO-3 ({cfg['ds_config']}); P={world}; "
+          f"{' (tied)' if cfg['tied'] else ''}; {dtype_name}; ZeRO-3 ({cfg['ds_config']}) or FSDP2; P={world}; "
           + (f"device memory {device_memory / 2**30:.1f} GiB" if args.gpu else
              f"cap {cfg['cap_bytes'] / 2**30:g} GiB per rank on one step's peak"), flush=True)
     cfg["dtype"] = "bfloat16" if args.gpu else "float32"
     t_start = time.perf_counter()
 
-    # where to look first: the planner for ds_ring's candidates, ds_ring long's result for ALST
+    # where to look first: the planner for ds_ring's ZeRO-3 candidates, ds_ring long's result for ALST and FSDP2
     searches, aims = {}, {}
     plan_cfg = dict(cfg, dtype=dtype_name)
     for name in args.candidates:
@@ -571,7 +604,7 @@ def main():
                              "planned peak moment"], pv) if pv else None
     time_md = None
     if timing:
-        base_names = [n for n in ("ds_ring", "ds_ring+ckpt") if n in time_names]
+        base_names = [n for n in ("ds_ring", "ds_ring+ckpt", "ds_ring long") if n in time_names]
         trows = []
         for S, t in timing.items():
             med = {n: statistics.median(v) for n, v in t["samples"].items()}

@@ -4,7 +4,7 @@ trained with DeepSpeed ZeRO.
 The package is in layers, each a folder that imports only from the folders below it (docs/design.md draws them):
 
     tools         CLI, demo, bench, local spawner
-    integrations  transformers patch, DeepSpeed, Trainer
+    integrations  transformers patch, DeepSpeed, FSDP2, Trainer
     planning      op memory estimate, step planner, cost model
     training      batch sharding, losses, log-probabilities, the memory switch
     parallel      process groups, lifecycle (start, teardown), sequence sharding
@@ -30,6 +30,7 @@ from .planning.op_memory import MemoryEstimate, measure_peak_bytes, memory_estim
 from .planning.step_planner import plan
 from .integrations.deepspeed import ConfigError, load_config
 from .integrations.deepspeed import initialize as deepspeed_initialize
+from .integrations.fsdp2 import fully_shard
 from .integrations.transformers import local_attention, patch, unpatch  # registers attn_implementation="ring_dilated"
 
 __version__ = "0.1.0"
@@ -50,7 +51,8 @@ __all__ = [
     "LAYOUTS", "ConfigError", "Layout", "MemoryEstimate", "MemoryOptions", "RingDilatedAttention",
     "RingDilatedMultiheadAttention", "RingFacts", "SequenceParallel", "SequenceParallelMixin",
     "SequenceParallelTrainer",
-    "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize", "gather_sequence", "get_layout",
+    "causal_lm_loss", "chunked_causal_lm_loss", "count_comm", "deepspeed_initialize", "fully_shard", "gather_sequence",
+    "get_layout",
     "init_distributed", "init_sequence_parallel", "load_config", "local_attention", "measure_peak_bytes",
     "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
     "ring_dilated_attention", "sequence_logprobs", "shard_batch", "shard_sequence", "sp_dataloader", "teardown",

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Train a Hugging Face causal LM on long sequences split over a ring of ranks, with ds_ring + DeepSpeed ZeRO.
+"""Train a Hugging Face causal LM on long sequences split over a ring of ranks, with ds_ring + DeepSpeed ZeRO or
+torch FSDP2 (``ds_ring.fully_shard``).
 
 Any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR works (CPU: gloo; GPU: NCCL):
 
     deepspeed --num_gpus 2 examples/train_long_context.py --deepspeed ds_config/zero3.json --sp-size 2
     torchrun --nproc_per_node 2 examples/train_long_context.py --deepspeed ds_config/zero3.json --sp-size 2
     accelerate launch --config_file integrations/accelerate/zero3.yaml examples/train_long_context.py --sp-size 2
+    torchrun --nproc_per_node 2 examples/train_long_context.py --fsdp2 --sp-size 2
+    accelerate launch --config_file integrations/accelerate/fsdp2.yaml examples/train_long_context.py --sp-size 2
 
-Under ``accelerate launch`` the DeepSpeed config comes from the accelerate YAML (``deepspeed_config_file``).
+Under ``accelerate launch`` the DeepSpeed config comes from the accelerate YAML (``deepspeed_config_file``); an FSDP
+YAML (``fsdp_version: 2``) selects FSDP2 with its mixed precision (bf16: ``MixedPrecisionPolicy`` with fp32
+reduction), ``fsdp_offload_params`` (``CPUOffloadPolicy``) and ``fsdp_reshard_after_forward``; FSDP1 is refused.
 accelerate is used as a launcher only: no ``Accelerator.prepare``, so it never shards the data across the ranks of a
 ring (``ds_ring.sp_dataloader`` shards over data-parallel ranks only) and ds_ring passes its own groups to DeepSpeed.
 
@@ -19,6 +24,7 @@ id is not cached) or, by default, the tiny Llama config shipped with ds_ring (ra
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -52,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed", default=None,
                    help="DeepSpeed config JSON (default: accelerate's deepspeed_config_file, else "
                    "ds_config/zero3.json)")
+    p.add_argument("--fsdp2", action="store_true",
+                   help="train with torch FSDP2 (ds_ring.fully_shard) instead of DeepSpeed; on under accelerate "
+                   "launch with an FSDP config (integrations/accelerate/fsdp2.yaml)")
     p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel ring (default: all)")
     p.add_argument("--ulysses-size", type=int, default=1,
                    help="two-dimensional SP: Ulysses all-to-all inside groups of this many consecutive ranks (one "
@@ -69,13 +78,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-dir", default=None, help="where engine.save_checkpoint writes")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints go (DeepSpeed's, or torch.distributed.checkpoint directories with --fsdp2)")
     p.add_argument("--save-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--log-every", type=int, default=10, help="print the loss every N steps (rank 0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for a dead peer before failing")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     args = p.parse_args(argv)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch with an FSDP config
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            p.error("the accelerate config asks for FSDP1, which cannot train a ring exactly (it averages every "
+                    "rank's gradient with no way to set the divisor): set fsdp_version: 2")
+        args.fsdp2 = True
+    if args.fsdp2 and args.deepspeed:
+        p.error("--fsdp2 and --deepspeed select two engines: pass one")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     return args
@@ -89,7 +106,7 @@ def build_model(args, sp, config: dict, memory: dict | None):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(tiny_llama_config())
     else:
-        if config["zero_optimization"]["stage"] == 3:
+        if config is not None and config["zero_optimization"]["stage"] == 3:
             # Kept alive while loading: transformers then builds the weights partitioned (deepspeed.zero.Init).
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -150,6 +167,80 @@ def batches(args, sp, vocab_size: int, start_step: int):
                 return
 
 
+def fsdp2_options(bf16: bool) -> dict:
+    """``fully_shard`` keyword arguments: from accelerate's FSDP config when launched with one (its environment),
+    else bf16 mixed precision where the GPU supports it."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    env = os.environ
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "bf16" if bf16 else "no")
+    if precision not in ("no", "bf16"):
+        raise ConfigError(f"mixed precision {precision!r} with FSDP2: use bf16 or no")
+    kwargs = {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"}
+    if precision == "bf16":  # bf16 compute, fp32 parameters and gradient reduction
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    return kwargs
+
+
+class FSDP2Engine:
+    """What the training loop uses of a DeepSpeed engine, for a model under ``ds_ring.fully_shard``: gradient
+    accumulation as DeepSpeed does it (loss / grad_accum, an optimizer step every grad_accum micro-steps), clipping
+    (``clip_grad_norm_`` sees the DTensor gradients' true norm), and checkpoints as torch.distributed.checkpoint
+    directories (model and optimizer, sharded) with a ``latest`` file, like DeepSpeed's."""
+
+    def __init__(self, model, optimizer, grad_accum: int, clip: float):
+        self.module, self.optimizer, self.grad_accum, self.clip, self.micro = model, optimizer, grad_accum, clip, 0
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.grad_accum:
+            return
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def _states(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._states(), checkpoint_id=os.path.join(root, tag))
+        if dist.get_rank() == 0:
+            Path(root, tag, "client_state.json").write_text(json.dumps(client_state))
+            Path(root, "latest").write_text(tag)
+        dist.barrier()
+
+    def load_checkpoint(self, root: str):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        latest = Path(root, "latest")
+        if not latest.is_file():
+            return None, None
+        path = Path(root, latest.read_text().strip())
+        states = self._states()
+        dcp.load(states, checkpoint_id=str(path))
+        set_state_dict(self.module, self.optimizer, model_state_dict=states["model"],
+                       optim_state_dict=states["optim"])
+        return str(path), json.loads(Path(path, "client_state.json").read_text())
+
+    def destroy(self) -> None:
+        pass
+
+
 def peak_memory_bytes() -> int:
     """Peak memory of this rank: CUDA allocator peak on GPU, else the process's peak resident set."""
     if torch.cuda.is_available():
@@ -186,11 +277,14 @@ def train(args) -> int:
         ds_path = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or str(DEFAULT_DS_CONFIG)
         seq_len = check_sequence_length(args.seq_len, sp, pad=not args.no_pad)
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        config = load_config(ds_path, fill={
-            "train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
-            "gradient_clipping": args.grad_clip, "bf16.enabled": bf16,
-        })
-        check_config(config, sp)
+        if args.fsdp2:
+            config, fsdp_kwargs = None, fsdp2_options(bf16)
+        else:
+            config = load_config(ds_path, fill={
+                "train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
+                "gradient_clipping": args.grad_clip, "bf16.enabled": bf16,
+            })
+            check_config(config, sp)
         parse_pattern(args.pattern)
         memory = parse_memory_options(args.memory)
         if args.data != "passkey" and args.model is None:
@@ -203,13 +297,17 @@ def train(args) -> int:
         log.info(f"--seq-len {args.seq_len} padded to {seq_len} so that it shards over the ring")
 
     model = build_model(args, sp, config, memory)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    engine, *_ = ds_initialize(model, sp, config, optimizer=opt)
-    stage = config["zero_optimization"]["stage"]
+    if args.fsdp2:  # shard first: the optimizer is made over the DTensor shards
+        ds_ring.fully_shard(model, sp, **fsdp_kwargs)
+        engine = FSDP2Engine(model, torch.optim.AdamW(model.parameters(), lr=args.lr), args.grad_accum, args.grad_clip)
+        what = "FSDP2 (" + ", ".join(f"{k}={v}" for k, v in fsdp_kwargs.items()) + ")"
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        engine, *_ = ds_initialize(model, sp, config, optimizer=opt)
+        what = f"ZeRO-{config['zero_optimization']['stage']} ({ds_path})"
     log.info(f"ds_ring: world {sp.world_size} = {sp.dp_size} ring(s) x sp_size {sp.sp_size} ({sp.ring_size} ring "
              f"positions x Ulysses {sp.ulysses_size}), layout {sp.layout}, "
-             f"pattern {args.pattern}, ZeRO-{stage} ({ds_path}), seq_len {seq_len} "
-             f"({seq_len // sp.sp_size} tokens per rank)")
+             f"pattern {args.pattern}, {what}, seq_len {seq_len} ({seq_len // sp.sp_size} tokens per rank)")
 
     start = 0
     if args.resume:
@@ -236,7 +334,7 @@ def train(args) -> int:
             engine.backward(loss)
         engine.step()
         loss_sum, n_micro = loss_sum + loss.item(), n_micro + 1
-        if n_micro == args.grad_accum:  # DeepSpeed stepped the optimizer
+        if n_micro == args.grad_accum:  # the engine stepped the optimizer
             last_loss, loss_sum, n_micro = loss_sum / n_micro, 0.0, 0
             done = step + 1
             tok_s = (done - start) * tokens_per_step / (time.perf_counter() - t0)

@@ -7,8 +7,12 @@ Any launcher works (CPU: gloo; GPU: NCCL); every ``TrainingArguments`` flag is a
     deepspeed --num_gpus 2 examples/train_with_trainer.py --deepspeed ds_config/zero3.json --sp_size 2
     torchrun --nproc_per_node 2 examples/train_with_trainer.py --deepspeed ds_config/zero3.json --sp_size 2
     accelerate launch --config_file integrations/accelerate/zero3.yaml examples/train_with_trainer.py --sp_size 2
+    accelerate launch --config_file integrations/accelerate/fsdp2.yaml examples/train_with_trainer.py --sp_size 2
 
-Under ``accelerate launch`` the DeepSpeed config comes from the YAML. ``--per_device_train_batch_size`` is the
+Under ``accelerate launch`` the DeepSpeed or FSDP config comes from the YAML. FSDP2 (``fsdp_version: 2``, or
+``--fsdp true --fsdp_config '{"version": 2}'``) trains with ds_ring's gradient rule; accelerate applies FSDP only on
+GPUs, and on a CPU machine the trainer refuses the FSDP config rather than train as DDP (use
+``examples/train_long_context.py --fsdp2`` there). FSDP1 is refused. ``--per_device_train_batch_size`` is the
 batch of one ring. Data: synthetic passkey retrieval (the key at the start of each sequence, the question at the
 end, the loss on the answer only), so a ring must attend across its ranks to learn it. Model: ``--model`` (hub id
 or local path) or, by default, the tiny Llama config shipped with ds_ring (random weights, no download).

@@ -95,6 +95,21 @@ def test_accelerate_launch_zero3_yaml(seed, reference):
     check(losses, reference)
 
 
+def test_fsdp2_torchrun_then_accelerate_yaml_resume(seed, reference, tmp_path):
+    """--fsdp2 (ds_ring.fully_shard, AdamW, clipping on DTensor gradients) under torchrun against one process; then
+    accelerate launch with integrations/accelerate/fsdp2.yaml (it selects FSDP2; fp32 here: --mixed_precision no)
+    resumes from the step-2 distributed checkpoint and must reproduce step 3."""
+    ckpt = tmp_path / "ckpt"
+    full = run(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                str(EXAMPLE), "--fsdp2", *common(seed), "--checkpoint-dir", str(ckpt), "--save-every", "2"])
+    check(full, reference)
+    (ckpt / "latest").write_text("step2")
+    resumed = run(["accelerate", "launch", "--config_file", "integrations/accelerate/fsdp2.yaml", "--mixed_precision",
+                   "no", "--main_process_port", str(free_port()), str(EXAMPLE), *common(seed),
+                   "--checkpoint-dir", str(ckpt), "--resume"])
+    assert resumed == pytest.approx({3: full[3]}, rel=1e-6)
+
+
 def save_tiny_model_with_tokenizer(path: Path, seed: int) -> None:
     """The example's initial weights plus a word-level tokenizer ("w<id>" -> id), all offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers

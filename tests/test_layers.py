@@ -21,6 +21,7 @@ PUBLIC = {
     "measure_peak_bytes", "memory_estimate", "offload_context", "optimize_memory", "patch", "plan", "restore_memory",
     "ring_dilated_attention", "sequence_logprobs", "shard_batch", "shard_sequence", "sp_dataloader", "teardown",
     "token_logprobs", "unpatch",
+    "fully_shard",  # issue 18
 }
 
 

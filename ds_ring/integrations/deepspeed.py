@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO with sequence parallelism: config loading/validation and an ``initialize`` that makes gradients exact.
 
 How DeepSpeed 0.19 reduces gradients when given ds_ring's mpu (measured, see tests/test_deepspeed_exactness.py):
-ZeRO-0/1/2 sum over the ranks of a ring and average over the data-parallel rings; ZeRO-3 (reduce-scatter path)
-averages over all sp_size x dp_size ranks. ``ds_ring.causal_lm_loss`` gives each ring rank its share of the gradient
-(the shares SUM to the ring's gradient), so ZeRO-3 needs the loss multiplied by sp_size before ``engine.backward``.
-``initialize`` does that inside ``engine.backward``; the loss value you log is untouched.
+ZeRO-0/1/2 sum over the ranks of a ring and average over the data-parallel rings, which is ds_ring's gradient rule
+(``ds_ring.parallel.gradients``); ZeRO-3 (reduce-scatter path) averages over all sp_size x dp_size ranks, so it needs
+the rule's loss factor (sp_size) before ``engine.backward``. ``initialize`` applies it inside ``engine.backward``;
+the loss value you log is untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..parallel.gradients import loss_factor
 from ..parallel.groups import SequenceParallel, new_group
 from ..parallel.lifecycle import on_teardown, release_captured_default_group
 
@@ -192,8 +193,10 @@ def check_sequence_length(seq_len: int, sp: SequenceParallel, *, pad: bool) -> i
 
 
 def gradient_factor(config: dict, sp: SequenceParallel) -> float:
-    """Loss multiplier making DeepSpeed's reduced gradient exact with ``ds_ring.causal_lm_loss`` (see module doc)."""
-    return float(sp.sp_size) if config["zero_optimization"]["stage"] == 3 else 1.0
+    """Loss multiplier making DeepSpeed's reduced gradient exact with ``ds_ring.causal_lm_loss`` (see module doc):
+    the gradient rule's factor for the ranks each stage averages over."""
+    averaged_over = sp.world_size if config["zero_optimization"]["stage"] == 3 else sp.dp_size
+    return loss_factor(sp, averaged_over)
 
 
 # What the memory switch sets in a ZeRO-3 config: release every gathered parameter right after the module that used

@@ -12,9 +12,10 @@ through the patched model, and the loss is the ring's loss over the whole sequen
   Trainer's token normalisation (``num_items_in_batch``, ``average_tokens_across_devices``) counts each ring once. A
   trainer whose loss no adapter implements is refused at construction;
 - gradients: each ring rank holds its share of the ring's gradient. The shares are SUMMED over the ring and
-  AVERAGED over the rings: DDP gets a communication hook that does this in its one all-reduce; DeepSpeed gets
-  ds_ring's groups as ``mpu`` through ``ds_ring.integrations.deepspeed.initialize`` (which also applies its ZeRO-3
-  loss factor);
+  AVERAGED over the rings (``ds_ring.parallel.gradients``, the rule's one home): DDP gets its communication hook
+  (one all-reduce); DeepSpeed gets ds_ring's groups as ``mpu`` through ``ds_ring.integrations.deepspeed.initialize``
+  (which also applies its ZeRO-3 loss factor); accelerate's FSDP2 gets the rule's divide factor through
+  ``ds_ring.integrations.fsdp2.apply_gradient_rule``, the code ``ds_ring.fully_shard`` uses; FSDP1 is refused;
 - gathers (logged token counts, evaluation losses and predictions): a ring's ranks hold the same values, so only the
   first rank of each ring counts.
 Logged and evaluated losses are the ring's global values, equal on every rank.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
+from ..parallel.gradients import ddp_comm_hook, gradient_divisor
 from ..parallel.groups import SequenceParallel, init_sequence_parallel
 from ..parallel.sharding import gather_sequence
 from ..training.data import shard_batch
@@ -41,6 +44,7 @@ from ..training.memory_switch import (
     optimize_memory,
     parse_memory_options,
 )
+from .fsdp2 import apply_gradient_rule
 from .transformers import patch
 
 __all__ = ["LOSS_ADAPTERS", "SequenceParallelMixin", "SequenceParallelTrainer"]
@@ -141,12 +145,41 @@ class SequenceParallelMixin:
         for name, (bad, fix) in refused.items():
             if bad:
                 raise ValueError(f"{type(self).__name__}: {name} is not supported under sequence parallelism: {fix}")
+        self._check_fsdp()
         if not self._loss_shifts_labels:
             raise NotImplementedError(
                 f"{type(self).__name__} trains causal language models (transformers' ForCausalLMLoss); "
                 f"{type(self.model).__name__} has loss_type {getattr(self.model, 'loss_type', None)!r}"
             )
         self._sp_loss.check(self, memory)
+
+    def _check_fsdp(self) -> None:
+        """FSDP2 trains with ds_ring's gradient rule (set in ``prepare``); FSDP1, and FSDP configured where accelerate
+        does not apply it, are refused."""
+        from accelerate.utils import DistributedType
+
+        if _has_fsdp2_units(self.model):
+            # transformers' from_pretrained(distributed_config=...) or the user's fully_shard: the Trainer then skips
+            # accelerate's wrapping (and ds_ring's prepare), and nothing would apply the gradient rule for its mesh
+            raise ValueError(
+                f"{type(self).__name__}: the model is already sharded with FSDP2 (e.g. from_pretrained("
+                "distributed_config=...)); pass an unsharded model and configure FSDP2 in accelerate (fsdp_version: "
+                "2, integrations/accelerate/fsdp2.yaml), or train it in your own loop after ds_ring.fully_shard")
+        version = _fsdp_version_asked(self.accelerator, self.args)
+        if version is None:
+            return
+        if version != 2:
+            raise ValueError(
+                f"{type(self).__name__}: FSDP version {version} is not supported under sequence parallelism: FSDP1 "
+                "averages its flat parameters' gradients over every rank with no public way to set the divisor, so "
+                "each ring's gradient would be divided by sp_size. Use FSDP2: fsdp_config={'version': 2} or "
+                "fsdp_version: 2 in the accelerate config (integrations/accelerate/fsdp2.yaml)")
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            raise RuntimeError(
+                f"{type(self).__name__}: FSDP is configured but accelerate does not apply it on this machine "
+                f"(distributed type {self.accelerator.distributed_type.value}; accelerate applies FSDP only on "
+                "accelerators), so training would run as plain DDP with the whole model on every rank. Without GPUs "
+                "use ds_ring.fully_shard in your own training loop, or remove the FSDP configuration to train as DDP")
 
     # ----- loss --------------------------------------------------------------------------------------------------
 
@@ -472,7 +505,9 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
             out = plain_prepare(*args, device_placement=device_placement)
         for obj in out if isinstance(out, tuple) else (out,):
             if isinstance(obj, nn.parallel.DistributedDataParallel) and sp.sp_size > 1:
-                obj.register_comm_hook(sp.dp_size, _sum_over_ring_mean_over_rings)
+                obj.register_comm_hook(gradient_divisor(sp), ddp_comm_hook)
+            elif getattr(accelerator, "is_fsdp2", False) and isinstance(obj, nn.Module):  # as ds_ring.fully_shard
+                apply_gradient_rule(obj, sp)
         return out
 
     accelerator.prepare_data_loader = ring_prepare_data_loader
@@ -480,13 +515,26 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
     accelerator.prepare = ring_prepare
 
 
-def _sum_over_ring_mean_over_rings(dp_size, bucket):
-    """DDP communication hook (``dp_size``: int, ``bucket``: ``dist.GradBucket`` -> ``Future[Tensor]``; no
-    annotations: DDP checks them, and this module's are strings): one all-reduce over every rank, divided by the
-    number of rings (DDP's own hook divides by the number of ranks). Each ring rank holds its share of the ring's
-    gradient, so this is the ring's gradient averaged over the rings."""
-    buf = bucket.buffer().div_(dp_size)
-    return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+def _has_fsdp2_units(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _fsdp_version_asked(accelerator, args) -> int | None:
+    """The FSDP version the run is configured for, None without FSDP: accelerate's plugin where it made one (only on
+    accelerators), else ``TrainingArguments(fsdp=..., fsdp_config=...)``, else ``accelerate launch``'s FSDP config
+    (its ACCELERATE_USE_FSDP / FSDP_VERSION environment, version 1 by default as in accelerate)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        return int(plugin.fsdp_version)
+    if getattr(args, "fsdp_plugin_args", None):
+        return int(args.fsdp_plugin_args.get("fsdp_version", 1))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
 
 
 @contextlib.contextmanager
