@@ -41,6 +41,7 @@ from ..training.memory_switch import (
     optimize_memory,
     parse_memory_options,
 )
+from ..training.model_state import TRAINER, RingState, state_of
 from .transformers import patch
 
 __all__ = ["LOSS_ADAPTERS", "SequenceParallelMixin", "SequenceParallelTrainer"]
@@ -112,7 +113,7 @@ class SequenceParallelMixin:
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         if memory is not None:
             optimize_memory(self.model, sp, **memory)
-        _make_accelerator_ring_aware(self.accelerator, sp)
+        _make_accelerator_ring_aware(self.accelerator, sp, state_of(self.model))
 
     def _check_trainer_setup(self, memory: dict[str, Any] | None) -> None:
         """What the sequence-parallel path does not implement, refused before any group or engine exists."""
@@ -291,7 +292,7 @@ class CausalLMLoss(LossAdapter):
     describes = "the causal-LM loss"
 
     def compute_loss(self, trainer, model, inputs, return_outputs, num_items_in_batch):
-        opts = getattr(trainer.accelerator.unwrap_model(model), "_ds_ring_memory", None)  # set by optimize_memory
+        opts = getattr(state_of(trainer.accelerator.unwrap_model(model)), "memory", None)  # set by optimize_memory
         chunked = opts is not None and opts.chunked_loss and not return_outputs
         outputs, shift_labels = trainer._forward_shard(model, inputs, with_labels=chunked)
         # mean over this batch's targets in the ring
@@ -390,9 +391,9 @@ def loss_adapter(cls: type) -> LossAdapter:
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------
 
 
-def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
+def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel, state: RingState) -> None:
     """Override, on this Accelerator instance only, the three methods that treat every process as a data-parallel
-    rank. accelerate has no notion of ranks sharing a batch other than its own ``parallelism_config``, which only
+    rank, recorded in the model's ``state`` (``ds_ring.unpatch`` puts them back). accelerate has no notion of ranks sharing a batch other than its own ``parallelism_config``, which only
     runs DeepSpeed Ulysses with its built-in attention names, so it cannot carry ds_ring's rings."""
     from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import DistributedType, recursively_apply
@@ -440,9 +441,9 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
                 obj.register_comm_hook(sp.dp_size, _sum_over_ring_mean_over_rings)
         return out
 
-    accelerator.prepare_data_loader = ring_prepare_data_loader
-    accelerator.gather = ring_gather
-    accelerator.prepare = ring_prepare
+    for name, method in (("prepare_data_loader", ring_prepare_data_loader), ("gather", ring_gather),
+                         ("prepare", ring_prepare)):
+        state.swap(accelerator, name, method, TRAINER)
 
 
 def _sum_over_ring_mean_over_rings(dp_size, bucket):

@@ -19,6 +19,7 @@ options cut them, each selectable alone:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 import warnings
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..parallel.groups import SequenceParallel
 from .loss import chunked_causal_lm_loss
+from .model_state import MEMORY, RingState, attach, detach_if_empty, state_of
 
 # Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -37,7 +39,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    """What ``optimize_memory`` switched on for a model (``model._ds_ring_memory``)."""
+    """What ``optimize_memory`` switched on for a model (its ``RingState.memory``)."""
 
     checkpointing: bool = True
     chunked_loss: bool = True
@@ -66,7 +68,7 @@ def optimize_memory(
     when called with ``shift_labels`` from ``ds_ring.shard_batch``. Run each step's forward and backward inside
     ``with ds_ring.offload_context(model):`` (a no-op unless offload is active).
     """
-    if hasattr(model, "_ds_ring_memory"):
+    if getattr(state_of(model), "memory", None) is not None:
         raise ValueError("optimize_memory: the model is already optimized; call ds_ring.restore_memory(model) first")
     if offload not in (True, False, "auto"):
         raise ValueError(f"optimize_memory: offload must be True, False or 'auto', got {offload!r}")
@@ -87,27 +89,32 @@ def optimize_memory(
     mlps = _token_wise_mlps(model) if tiled_mlp else []
     if chunked_loss:
         _check_plain_lm_head(model)
-    undo = []
+    state = attach(model)
+    state.memory, state.sp = opts, sp
     if checkpointing and not model.is_activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        undo.append(model.activation_checkpointing_disable)
+        _enable_checkpointing(model, state)
     if chunked_loss:
-        model.forward = types.MethodType(_chunked_loss_forward, model)
-        undo.append(lambda: model.__dict__.pop("forward"))
+        state.swap(model, "forward", types.MethodType(_chunked_loss_forward, model), MEMORY)
     if mlps:
-        chunk = mlp_chunk_tokens or model.config.get_text_config().hidden_size
+        state.mlp_chunk_tokens = mlp_chunk_tokens or model.config.get_text_config().hidden_size
         base = getattr(model, "base_model", model)  # also reached when the decoder is called on its own
-        handle = base.register_forward_pre_hook(_agree_on_tiles, with_kwargs=True)
-        undo.append(handle.remove)
-        undo.append(lambda: base.__dict__.pop("_ds_ring_tiles_agreed", None))
+        state.record(MEMORY, base.register_forward_pre_hook(_agree_on_tiles, with_kwargs=True).remove)
         for mlp in mlps:
-            mlp._ds_ring_tiles = (base, chunk)
-            mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
-            undo.append(lambda m=mlp: (m.__dict__.pop("forward"), delattr(m, "_ds_ring_tiles")))
-    model._ds_ring_memory = opts
-    model._ds_ring_memory_sp = sp
-    model._ds_ring_memory_undo = undo
+            state.swap(mlp, "forward", types.MethodType(_tiled_mlp_forward, mlp), MEMORY)
     return model
+
+
+def _enable_checkpointing(model: nn.Module, state: RingState) -> None:
+    """transformers' activation checkpointing (non-reentrant), recorded so that undoing it leaves nothing behind:
+    ``activation_checkpointing_disable`` keeps the flags and checkpoint functions it set on the modules, and the
+    forward hook that makes the input embeddings' output require grad (it removes that one only under PEFT)."""
+    hooks_before = list(getattr(model, "_require_grads_hooks", None) or [])
+    state.record_attributes(model, MEMORY, functools.partial(
+        model.activation_checkpointing_enable, activation_checkpointing_kwargs={"use_reentrant": False}))
+    for hook in getattr(model, "_require_grads_hooks", None) or []:
+        if hook not in hooks_before:
+            state.record(MEMORY, hook.remove)
+    state.record(MEMORY, model.activation_checkpointing_disable)  # undone first: then the attributes, the hooks
 
 
 PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload")
@@ -131,14 +138,12 @@ def parse_memory_options(text: str) -> dict[str, bool | str] | None:
 
 
 def restore_memory(model: nn.Module) -> nn.Module:
-    """Undo ``optimize_memory``."""
-    if not hasattr(model, "_ds_ring_memory"):
+    """Undo ``optimize_memory`` (``ds_ring.unpatch`` undoes it too, with the rest of what ds_ring did)."""
+    state = state_of(model)
+    if state is None or state.memory is None:
         raise ValueError("restore_memory: the model was not optimized with ds_ring.optimize_memory")
-    for fn in reversed(model._ds_ring_memory_undo):
-        fn()
-    for attr in ("_ds_ring_memory", "_ds_ring_memory_sp", "_ds_ring_memory_undo", "_ds_ring_offload",
-                 "_ds_ring_offload_warned"):
-        model.__dict__.pop(attr, None)
+    state.undo(MEMORY)
+    detach_if_empty(model)
     return model
 
 
@@ -148,23 +153,24 @@ def offload_context(model: nn.Module) -> contextlib.AbstractContextManager:
 
     One offload manager per model, reused every step (as DeepSpeed recommends).
     """
-    opts: MemoryOptions | None = getattr(model, "_ds_ring_memory", None)
+    state = state_of(model)
+    opts: MemoryOptions | None = None if state is None else state.memory
     if opts is None or opts.offload is False:
         return contextlib.nullcontext()
     on_accelerator = next(model.parameters()).device.type != "cpu"
     if not on_accelerator:
-        if opts.offload is True and not getattr(model, "_ds_ring_offload_warned", False):
+        if opts.offload is True and not state.offload_warned:
             warnings.warn("ds_ring.offload_context: the model is on the CPU; DeepSpeed's checkpoint offload only moves "
                           "tensors off an accelerator, so nothing is offloaded", stacklevel=2)
-            model._ds_ring_offload_warned = True
+            state.offload_warned = True
         return contextlib.nullcontext()
-    if "_ds_ring_offload" not in model.__dict__:
+    if state.offload_manager is None:
         from deepspeed.runtime.activation_checkpointing.offload_activations import (
             get_checkpoint_hidden_states_offloading_ctx_manager,
         )
 
-        model._ds_ring_offload = get_checkpoint_hidden_states_offloading_ctx_manager()
-    return model._ds_ring_offload
+        state.offload_manager = get_checkpoint_hidden_states_offloading_ctx_manager()
+    return state.offload_manager
 
 
 # ----- chunked loss ------------------------------------------------------------------------------------------------
@@ -188,7 +194,8 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
     """Forward of a model with the chunked loss: with ``shift_labels`` (or ``labels`` on one rank), the decoder runs
     and ``out.loss`` is ``chunked_causal_lm_loss`` of its last hidden states (``out.logits`` is None); without
     labels, the model's own forward (logits for evaluation or generation)."""
-    sp = self._ds_ring_memory_sp
+    state = state_of(self)
+    sp = state.sp
     if shift_labels is None and labels is None:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   inputs_embeds=inputs_embeds, **kwargs)
@@ -204,9 +211,8 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
 
     out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           inputs_embeds=inputs_embeds, **kwargs)
-    opts: MemoryOptions = self._ds_ring_memory
     loss = chunked_causal_lm_loss(out[0], self.get_output_embeddings(), shift_labels, sp,
-                                  chunk_tokens=opts.loss_chunk_tokens)
+                                  chunk_tokens=state.memory.loss_chunk_tokens)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
@@ -237,8 +243,8 @@ def _plain_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    base, chunk = self._ds_ring_tiles
-    tiles = base.__dict__.get("_ds_ring_tiles_agreed") or math.ceil(x.shape[-2] / chunk)
+    state = state_of(self)
+    tiles = state.mlp_tiles or math.ceil(x.shape[-2] / state.mlp_chunk_tokens)
     if tiles <= 1:
         return _plain_mlp(self, x)
     return TiledMLP.apply(_plain_mlp, self, x, tiles, [p for p in self.parameters() if p.requires_grad])
@@ -251,7 +257,8 @@ def _agree_on_tiles(base: nn.Module, args: tuple, kwargs: dict) -> None:
     of tiles: the longest local length is agreed (one all-gather of one integer per forward), and lengths that
     ``torch.chunk`` would cut into different numbers of tiles raise the same error on every rank.
     """
-    base._ds_ring_tiles_agreed = None
+    state = state_of(base)
+    state.mlp_tiles = None
     x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if x is None and args:
         x = args[0]
@@ -263,11 +270,10 @@ def _agree_on_tiles(base: nn.Module, args: tuple, kwargs: dict) -> None:
     lengths = torch.empty(dist.get_world_size(), dtype=torch.int64, device=x.device)
     dist.all_gather_into_tensor(lengths, mine)
     lengths = lengths.tolist()
-    chunk = next(m._ds_ring_tiles[1] for m in base.modules() if hasattr(m, "_ds_ring_tiles"))
-    tiles = math.ceil(max(lengths) / chunk)
+    tiles = math.ceil(max(lengths) / state.mlp_chunk_tokens)
     counts = {len(range(0, n, math.ceil(n / tiles))) for n in lengths}
     if len(counts) > 1:
         raise ValueError(f"tiled MLP under ZeRO-3: the local sequence lengths {sorted(set(lengths))} would be cut into "
                          f"different numbers of tiles ({sorted(counts)}), and every tile gathers weights on all ranks; "
                          "use equal lengths on every rank or a larger mlp_chunk_tokens")
-    base._ds_ring_tiles_agreed = tiles
+    state.mlp_tiles = tiles
