@@ -35,7 +35,7 @@ from transformers import Trainer
 from ..parallel.groups import SequenceParallel, init_sequence_parallel
 from ..parallel.sharding import gather_sequence
 from ..training.data import shard_batch
-from ..training.loss import causal_lm_loss, ring_mean_and_sums
+from ..training.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets, ring_mean_and_sums
 from ..training.memory_switch import (
     offload_context,
     optimize_memory,
@@ -46,13 +46,11 @@ from .transformers import patch
 
 __all__ = ["LOSS_ADAPTERS", "SequenceParallelMixin", "SequenceParallelTrainer"]
 
-IGNORE_INDEX = -100  # the Trainer's and transformers' loss ignore index
-
 
 def _targets(labels: torch.Tensor) -> torch.Tensor:
-    """How many positions of a full batch have a target: ``labels[:, i + 1] != -100`` (``shard_batch``'s shift, and
-    the count ``Trainer`` uses for causal LMs)."""
-    return labels[..., 1:].ne(IGNORE_INDEX).sum()
+    """How many positions of a full batch have a target (``shard_batch``'s shift, and the count ``Trainer`` uses
+    for causal LMs)."""
+    return next_token_targets(labels).ne(IGNORE_INDEX).sum()
 
 
 class SequenceParallelMixin:
@@ -393,8 +391,9 @@ def loss_adapter(cls: type) -> LossAdapter:
 
 def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel, state: RingState) -> None:
     """Override, on this Accelerator instance only, the three methods that treat every process as a data-parallel
-    rank, recorded in the model's ``state`` (``ds_ring.unpatch`` puts them back). accelerate has no notion of ranks sharing a batch other than its own ``parallelism_config``, which only
-    runs DeepSpeed Ulysses with its built-in attention names, so it cannot carry ds_ring's rings."""
+    rank, recorded in the model's ``state`` (``ds_ring.unpatch`` puts them back). accelerate has no notion of ranks
+    sharing a batch other than its own ``parallelism_config``, which only runs DeepSpeed Ulysses with its built-in
+    attention names, so it cannot carry ds_ring's rings."""
     from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import DistributedType, recursively_apply
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel.groups import SequenceParallel
-from .loss import chunked_causal_lm_loss
+from .loss import chunked_causal_lm_loss, next_token_targets
 from .model_state import MEMORY, RingState, attach, detach_if_empty, state_of
 
 # Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
@@ -206,7 +206,7 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
         if sp is not None and sp.sp_size > 1:
             raise ValueError("with a ring of several ranks pass shift_labels (from ds_ring.shard_batch), not labels: "
                              "a shard cannot shift its labels alone")
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        shift_labels = next_token_targets(labels)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
