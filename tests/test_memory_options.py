@@ -195,11 +195,13 @@ def test_options_validation_and_parsing():
     from ds_ring.training.memory_switch import parse_memory_options
 
     assert parse_memory_options("off") is None
-    assert parse_memory_options("long")["offload"] == "auto"
+    assert parse_memory_options("long")["offload_checkpoints"] == "auto"
     assert parse_memory_options("chunked_loss,tiled-mlp") == {"checkpointing": False, "chunked_loss": True,
-                                                              "tiled_mlp": True, "offload": False}
+                                                              "tiled_mlp": True, "offload_checkpoints": False}
     with pytest.raises(ValueError, match="unknown"):
         parse_memory_options("chunked_loss,fast")
+    with pytest.raises(ValueError, match="offload is now called offload_checkpoints"):  # the old spelling
+        parse_memory_options("checkpointing,offload")
     model = build_model(tied=False)
     ds_ring.optimize_memory(model)
     with pytest.raises(ValueError, match="already optimized"):
@@ -207,10 +209,12 @@ def test_options_validation_and_parsing():
     ds_ring.restore_memory(model)
     assert "forward" not in model.__dict__ and not model.is_activation_checkpointing
     assert all("forward" not in m.__dict__ for m in model.modules())
+    with pytest.raises(TypeError, match="offload is now called offload_checkpoints"):  # the old spelling
+        ds_ring.optimize_memory(model, offload=False)
     with pytest.raises(ValueError, match="needs checkpointing"):
-        ds_ring.optimize_memory(model, checkpointing=False, offload=True)
+        ds_ring.optimize_memory(model, checkpointing=False, offload_checkpoints=True)
     with pytest.warns(UserWarning, match="nothing is offloaded"):
-        ds_ring.optimize_memory(model, offload=True)
+        ds_ring.optimize_memory(model, offload_checkpoints=True)
         ctx = ds_ring.offload_context(model)
     assert ctx.__class__.__name__ == "nullcontext"
 

@@ -9,8 +9,9 @@ options cut them, each selectable alone:
   final hidden states (no logits at all);
 * ``tiled_mlp``: every decoder layer's MLP runs through DeepSpeed's ``TiledMLP`` (ALST), ``mlp_chunk_tokens`` rows at
   a time in forward and again in backward;
-* ``offload``: DeepSpeed's ``CheckpointHiddenStatesOffload`` (ALST) keeps the checkpointed layer inputs in pinned host
-  memory; it acts only on an accelerator (DeepSpeed skips tensors that are not on one), and runs inside
+* ``offload_checkpoints``: DeepSpeed's ``CheckpointHiddenStatesOffload`` (ALST) keeps the checkpointed layer inputs
+  in pinned host memory (the name says which offload: ``ds_ring.plan``'s ``offload_optimizer`` / ``offload_params``
+  are DeepSpeed's ZeRO offloads); it acts only on an accelerator (DeepSpeed skips tensors that are not on one), and runs inside
   ``offload_context(model)`` around each step's forward and backward.
 
 ``ds_ring.plan`` predicts the per-rank memory of a step with any combination of them.
@@ -24,6 +25,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,7 @@ class MemoryOptions:
     checkpointing: bool = True
     chunked_loss: bool = True
     tiled_mlp: bool = True
-    offload: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
+    offload_checkpoints: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
     loss_chunk_tokens: int | None = None  # None: ds_ring.training.loss.LOSS_CHUNK_ELEMENTS // vocab
     mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
@@ -56,9 +58,10 @@ def optimize_memory(
     checkpointing: bool = True,
     chunked_loss: bool = True,
     tiled_mlp: bool = True,
-    offload: bool | str = "auto",
+    offload_checkpoints: bool | str = "auto",
     loss_chunk_tokens: int | None = None,
     mlp_chunk_tokens: int | None = None,
+    **renamed: Any,
 ) -> nn.Module:
     """Switch ``model`` (a transformers causal LM) to the long-sequence memory options in place; return it.
 
@@ -66,26 +69,11 @@ def optimize_memory(
     ``deepspeed.initialize``; ``restore_memory(model)`` undoes it. ``sp`` (the ring) is needed by the chunked loss:
     the forward then returns ``causal_lm_loss``'s value and gradient share (``out.loss``; ``out.logits`` is None)
     when called with ``shift_labels`` from ``ds_ring.shard_batch``. Run each step's forward and backward inside
-    ``with ds_ring.offload_context(model):`` (a no-op unless offload is active).
+    ``with ds_ring.offload_context(model):`` (a no-op unless checkpoint offload is active).
     """
-    if getattr(state_of(model), "memory", None) is not None:
-        raise ValueError("optimize_memory: the model is already optimized; call ds_ring.restore_memory(model) first")
-    if offload not in (True, False, "auto"):
-        raise ValueError(f"optimize_memory: offload must be True, False or 'auto', got {offload!r}")
-    if offload is True and not checkpointing and not getattr(model, "is_activation_checkpointing", False):
-        raise ValueError("optimize_memory: offload=True moves the checkpointed layer inputs to the host and needs "
-                         "checkpointing=True (or activation checkpointing already enabled on the model)")
-    for name, v in (("loss_chunk_tokens", loss_chunk_tokens), ("mlp_chunk_tokens", mlp_chunk_tokens)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"optimize_memory: {name} must be a positive int or None, got {v!r}")
-    opts = MemoryOptions(checkpointing, chunked_loss, tiled_mlp, offload, loss_chunk_tokens, mlp_chunk_tokens)
-    if tiled_mlp:
-        try:
-            from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP  # noqa: F401
-        except ImportError as e:
-            raise ImportError("optimize_memory(tiled_mlp=True) runs DeepSpeed's TiledMLP (deepspeed.runtime."
-                              "sequence_parallel.ulysses_sp, DeepSpeed 0.19 tested): upgrade deepspeed or pass "
-                              "tiled_mlp=False") from e
+    opts = _checked_options(model, renamed, checkpointing=checkpointing, chunked_loss=chunked_loss,
+                            tiled_mlp=tiled_mlp, offload_checkpoints=offload_checkpoints,
+                            loss_chunk_tokens=loss_chunk_tokens, mlp_chunk_tokens=mlp_chunk_tokens)
     mlps = _token_wise_mlps(model) if tiled_mlp else []
     if chunked_loss:
         _check_plain_lm_head(model)
@@ -104,6 +92,35 @@ def optimize_memory(
     return model
 
 
+def _checked_options(model: nn.Module, renamed: dict[str, Any], **options: Any) -> MemoryOptions:
+    """``optimize_memory``'s arguments, refused before anything changes if they cannot work."""
+    if renamed:
+        raise TypeError(f"optimize_memory: unexpected keyword argument(s) {sorted(renamed)}"
+                        + ("; offload is now called offload_checkpoints" if "offload" in renamed else ""))
+    opts = MemoryOptions(**options)
+    if getattr(state_of(model), "memory", None) is not None:
+        raise ValueError("optimize_memory: the model is already optimized; call ds_ring.restore_memory(model) first")
+    if opts.offload_checkpoints not in (True, False, "auto"):
+        raise ValueError(f"optimize_memory: offload_checkpoints must be True, False or 'auto', got "
+                         f"{opts.offload_checkpoints!r}")
+    if (opts.offload_checkpoints is True and not opts.checkpointing
+            and not getattr(model, "is_activation_checkpointing", False)):
+        raise ValueError("optimize_memory: offload_checkpoints=True moves the checkpointed layer inputs to the host "
+                         "and needs checkpointing=True (or activation checkpointing already enabled on the model)")
+    for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+        v = getattr(opts, name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"optimize_memory: {name} must be a positive int or None, got {v!r}")
+    if opts.tiled_mlp:
+        try:
+            from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP  # noqa: F401
+        except ImportError as e:
+            raise ImportError("optimize_memory(tiled_mlp=True) runs DeepSpeed's TiledMLP (deepspeed.runtime."
+                              "sequence_parallel.ulysses_sp, DeepSpeed 0.19 tested): upgrade deepspeed or pass "
+                              "tiled_mlp=False") from e
+    return opts
+
+
 def _enable_checkpointing(model: nn.Module, state: RingState) -> None:
     """transformers' activation checkpointing (non-reentrant), recorded so that undoing it leaves nothing behind:
     ``activation_checkpointing_disable`` keeps the flags and checkpoint functions it set on the modules, and the
@@ -117,23 +134,24 @@ def _enable_checkpointing(model: nn.Module, state: RingState) -> None:
     state.record(MEMORY, model.activation_checkpointing_disable)  # undone first: then the attributes, the hooks
 
 
-PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload")
+PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload_checkpoints")
 
 
 def parse_memory_options(text: str) -> dict[str, bool | str] | None:
-    """A command-line spelling of the options: ``"long"`` (all on, offload on an accelerator), ``"off"`` (None: do
-    not call ``optimize_memory``), or a comma list of ``checkpointing, chunked_loss, tiled_mlp, offload`` (the
-    others off). Returns ``optimize_memory``'s keyword arguments."""
+    """A command-line spelling of the options: ``"long"`` (all on, checkpoint offload on an accelerator), ``"off"``
+    (None: do not call ``optimize_memory``), or a comma list of ``checkpointing, chunked_loss, tiled_mlp,
+    offload_checkpoints`` (the others off). Returns ``optimize_memory``'s keyword arguments."""
     text = text.strip().lower()
     if text == "off":
         return None
     if text == "long":
-        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload="auto")
+        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload_checkpoints="auto")
     parts = [p.strip().replace("-", "_") for p in text.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
+        renamed = "; offload is now called offload_checkpoints" if "offload" in unknown else ""
         raise ValueError(f"memory options {text!r}: use 'long', 'off' or a comma list of {', '.join(PARTS)} "
-                         f"(unknown: {unknown})")
+                         f"(unknown: {unknown}{renamed})")
     return {p: p in parts for p in PARTS}
 
 
@@ -149,17 +167,17 @@ def restore_memory(model: nn.Module) -> nn.Module:
 
 def offload_context(model: nn.Module) -> contextlib.AbstractContextManager:
     """The context one training step's forward AND backward run in: DeepSpeed's ``CheckpointHiddenStatesOffload``
-    when offload is on for ``model`` and its parameters are on an accelerator, else a no-op.
+    when ``offload_checkpoints`` is on for ``model`` and its parameters are on an accelerator, else a no-op.
 
     One offload manager per model, reused every step (as DeepSpeed recommends).
     """
     state = state_of(model)
     opts: MemoryOptions | None = None if state is None else state.memory
-    if opts is None or opts.offload is False:
+    if opts is None or opts.offload_checkpoints is False:
         return contextlib.nullcontext()
     on_accelerator = next(model.parameters()).device.type != "cpu"
     if not on_accelerator:
-        if opts.offload is True and not state.offload_warned:
+        if opts.offload_checkpoints is True and not state.offload_warned:
             warnings.warn("ds_ring.offload_context: the model is on the CPU; DeepSpeed's checkpoint offload only moves "
                           "tensors off an accelerator, so nothing is offloaded", stacklevel=2)
             state.offload_warned = True
