@@ -133,7 +133,7 @@ def _ring_mean(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParall
 
 
 def ring_mean_and_sums(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None,
-                       ignore_index: int = -100, extra: tuple[torch.Tensor, ...] = ()
+                       ignore_index: int = IGNORE_INDEX, extra: tuple[torch.Tensor, ...] = ()
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``causal_lm_loss``'s reduction of a rank's summed token losses ``local_sum`` (fp32 scalar) over targets
     ``labels`` (this shard's shift_labels): (the loss, the ring's target count, the ring's sums of ``extra``).
