@@ -8,7 +8,7 @@ with labels = input_ids, all candidates on the same weights:
   * ``ds_ring``: ring attention (``ds_ring.patch``, zigzag), ``causal_lm_loss`` on full logits: the switch off;
   * ``ds_ring+ckpt``: the same with activation checkpointing only (``optimize_memory`` with every other part off);
   * ``ds_ring tiled``: chunked loss and tiled MLP, no checkpointing;
-  * ``ds_ring long``: ``ds_ring.optimize_memory(model, sp)``: all of it (offload is a no-op on CPU);
+  * ``ds_ring long``: ``ds_ring.optimize_memory(model, sp)``: all of it (checkpoint offload is a no-op on CPU);
   * ``FSDP2 long``: the same model and switch, sharded by torch FSDP2 instead of ZeRO-3 (``ds_ring.fully_shard``:
     each decoder layer and the root over both ranks, fp32, torch AdamW, ``clip_grad_norm_`` 1.0 as the ZeRO config);
   * ``ALST``: DeepSpeed Ulysses attention with ArcticTraining's recipe: activation checkpointing, DeepSpeed's
@@ -58,8 +58,8 @@ NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "FSDP2 long
 # optimize_memory arguments of the ds_ring candidates (None: not optimized)
 DS_RING_OPTIONS = {
     "ds_ring": None,
-    "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False, offload=False),
-    "ds_ring tiled": dict(checkpointing=False, offload=False),
+    "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False, offload_checkpoints=False),
+    "ds_ring tiled": dict(checkpointing=False, offload_checkpoints=False),
     "ds_ring long": {},
 }
 # ds_ring.plan's options for each candidate

@@ -43,5 +43,5 @@ def test_demo_runs_short():
 
 def test_demo_rejects_unshardable_length():
     args = build_parser().parse_args(["demo", "--seq-len", "130"])  # 130 is not a multiple of 2 ranks x 2 (zigzag)
-    with pytest.raises(SystemExit, match="--seq-len 130 must be a multiple of 4"):
+    with pytest.raises(SystemExit, match="--seq-len: sequence length 130 is not a multiple of 4 .*pad it to 132"):
         args.func(args)  # refused in the parent, before any rank is spawned

@@ -75,7 +75,7 @@ def _model_case(sp, base, batch, options):
     ds_ring.optimize_memory(model, sp, loss_chunk_tokens=5, mlp_chunk_tokens=4, **options)
     local = ds_ring.shard_batch(batch, sp)
     labels = local.pop("shift_labels")
-    if model._ds_ring_memory.chunked_loss:
+    if model._ds_ring.memory.chunked_loss:
         loss = model(**local, shift_labels=labels).loss
     else:
         loss = ds_ring.causal_lm_loss(model(**local).logits, labels, sp)
@@ -195,11 +195,13 @@ def test_options_validation_and_parsing():
     from ds_ring.training.memory_switch import parse_memory_options
 
     assert parse_memory_options("off") is None
-    assert parse_memory_options("long")["offload"] == "auto"
+    assert parse_memory_options("long")["offload_checkpoints"] == "auto"
     assert parse_memory_options("chunked_loss,tiled-mlp") == {"checkpointing": False, "chunked_loss": True,
-                                                              "tiled_mlp": True, "offload": False}
+                                                              "tiled_mlp": True, "offload_checkpoints": False}
     with pytest.raises(ValueError, match="unknown"):
         parse_memory_options("chunked_loss,fast")
+    with pytest.raises(ValueError, match="offload is now called offload_checkpoints"):  # the old spelling
+        parse_memory_options("checkpointing,offload")
     model = build_model(tied=False)
     ds_ring.optimize_memory(model)
     with pytest.raises(ValueError, match="already optimized"):
@@ -207,10 +209,12 @@ def test_options_validation_and_parsing():
     ds_ring.restore_memory(model)
     assert "forward" not in model.__dict__ and not model.is_activation_checkpointing
     assert all("forward" not in m.__dict__ for m in model.modules())
+    with pytest.raises(TypeError, match="offload is now called offload_checkpoints"):  # the old spelling
+        ds_ring.optimize_memory(model, offload=False)
     with pytest.raises(ValueError, match="needs checkpointing"):
-        ds_ring.optimize_memory(model, checkpointing=False, offload=True)
+        ds_ring.optimize_memory(model, checkpointing=False, offload_checkpoints=True)
     with pytest.warns(UserWarning, match="nothing is offloaded"):
-        ds_ring.optimize_memory(model, offload=True)
+        ds_ring.optimize_memory(model, offload_checkpoints=True)
         ctx = ds_ring.offload_context(model)
     assert ctx.__class__.__name__ == "nullcontext"
 
@@ -235,3 +239,55 @@ def test_chunked_loss_without_grad_makes_no_gradients():
                                                                                   chunk_tokens=32))
     assert abs(value.item() - ref.item()) < 1e-5 * ref.item()
     assert peak_train - peak_eval >= 4 * vocab * hidden  # the fp32 dL/dW is made only with grad
+
+
+def _what_ds_ring_may_change(model) -> dict:
+    """The config, and every module's instance attributes: plain values as they are, containers (hook dicts,
+    parameters, submodules) by size, anything else (a swapped forward, a state object) by type."""
+    view = {"config": model.config.to_json_string(use_diff=False)}
+    for name, m in model.named_modules():
+        view[name] = {k: v if isinstance(v, (bool, int, float, str, type(None))) else
+                      len(v) if isinstance(v, (dict, set, list)) else type(v).__name__ for k, v in vars(m).items()}
+    return view
+
+
+def _run(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Logits (no labels: the model's own forward), loss and gradients with labels (the chunked loss when on)."""
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    loss = model(**batch).loss
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_unpatch_restores_a_patched_memory_optimised_model():
+    """patch + optimize_memory (every option, tiles of 4 rows) + a training step, then ds_ring.unpatch: the model
+    equals a fresh one (state_dict, module attributes and hooks, config, outputs and gradients on fresh random
+    inputs). A deep copy of the patched model is patched on its own: unpatching it leaves the original patched."""
+    import ds_ring
+
+    seed = int(torch.randint(0, 10**6, ()))
+    (batch,) = batches(seed, 1)
+    fresh = build_model(tied=False, seed=seed).train()
+    model = build_model(tied=False, seed=seed).train()
+    ref_view = _what_ds_ring_may_change(fresh)
+    ds_ring.patch(model, layout="zigzag")
+    ds_ring.optimize_memory(model, loss_chunk_tokens=5, mlp_chunk_tokens=4)
+    assert _what_ds_ring_may_change(model) != ref_view  # the comparison sees what patch and optimize_memory did
+    with ds_ring.offload_context(model):
+        _run(model, batch)
+    twin = copy.deepcopy(model)
+    ds_ring.unpatch(twin)
+    assert model._ds_ring.settings.layout == "zigzag" and "forward" in vars(model) and model.is_activation_checkpointing
+    ds_ring.unpatch(model)
+    with pytest.raises(ValueError, match="was not patched"):
+        ds_ring.unpatch(model)
+    ref = _run(fresh, batch)
+    for m in (model, twin):
+        assert _what_ds_ring_may_change(m) == ref_view
+        assert not any(hasattr(sub, "_ds_ring") for sub in m.modules())
+        assert m.state_dict().keys() == fresh.state_dict().keys()
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in m.state_dict().items())
+        logits, loss, grads = _run(m, batch)
+        assert torch.equal(logits, ref[0]) and torch.equal(loss, ref[1])
+        assert all(torch.equal(g, ref[2][n]) for n, g in grads.items())

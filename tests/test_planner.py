@@ -25,7 +25,7 @@ SHAPES = {  # name: (config, sequence length)
     "untied, h=96": (dict(vocab_size=3000, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                           num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False), 2048),
 }
-MODES = {"off": None, "long": dict(offload=False)}
+MODES = {"off": None, "long": dict(offload_checkpoints=False)}
 
 
 def _model(cfg):

@@ -253,3 +253,26 @@ def test_misuse_is_refused_in_one_process(tmp_path):
                                       intermediate_size=64))
     with pytest.raises(NotImplementedError, match="trains causal language models"):
         SequenceParallelTrainer(model=bert, args=args, train_dataset=rows)
+
+
+def test_unpatch_undoes_the_trainer_memory_switch_and_patch(tmp_path):
+    """One process: the trainer patches the model, switches the memory options on and overrides three accelerator
+    methods, all recorded in the model's one state object; ds_ring.unpatch undoes all of it (the model then gives a
+    fresh model's logits on fresh random input)."""
+    import ds_ring
+    from ds_ring import SequenceParallelTrainer
+
+    seed = int(torch.randint(0, 10**6, ()))
+    fresh = build_model(seed)
+    trainer = SequenceParallelTrainer(model=build_model(seed), args=training_args(str(tmp_path), 0),
+                                      train_dataset=make_rows(0, 2), memory="long")
+    overridden = ("gather", "prepare", "prepare_data_loader")
+    model, acc = trainer.model, trainer.accelerator
+    assert all(name in vars(acc) for name in overridden) and model.config._attn_implementation == "ring_dilated"
+    ds_ring.unpatch(model)
+    assert not any(name in vars(acc) for name in overridden)  # the Accelerator class's methods again
+    assert not any(hasattr(m, "_ds_ring") or "forward" in vars(m) for m in model.modules())
+    assert model.config._attn_implementation == fresh.config._attn_implementation
+    assert not model.is_activation_checkpointing
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(model.eval()(input_ids=ids).logits, fresh.eval()(input_ids=ids).logits)

@@ -449,10 +449,10 @@ def test_patch_unpatch_and_generation_single_process():
 def test_two_models_keep_their_own_settings():
     a = ds_ring.patch(build("llama", 0), layout="zigzag", segment_lengths=[4, 8], dilation_rates=[1, 2])
     b = ds_ring.patch(build("llama", 0), local=True)
-    sa = {m._ds_ring for m in a.modules() if hasattr(m, "_ds_ring")}
-    sb = {m._ds_ring for m in b.modules() if hasattr(m, "_ds_ring")}
-    assert len(sa) == len(sb) == 1 and sa != sb
-    (sa,), (sb,) = sa, sb
+    sa = {id(m._ds_ring.settings): m._ds_ring.settings for m in a.modules()}  # every module: its model's settings
+    sb = {id(m._ds_ring.settings): m._ds_ring.settings for m in b.modules()}
+    assert len(sa) == len(sb) == 1 and sa.keys() != sb.keys()
+    (sa,), (sb,) = sa.values(), sb.values()
     assert (sa.layout, sa.segment_lengths, sa.dilation_rates, sa.local) == ("zigzag", (4, 8), (1, 2), False)
     assert (sb.layout, sb.segment_lengths, sb.local) == ("contiguous", None, True)
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..parallel.gradients import loss_factor
 from ..parallel.groups import SequenceParallel, new_group
 from ..parallel.lifecycle import on_teardown, release_captured_default_group
+from ..training.model_state import state_of
 
 __all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
            "initialize", "release_gathered_parameters"]
@@ -249,7 +250,7 @@ def initialize(
     config = load_config(config, fill)
     check_config(config, sp)
     if release_parameters is None:
-        release_parameters = hasattr(model, "_ds_ring_memory")
+        release_parameters = getattr(state_of(model), "memory", None) is not None  # optimize_memory's switch is on
     if release_parameters:
         changed = release_gathered_parameters(config)
         if changed and (not dist.is_initialized() or dist.get_rank() == 0):

@@ -38,24 +38,23 @@ from ..parallel.gradients import ddp_comm_hook, gradient_divisor
 from ..parallel.groups import SequenceParallel, init_sequence_parallel
 from ..parallel.sharding import gather_sequence
 from ..training.data import shard_batch
-from ..training.loss import causal_lm_loss, ring_mean_and_sums
+from ..training.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets, ring_mean_and_sums
 from ..training.memory_switch import (
     offload_context,
     optimize_memory,
     parse_memory_options,
 )
+from ..training.model_state import TRAINER, RingState, state_of
 from .fsdp2 import apply_gradient_rule
 from .transformers import patch
 
 __all__ = ["LOSS_ADAPTERS", "SequenceParallelMixin", "SequenceParallelTrainer"]
 
-IGNORE_INDEX = -100  # the Trainer's and transformers' loss ignore index
-
 
 def _targets(labels: torch.Tensor) -> torch.Tensor:
-    """How many positions of a full batch have a target: ``labels[:, i + 1] != -100`` (``shard_batch``'s shift, and
-    the count ``Trainer`` uses for causal LMs)."""
-    return labels[..., 1:].ne(IGNORE_INDEX).sum()
+    """How many positions of a full batch have a target (``shard_batch``'s shift, and the count ``Trainer`` uses
+    for causal LMs)."""
+    return next_token_targets(labels).ne(IGNORE_INDEX).sum()
 
 
 class SequenceParallelMixin:
@@ -118,7 +117,7 @@ class SequenceParallelMixin:
         patch(self.model, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         if memory is not None:
             optimize_memory(self.model, sp, **memory)
-        _make_accelerator_ring_aware(self.accelerator, sp)
+        _make_accelerator_ring_aware(self.accelerator, sp, state_of(self.model))
         self._sp_loss.setup(self, sp, segment_lengths, dilation_rates)
 
     def _check_trainer_setup(self, memory: dict[str, Any] | None) -> None:
@@ -344,7 +343,7 @@ class CausalLMLoss(LossAdapter):
     describes = "the causal-LM loss"
 
     def compute_loss(self, trainer, model, inputs, return_outputs, num_items_in_batch):
-        opts = getattr(trainer.accelerator.unwrap_model(model), "_ds_ring_memory", None)  # set by optimize_memory
+        opts = getattr(state_of(trainer.accelerator.unwrap_model(model)), "memory", None)  # set by optimize_memory
         chunked = opts is not None and opts.chunked_loss and not return_outputs
         outputs, shift_labels = trainer._forward_shard(model, inputs, with_labels=chunked)
         # mean over this batch's targets in the ring
@@ -458,10 +457,11 @@ LOSS_ADAPTERS_RESOLVED: dict[str, LossAdapter] = {}
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------
 
 
-def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
+def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel, state: RingState) -> None:
     """Override, on this Accelerator instance only, the three methods that treat every process as a data-parallel
-    rank. accelerate has no notion of ranks sharing a batch other than its own ``parallelism_config``, which only
-    runs DeepSpeed Ulysses with its built-in attention names, so it cannot carry ds_ring's rings."""
+    rank, recorded in the model's ``state`` (``ds_ring.unpatch`` puts them back). accelerate has no notion of ranks
+    sharing a batch other than its own ``parallelism_config``, which only runs DeepSpeed Ulysses with its built-in
+    attention names, so it cannot carry ds_ring's rings."""
     from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import DistributedType, recursively_apply
 
@@ -510,9 +510,9 @@ def _make_accelerator_ring_aware(accelerator, sp: SequenceParallel) -> None:
                 apply_gradient_rule(obj, sp)
         return out
 
-    accelerator.prepare_data_loader = ring_prepare_data_loader
-    accelerator.gather = ring_gather
-    accelerator.prepare = ring_prepare
+    for name, method in (("prepare_data_loader", ring_prepare_data_loader), ("gather", ring_gather),
+                         ("prepare", ring_prepare)):
+        state.swap(accelerator, name, method, TRAINER)
 
 
 def _has_fsdp2_units(model: nn.Module) -> bool:

@@ -9,8 +9,9 @@ Each rank feeds the model its own shard of input_ids / attention_mask and the GL
 (``ds_ring.shard_batch`` makes all three). K/V and the padding mask travel around the ring inside
 ``ds_ring.op.attention.ring_dilated_attention``.
 
-``patch`` puts the settings (group, layout, dilated pattern, local mode) on the model's modules as ``_ds_ring``, so
-two models in one process can use different patterns, and installs a forward pre-hook that runs the ring's
+``patch`` keeps the settings (group, layout, dilated pattern, local mode) in the model's ``RingState``
+(``ds_ring.training.model_state``: what ds_ring did to the model, on the model and each module), so two models in
+one process can use different patterns, and installs a forward pre-hook that runs the ring's
 agreement ONCE per model forward (shapes, options, global positions, which shards are padded) and passes its facts to
 every attention layer through the forward's keyword arguments (``ds_ring_facts``), which transformers hands down to
 the attention function and gradient checkpointing replays. A model switched with ``attn_implementation=
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from ..op.documents import PACKING_KEYS, document_ids_from
 from ..op.layouts import get_layout
 from ..parallel.groups import SequenceParallel
 from ..training.data import FINGERPRINT_KEY
+from ..training.model_state import PATCH, attach, detach_if_empty, state_of
 
 ATTN_IMPLEMENTATION = "ring_dilated"
 FACTS_KWARG = "ds_ring_facts"  # the forward kwarg that carries the agreement down to the attention layers
@@ -55,7 +58,7 @@ _PACKING_KWARGS_LATE = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "document_i
 
 @dataclass(frozen=True)
 class RingSettings:
-    """Per-model settings read by the attention function from ``module._ds_ring``."""
+    """Per-model settings read by the attention function from the module's ``RingState``."""
 
     group: dist.ProcessGroup | None = None  # None: WORLD (or a single process when not initialised)
     layout: str = "contiguous"
@@ -132,7 +135,7 @@ def ring_dilated_attention_forward(
     Precision is SDPA's: under ``torch.autocast`` q/k/v may arrive in different dtypes (Llama's RoPE gives fp32 q/k
     and a bf16 v); the op casts them to the autocast dtype and returns the output in it (``follow_autocast``).
     """
-    s: RingSettings = getattr(module, "_ds_ring", _DEFAULT)
+    s = _settings(module)
     name = _model_name(module)
     _refuse_unsupported(name, attention_mask, dropout, kwargs)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -157,6 +160,13 @@ def ring_dilated_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _settings(module: nn.Module) -> RingSettings:
+    """The ring settings the attention function runs ``module`` with: its model's, else the defaults (a model switched
+    with ``attn_implementation="ring_dilated"`` and no ``patch``)."""
+    state = state_of(module)
+    return _DEFAULT if state is None or state.settings is None else state.settings
+
+
 def _forward_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = kwargs.get("input_ids", args[0] if args else None)
     return kwargs.get("inputs_embeds") if x is None else x
@@ -168,7 +178,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     ``ds_ring_facts`` keyword argument. Packed documents come as ``document_ids`` (from ``ds_ring.shard_batch``) or,
     on one rank, as transformers passes them: restarting ``position_ids`` (no cache), ``seq_idx`` or
     ``cu_seq_lens_*``; these keys are consumed here, as is ``shard_batch``'s fingerprint of the full batch."""
-    s: RingSettings = model._ds_ring
+    s: RingSettings = state_of(model).settings
     x = _forward_input(args, kwargs)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or FACTS_KWARG in kwargs:
         return None
@@ -262,7 +272,7 @@ def _agree_forward(model, s: RingSettings, x, B, L, mask, position_ids, ids, fin
     errs = _input_errors(B, L, mask, ids, position_ids, whole_row_keys, lay, world)
     flags = {} if errs or ids is not None else _position_flags(L, position_ids, lay.ranges(L, world, rank))
     param = next(model.parameters(), None)
-    must_match = {"batch": B, "local_len": L, "model, config and ring settings": model._ds_ring_fingerprint,
+    must_match = {"batch": B, "local_len": L, "model, config and ring settings": state_of(model).fingerprint,
                   "parameter dtype / autocast": (str(getattr(param, "dtype", None)),
                                                  torch.is_autocast_enabled(x.device.type))}
     facts, raised = agree_ring(
@@ -333,16 +343,6 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def _set_settings(model: nn.Module, settings: RingSettings | None) -> None:
-    # On every module: the attention function only sees the module it runs for, and reading the setting from that
-    # module needs no list of which classes are attention modules.
-    for m in model.modules():
-        if settings is None:
-            m.__dict__.pop("_ds_ring", None)
-        else:
-            m._ds_ring = settings
-
-
 def patch(
     model: nn.Module,
     *,
@@ -386,27 +386,26 @@ def patch(
         local=local,
         ulysses_group=ulysses_group,
     )
-    if not hasattr(model, "_ds_ring_previous_attn"):
-        model._ds_ring_previous_attn = model.config._attn_implementation
+    state = attach(model)
+    if state.settings is None:  # first patch: remember what to restore, hook the forward once
+        state.record(PATCH, functools.partial(model.set_attn_implementation, model.config._attn_implementation))
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+        if takes_kwargs:  # else each layer agrees for itself
+            state.record(PATCH, model.register_forward_pre_hook(_before_forward, with_kwargs=True).remove)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    _set_settings(model, settings)
-    model._ds_ring_fingerprint = _fingerprint(model, settings)
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-    if takes_kwargs and not hasattr(model, "_ds_ring_hook"):  # else each layer agrees for itself
-        model._ds_ring_hook = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    state.settings, state.fingerprint = settings, _fingerprint(model, settings)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the attention implementation ``model`` had before ``patch`` and drop the ring settings."""
-    if not hasattr(model, "_ds_ring_previous_attn"):
+    """Undo everything ds_ring did to ``model``: the attention implementation it had before ``patch``, the ring
+    settings and forward hook, and ``optimize_memory``'s options (swapped forwards, checkpointing, hooks) and the
+    Trainer's overrides if any. The model is then as it was before."""
+    state = state_of(model)
+    if state is None or state.settings is None:
         raise ValueError(f"unpatch: {_model_name(model)} was not patched with ds_ring.patch")
-    model.set_attn_implementation(model._ds_ring_previous_attn)
-    del model._ds_ring_previous_attn, model._ds_ring_fingerprint
-    if hasattr(model, "_ds_ring_hook"):
-        model._ds_ring_hook.remove()
-        del model._ds_ring_hook
-    _set_settings(model, None)
+    state.undo()
+    detach_if_empty(model)
     return model
 
 
@@ -420,12 +419,14 @@ def local_attention(model: nn.Module) -> Iterator[nn.Module]:
             f"{model.config._attn_implementation!r}, not {ATTN_IMPLEMENTATION!r}; call ds_ring.patch(model) first"
         )
     _check_supported(model)
-    saved = getattr(model, "_ds_ring", None)
-    _set_settings(model, dataclasses.replace(saved or _DEFAULT, local=True))
+    state = attach(model)  # a model switched by attn_implementation alone has none
+    saved = state.settings
+    state.settings = dataclasses.replace(saved or _DEFAULT, local=True)
     try:
         yield model
     finally:
-        _set_settings(model, saved)
+        state.settings = saved
+        detach_if_empty(model)
 
 
 def register() -> None:

@@ -57,19 +57,10 @@ class SequenceParallel:
         return self.sp_rank // self.ulysses_size
 
     @property
-    def ulysses_rank(self) -> int:
-        return self.sp_rank % self.ulysses_size
-
-    @property
     def sequence_layout(self) -> Layout:
         """How a sequence is cut over the whole group (the grid layout when two-dimensional): what shards inputs,
         masks and labels, and gathers outputs back."""
         return get_layout(self.layout, self.ulysses_size)
-
-    @property
-    def seq_len_divisor(self) -> int:
-        """A sequence length must be a multiple of this to shard over the group."""
-        return self.sequence_layout.divisor(self.sp_size)
 
 
 def _world_device() -> torch.device:

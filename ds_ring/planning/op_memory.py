@@ -18,6 +18,7 @@ class MemoryEstimate:
     single_rank_peak_bytes: int  # the same op with the whole sequence on one rank
     world_size: int
     ring_buffer_bytes: int = 0  # K/V (+ mask) receive buffers, part of both peaks
+    output_bytes: int = 0  # out and lse: part of saved_bytes AND of backward_peak_bytes (count them once)
 
     @property
     def peak_bytes(self) -> int:
@@ -78,7 +79,7 @@ def _peaks(B, Hq, Hkv, L, D, e, has_mask, comm_buffers, kernels: KernelConstants
     bwd = held + k_bwd * Q + (4 * K if ring else 0)
     if ring:  # ... and ring steps: dK/dV halves (one computed, one travelling, one arriving), fp32
         bwd = max(bwd, held + k_bwd_half * Q + 12 * K)
-    return saved, int(fwd), int(bwd)
+    return saved, int(fwd), int(bwd), Q * e + 4 * R  # ..., out + lse
 
 
 def memory_estimate(
@@ -109,10 +110,10 @@ def memory_estimate(
     e = torch.empty((), dtype=dtype).element_size()
     L = seq_len // world_size
     bufs = min(2, world_size - 1) if communicates else 0
-    saved, fwd, bwd = _peaks(batch_size, num_heads, Hkv, L, head_dim, e, key_padding_mask, bufs, kc)
-    s1, f1, b1 = _peaks(batch_size, num_heads, Hkv, seq_len, head_dim, e, key_padding_mask, 0, kc)
+    saved, fwd, bwd, outputs = _peaks(batch_size, num_heads, Hkv, L, head_dim, e, key_padding_mask, bufs, kc)
+    _, f1, b1, _ = _peaks(batch_size, num_heads, Hkv, seq_len, head_dim, e, key_padding_mask, 0, kc)
     buffers = bufs * batch_size * L * (2 * Hkv * head_dim * e + (1 if key_padding_mask else 0))
-    return MemoryEstimate(saved, fwd, bwd, max(f1, b1), world_size, buffers)
+    return MemoryEstimate(saved, fwd, bwd, max(f1, b1), world_size, buffers, outputs)
 
 
 def measure_peak_bytes(fn: Callable[[], object]) -> int:

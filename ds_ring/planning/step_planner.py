@@ -326,21 +326,51 @@ def _longest(settings: dict, grain: int, limit: int, count_held: bool) -> int:
 
 
 def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
+    """The plan of ``st`` (``plan``'s settings) at ``seq_len``: what is held between steps, then the step's three
+    moments, each built from the layer's activation sizes."""
     s: ModelShape = st["shape"]
-    e, P, n, h, i, V = st["e"], st["sp_size"], s.layers, s.hidden, s.intermediate, s.vocab
-    N = P * st["dp_size"]  # ZeRO partitions over every rank (ds_ring's mpu: the sequence-data-parallel group)
-    T = st["batch_size"] * seq_len // P  # local tokens
-    opt = st["options"]
-    z3 = st["zero_stage"] == 3
-    notes = []
+    persistent, host = _held_between_steps(st)
+    a = _Activations.of(st, seq_len)
+    kept, offloaded = _kept_for_backward(st, a)
+    if st["options"]["checkpointing"]:
+        host["checkpoints"] = offloaded
+    if st["zero_stage"] != 3:
+        gathered = gathered_layer = 0
+    elif st["release_parameters"]:  # released after each use: only the module at work (LM head; one layer)
+        gathered = s.vocab * s.hidden * a.e
+        gathered_layer = (s.params - s.vocab * s.hidden * (1 if s.tied else 2) - s.hidden) // s.layers * a.e
+    else:  # kept while reused within stage3_max_reuse_distance: the whole model under max_live_parameters
+        gathered = gathered_layer = min(s.params, st["max_live_parameters"]) * a.e
+    at_loss = {**kept, "final norm": a.norm_post, **_loss(st, a), "ZeRO-3 gathered parameters": gathered}
+    parts = _layer_backward_parts(st, a)
+    at_layer = _at_layer_backward(st, a, kept, parts, gathered_layer)
+    part = s.params // (st["sp_size"] * st["dp_size"]) if st["zero_stage"] >= 1 else s.params
+    at_step = {"optimizer step temporaries": 0 if st["offload_optimizer"] else 2 * 4 * part}  # AdamW's, in fp32
 
-    # ----- held between steps: DeepSpeed's accounting (its estimators: 2 bytes 16-bit params, 2 + 4 gradients,
-    # 4 fp32 master params, 8 Adam moments; in fp32 the params are the 4-byte copy and there are no 16-bit grads).
-    psi = s.params
+    notes = ["one layer's backward, the largest part counts: " + ", ".join(
+        f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
+        + (f"; attention includes {a.att.ring_buffer_bytes / 2**20:,.0f} MiB of K/V ring buffers"
+           if st["sp_size"] > 1 else "")]
+    notes.append(f"attention kernel constants: {KERNELS[st['kernels']].source}; RMSNorm and MLP constants: "
+                 "measured on CPU" + (" (UNVERIFIED on a GPU)" if st["kernels"] != "cpu" else ""))
+    if st["options"]["offload_checkpoints"]:
+        notes.append("checkpoint offload acts on an accelerator only (DeepSpeed skips host tensors)")
+    return MemoryPlan(shape=s, seq_len=seq_len, sp_size=st["sp_size"], dp_size=st["dp_size"],
+                      batch_size=st["batch_size"], zero_stage=st["zero_stage"], dtype=st["dtype"],
+                      options=st["options"], persistent=persistent,
+                      moments={"loss": at_loss, "layer backward": at_layer, "optimizer step": at_step},
+                      host=host, notes=tuple(notes))
+
+
+def _held_between_steps(st: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """(device, host) bytes held between steps: DeepSpeed's accounting (its estimators: 2 bytes 16-bit params,
+    2 + 4 gradients, 4 fp32 master params, 8 Adam moments; in fp32 the params are the 4-byte copy and there are no
+    16-bit grads), partitioned by the ZeRO stage over every rank (ds_ring's mpu: the sequence-data-parallel group)."""
+    e, psi, stage = st["e"], st["shape"].params, st["zero_stage"]
+    N = st["sp_size"] * st["dp_size"]
     param_b = e * psi
     grad_b = (4 if e == 4 else e + 4) * psi
     optim_b = 12 * psi  # fp32 master copy + two Adam moments
-    stage = st["zero_stage"]
     params_rank = param_b // N if stage == 3 else param_b
     grads_rank = grad_b // N if stage >= 2 else grad_b
     optim_rank = optim_b // N if stage >= 1 else optim_b
@@ -354,82 +384,96 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
         persistent["gradient reduce bucket"] = min(st["reduce_bucket_size"], psi) * e
     host = {"parameters": params_rank if off_p else 0, "gradients": grads_rank if off_o else 0,
             "optimizer states": optim_rank if off_o else 0}
+    return persistent, host
 
-    # ----- activations: u = one hidden-sized tensor of the shard
-    u = T * h * e
-    # What one decoder layer keeps for backward. RMSNorm (computed in fp32) keeps its normalised input and its output
-    # (the next matmul's input), plus an fp32 copy of its input in half precision; the post-attention norm's input
-    # (the residual sum) is a tensor of its own, while the input norm's is the layer input (the checkpoint).
-    norm_in = T * h * (2 * e + (4 if e != 4 else 0))
-    norm_post = norm_in + u
-    att = memory_estimate(seq_len, st["batch_size"], s.heads, s.head_dim, P, num_kv_heads=s.kv_heads,
-                          dtype=_torch_dtype(e), communicates=P > 1, kernels=st["kernels"])
-    o_in = T * s.heads * s.head_dim * e  # o_proj's input
-    mlp_saved = 0 if opt["tiled_mlp"] else 4 * T * i * e  # gate, up, activation, product (TiledMLP keeps its input)
-    norms = norm_in + norm_post + o_in  # per layer, besides attention and MLP
-    if opt["checkpointing"]:
-        on_device = min(n, 3) if opt["offload_checkpoints"] else n  # DeepSpeed keeps the newest ones on the device
-        kept = {"checkpoints": on_device * u}
-        host["checkpoints"] = (n - on_device) * u
-    else:  # every layer's activations; in fp32 the input norm keeps the layer input itself
-        kept = {"saved activations: attention": n * att.saved_bytes, "saved activations: MLP": n * mlp_saved,
-                "saved activations: norms, projections": n * (norms + (u if e == 4 else 0))}
-    if not z3:
-        gathered = gathered_layer = 0
-    elif st["release_parameters"]:  # released after each use: only the module at work (LM head; one layer)
-        gathered = V * h * e
-        gathered_layer = (psi - V * h * (1 if s.tied else 2) - h) // n * e
-    else:  # kept while reused within stage3_max_reuse_distance: the whole model under max_live_parameters
-        gathered = gathered_layer = min(psi, st["max_live_parameters"]) * e
 
-    # ----- moment 1: the loss, at the end of forward
-    if opt["chunked_loss"]:
-        c = min(T, st["loss_chunk"])
-        loss = {"logits / loss (chunk, dL/dx, fp32 dL/dW)": u + 4 * V * h + c * V * (8 + (e if e != 4 else 0))}
-    else:
-        loss = {"logits / loss (full logits and gradient)": int(LOSS_BYTES_PER_LOGIT * T * V)}
-    at_loss = {**kept, "final norm": norm_post, **loss, "ZeRO-3 gathered parameters": gathered}
+@dataclass(frozen=True)
+class _Activations:
+    """Bytes of one decoder layer's tensors on this rank's shard of T local tokens."""
 
-    # ----- moment 2: the backward of one layer (for checkpointing, the recomputed one), the largest of its parts
-    grad_stream = 2 * u  # the gradient of the residual stream, and of the branch being differentiated
-    norm_phase = int(LAYER_BACKWARD_HIDDEN * T * h * 4)
-    att_phase = norm_in + o_in + att.saved_bytes + att.backward_peak_bytes + grad_stream
-    if opt["tiled_mlp"]:
-        tile = min(T, st["mlp_chunk"])
-        mlp_phase = norms + att.saved_bytes + grad_stream + int(MLP_TILE_INTERMEDIATE * tile * i * e)
+    T: int  # local tokens (batch x seq_len / P)
+    e: int  # bytes per element of the model's dtype
+    u: int  # one hidden-sized tensor of the shard
+    norm_in: int  # what the input RMSNorm keeps for backward
+    norm_post: int  # what the post-attention RMSNorm keeps (its input, the residual sum, is a tensor of its own)
+    o_in: int  # o_proj's input
+    mlp_saved: int  # what the MLP keeps (0 when tiled: TiledMLP keeps only its input)
+    att: Any  # the ring op's MemoryEstimate
+
+    @property
+    def norms(self) -> int:
+        """Per layer, besides attention and MLP."""
+        return self.norm_in + self.norm_post + self.o_in
+
+    @classmethod
+    def of(cls, st: dict, seq_len: int) -> _Activations:
+        s: ModelShape = st["shape"]
+        e, P = st["e"], st["sp_size"]
+        T = st["batch_size"] * seq_len // P
+        u = T * s.hidden * e
+        # RMSNorm (computed in fp32) keeps its normalised input and its output (the next matmul's input), plus an
+        # fp32 copy of its input in half precision; the input norm's input is the layer input (the checkpoint).
+        norm_in = T * s.hidden * (2 * e + (4 if e != 4 else 0))
+        att = memory_estimate(seq_len, st["batch_size"], s.heads, s.head_dim, P, num_kv_heads=s.kv_heads,
+                              dtype=_torch_dtype(e), communicates=P > 1, kernels=st["kernels"])
+        mlp_saved = 0 if st["options"]["tiled_mlp"] else 4 * T * s.intermediate * e  # gate, up, act, product
+        return cls(T, e, u, norm_in, norm_in + u, T * s.heads * s.head_dim * e, mlp_saved, att)
+
+
+def _kept_for_backward(st: dict, a: _Activations) -> tuple[dict[str, int], int]:
+    """What the layers keep for backward on the device, and the checkpoints offloaded to the host."""
+    n = st["shape"].layers
+    if st["options"]["checkpointing"]:
+        on_device = min(n, 3) if st["options"]["offload_checkpoints"] else n  # DeepSpeed keeps the newest on device
+        return {"checkpoints": on_device * a.u}, (n - on_device) * a.u
+    # every layer's activations; in fp32 the input norm keeps the layer input itself
+    return {"saved activations: attention": n * a.att.saved_bytes, "saved activations: MLP": n * a.mlp_saved,
+            "saved activations: norms, projections": n * (a.norms + (a.u if a.e == 4 else 0))}, 0
+
+
+def _loss(st: dict, a: _Activations) -> dict[str, int]:
+    """The loss's working set at the end of forward: the chunked loss's chunk, dL/dx and fp32 dL/dW, or the full
+    logits path."""
+    V, h = st["shape"].vocab, st["shape"].hidden
+    if st["options"]["chunked_loss"]:
+        c = min(a.T, st["loss_chunk"])
+        return {"logits / loss (chunk, dL/dx, fp32 dL/dW)": a.u + 4 * V * h + c * V * (8 + (a.e if a.e != 4 else 0))}
+    return {"logits / loss (full logits and gradient)": int(LOSS_BYTES_PER_LOGIT * a.T * V)}
+
+
+def _layer_backward_parts(st: dict, a: _Activations) -> dict[str, int]:
+    """The working set of each part of one layer's backward (the recomputed one, under checkpointing)."""
+    i, T = st["shape"].intermediate, a.T
+    grad_stream = 2 * a.u  # the gradient of the residual stream, and of the branch being differentiated
+    # the op's backward peak holds its out and lse already; of what autograd saved, q, k, v and the mask remain
+    att_phase = (a.norm_in + a.o_in + a.att.saved_bytes - a.att.output_bytes + a.att.backward_peak_bytes
+                 + grad_stream)
+    mlp_base = a.norms + a.att.saved_bytes + grad_stream
+    if st["options"]["tiled_mlp"]:
+        mlp_phase = mlp_base + int(MLP_TILE_INTERMEDIATE * min(T, st["mlp_chunk"]) * i * a.e)
     else:
-        mlp_phase = norms + att.saved_bytes + grad_stream + mlp_saved + int(MLP_BACKWARD_INTERMEDIATE * T * i * e)
-    working = max(("RMSNorm", norm_phase), ("attention (ring op)", att_phase), ("MLP", mlp_phase),
-                  key=lambda r: r[1])
-    in_layer = {"layer backward: " + working[0]: working[1]}
-    if not opt["checkpointing"]:  # the other layers' activations are still held
-        kept_b = {k: v * (n - 1) // n for k, v in kept.items()}
-    else:
-        kept_b = kept
+        mlp_phase = mlp_base + a.mlp_saved + int(MLP_BACKWARD_INTERMEDIATE * T * i * a.e)
+    norm_phase = int(LAYER_BACKWARD_HIDDEN * T * st["shape"].hidden * 4)
+    return {"attention (ring op)": att_phase, "MLP": mlp_phase, "RMSNorm": norm_phase}
+
+
+def _at_layer_backward(st: dict, a: _Activations, kept: dict[str, int], parts: dict[str, int],
+                       gathered: int) -> dict[str, int]:
+    """The moment of one layer's backward: what is kept (without checkpointing, the other layers' activations),
+    the largest part's working set, ZeRO-3's gathered parameters and the gradient being reduce-scattered."""
+    s: ModelShape = st["shape"]
+    n = s.layers
+    if not st["options"]["checkpointing"]:  # the other layers' activations are still held
+        kept = {k: v * (n - 1) // n for k, v in kept.items()}
+    name, working = max(parts.items(), key=lambda kv: kv[1])
     # The gradient being reduce-scattered: the largest module's, plus, when ZeRO-3 flushes its reduce bucket inside a
     # layer's backward, the bucket's worth of gradients in flight (read off benchmarks/bench_timeline.py at 16k
     # tokens: the first layer's MLP backward holds 283 MiB more than the second's, a 50M-element fp32 bucket and the
     # LM head's gradient arriving into it).
-    largest_grad = (max(V * h, h * i) + min(st["reduce_bucket_size"], psi)) * e if z3 else 0
-    at_layer = {**kept_b, **in_layer, "ZeRO-3 gathered parameters": gathered_layer,
-                "gradient being reduced": largest_grad}
-
-    # ----- moment 3: the optimizer step (AdamW's temporaries over this rank's fp32 partition)
-    part = psi // N if stage >= 1 else psi
-    at_step = {"optimizer step temporaries": 0 if st["offload_optimizer"] else 2 * 4 * part}
-
-    moments = {"loss": at_loss, "layer backward": at_layer, "optimizer step": at_step}
-    parts = {"attention (ring op)": att_phase, "MLP": mlp_phase, "RMSNorm": norm_phase}
-    notes.append("one layer's backward, the largest part counts: " + ", ".join(
-        f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
-        + (f"; attention includes {att.ring_buffer_bytes / 2**20:,.0f} MiB of K/V ring buffers" if P > 1 else ""))
-    notes.append(f"attention kernel constants: {KERNELS[st['kernels']].source}; RMSNorm and MLP constants: "
-                 "measured on CPU" + (" (UNVERIFIED on a GPU)" if st["kernels"] != "cpu" else ""))
-    if opt["offload_checkpoints"]:
-        notes.append("checkpoint offload acts on an accelerator only (DeepSpeed skips host tensors)")
-    return MemoryPlan(shape=s, seq_len=seq_len, sp_size=P, dp_size=st["dp_size"], batch_size=st["batch_size"],
-                      zero_stage=stage, dtype=st["dtype"], options=opt, persistent=persistent, moments=moments,
-                      host=host, notes=tuple(notes))
+    largest_grad = ((max(s.vocab * s.hidden, s.hidden * s.intermediate) + min(st["reduce_bucket_size"], s.params))
+                    * a.e if st["zero_stage"] == 3 else 0)
+    return {**kept, "layer backward: " + name: working, "ZeRO-3 gathered parameters": gathered,
+            "gradient being reduced": largest_grad}
 
 
 def _torch_dtype(e: int):

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per ring per micro-step")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="zigzag")
     p.add_argument("--options", default="long", help="memory options: 'long' (all), 'off', or a comma list of "
-                   "checkpointing,chunked_loss,tiled_mlp,offload (as ds_ring.optimize_memory)")
+                   "checkpointing,chunked_loss,tiled_mlp,offload_checkpoints (as ds_ring.optimize_memory)")
     p.add_argument("--kernels", choices=["cpu", "cuda"], default="cpu", help="attention kernel constants: 'cpu' "
                    "(measured on CPU) or 'cuda' (flash / FlexAttention, counted, UNVERIFIED on a GPU); the plan's "
                    "notes say which were used")
@@ -70,18 +70,17 @@ each link and the predicted attention time (ds_ring.planning.cost_model), and re
 
 def _run_plan(args: argparse.Namespace) -> int:
     from ..planning.step_planner import plan
-    from ..training.memory_switch import parse_memory_options
+    from ..training.memory_switch import PARTS, parse_memory_options
 
     if args.seq_len is None and args.memory is None:
         print("ds-ring plan: give --memory (to find the longest sequence), --seq-len, or both", file=sys.stderr)
         return 2
     try:
-        opts = parse_memory_options(args.options) or dict.fromkeys(("checkpointing", "chunked_loss", "tiled_mlp",
-                                                                    "offload"), False)
+        opts = parse_memory_options(args.options) or dict.fromkeys(PARTS, False)
         result = plan(args.model, args.seq_len, sp_size=args.ranks, dp_size=args.dp, zero_stage=args.zero,
                       device_memory=args.memory, dtype=args.dtype, batch_size=args.batch_size,
                       checkpointing=opts["checkpointing"], chunked_loss=opts["chunked_loss"],
-                      tiled_mlp=opts["tiled_mlp"], offload_checkpoints=bool(opts["offload"]),
+                      tiled_mlp=opts["tiled_mlp"], offload_checkpoints=bool(opts["offload_checkpoints"]),
                       ds_config=args.deepspeed, layout=args.layout, kernels=args.kernels)
     except (ValueError, FileNotFoundError) as e:
         print(f"ds-ring plan: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from importlib import resources
 import torch
 
 from ..op.layouts import LAYOUTS, get_layout
+from ..training.loss import IGNORE_INDEX
 
 BOS, MARK, KEY0, NUM_KEYS, FILLER0 = 1, 3, 4, 16, 32
 
@@ -34,7 +36,7 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, key_len: int, 
     ids = torch.randint(FILLER0, vocab_size, (batch_size, seq_len), generator=generator)
     ids[:, 0], ids[:, 1], ids[:, 2 : 2 + key_len] = BOS, MARK, keys
     ids[:, seq_len - key_len - 1], ids[:, seq_len - key_len :] = MARK, keys
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, seq_len - key_len :] = keys
     return {"input_ids": ids, "labels": labels}
 
@@ -83,16 +85,11 @@ def _quiet_libraries(rank: int) -> None:
 
 
 def _train(rank: int, args: argparse.Namespace) -> dict:
-    from tqdm.auto import tqdm
+    """The demo on one rank: the ring checked against dense attention, its memory against one rank, then training."""
     from transformers import AutoModelForCausalLM
 
     import ds_ring
-    from ds_ring.integrations.deepspeed import initialize
-    from ds_ring.integrations.transformers import local_attention, patch
-    from ds_ring.parallel.sharding import gather_sequence
-    from ds_ring.planning.op_memory import measure_peak_bytes
-    from ds_ring.training.data import shard_batch
-    from ds_ring.training.loss import causal_lm_loss
+    from ds_ring.integrations.transformers import patch
 
     sp = ds_ring.init_sequence_parallel(args.ranks, layout=args.layout, backend="gloo",
                                         timeout=timedelta(seconds=args.timeout))
@@ -106,9 +103,26 @@ def _train(rank: int, args: argparse.Namespace) -> dict:
     say(f"ds-ring demo: {args.ranks} CPU ranks, ZeRO-3, {cfg.num_hidden_layers}-layer Llama "
         f"(hidden {cfg.hidden_size}, {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k params), "
         f"passkey retrieval over {args.seq_len} tokens ({args.seq_len // args.ranks} per rank), pattern {args.pattern}")
-
-    # 1. Ring attention vs dense attention on the first batch (before ZeRO-3 partitions the weights).
     first = passkey_batch(args.batch_size, args.seq_len, cfg.vocab_size, args.key_len, gen)
+    rest = (passkey_batch(args.batch_size, args.seq_len, cfg.vocab_size, args.key_len, gen)
+            for _ in range(args.steps - 1))
+    err = _check_against_dense(model, sp, first, args.pattern, say)  # before ZeRO-3 partitions the weights
+    peaks, whole_peak = _measure_memory(model, sp, first, say)
+    steps = itertools.islice(itertools.chain([first], rest), args.steps)
+    losses, accs, elapsed = _train_zero3(model, sp, steps, rank, args)
+    k = max(1, min(10, args.steps // 5))
+    first_loss, last_loss = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    say(f"[result] loss {first_loss:.3f} -> {last_loss:.3f} (mean of first/last {k} steps); passkey accuracy over "
+        f"the last {k} steps: {sum(accs[-k:]) / k:.0%} (chance: {1 / NUM_KEYS:.0%}); {elapsed:.0f}s of training")
+    return {"losses": losses, "accs": accs, "ring_dense_err": err, "peaks": peaks, "whole_peak": whole_peak}
+
+
+def _check_against_dense(model, sp, first: dict, pattern: str, say) -> float:
+    """Ring attention against dense attention (the same model, local) on the first batch: max |logit difference|."""
+    from ds_ring.integrations.transformers import local_attention
+    from ds_ring.parallel.sharding import gather_sequence
+    from ds_ring.training.data import shard_batch
+
     local = shard_batch(first, sp)
     local.pop("shift_labels")
     with torch.no_grad():
@@ -116,47 +130,63 @@ def _train(rank: int, args: argparse.Namespace) -> dict:
         with local_attention(model):
             dense_logits = model(input_ids=first["input_ids"]).logits
     err = (ring_logits - dense_logits).abs().max().item()
-    if args.pattern == "dense":
+    if pattern == "dense":
         if err > 1e-4:
             raise RuntimeError(f"ring attention differs from dense attention on the first batch: max |diff| = {err}")
         say(f"[check] ring attention == dense attention on the first batch: max |logit diff| = {err:.1e}")
     else:
         say(f"[check] dilated pattern vs dense attention on the first batch: max |logit diff| = {err:.2e} "
             "(dilated attention is sparser than dense, a difference is expected)")
+    return err
 
-    # 2. Memory of one forward+backward: this rank's shard on the ring vs one rank holding the whole sequence.
-    def step_on(batch, whole: bool):
-        def run():
-            if whole:
-                with local_attention(model):
-                    model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-            else:
-                b = dict(batch)
-                causal_lm_loss(model(**{k: v for k, v in b.items() if k != "shift_labels"}).logits,
-                               b["shift_labels"], sp).backward()
+
+def _measure_memory(model, sp, first: dict, say) -> tuple[list[int], int]:
+    """Peak bytes of one forward+backward: each rank's shard on the ring, and one rank holding the whole sequence."""
+    from ds_ring.integrations.transformers import local_attention
+    from ds_ring.planning.op_memory import measure_peak_bytes
+    from ds_ring.training.data import shard_batch
+    from ds_ring.training.loss import causal_lm_loss
+
+    def peak_of(run) -> int:
         with _stderr_silenced():  # the profiler behind measure_peak_bytes prints start/stop lines on stderr
             return measure_peak_bytes(run)
 
-    ring_peak = step_on(shard_batch(first, sp), whole=False)
-    whole_peak = step_on(first, whole=True)
+    local = shard_batch(first, sp)
+    labels = local.pop("shift_labels")
+
+    def ring_step():
+        causal_lm_loss(model(**local).logits, labels, sp).backward()
+
+    def whole_step():
+        with local_attention(model):
+            model(input_ids=first["input_ids"], labels=first["labels"]).loss.backward()
+
+    ring_peak, whole_peak = peak_of(ring_step), peak_of(whole_step)
     model.zero_grad(set_to_none=True)
-    peaks = [None] * args.ranks
+    peaks = [None] * sp.sp_size
     torch.distributed.all_gather_object(peaks, ring_peak)
     say("[memory] peak bytes of one forward+backward, per rank: "
         + ", ".join(f"rank {r}: {p / 2**20:.1f} MiB" for r, p in enumerate(peaks))
         + f"  vs one rank with the whole sequence: {whole_peak / 2**20:.1f} MiB "
         f"({whole_peak / max(peaks):.1f}x more)")
+    return peaks, whole_peak
 
-    # 3. Train with ZeRO-3.
+
+def _train_zero3(model, sp, batches, rank: int, args: argparse.Namespace) -> tuple[list[float], list[float], float]:
+    """Train with ZeRO-3 on ``batches`` (full batches) with a progress bar: losses, answer accuracies, seconds."""
+    from tqdm.auto import tqdm
+
+    from ds_ring.integrations.deepspeed import initialize
+    from ds_ring.training.data import shard_batch
+    from ds_ring.training.loss import causal_lm_loss
+
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
     engine, *_ = initialize(model, sp, config, optimizer=opt)
-    bar = tqdm(range(args.steps), desc="train", disable=rank != 0, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=args.steps, desc="train", disable=rank != 0, dynamic_ncols=True, mininterval=0.5)
     losses, accs, t0 = [], [], time.perf_counter()
-    for step in bar:
-        full = first if step == 0 else passkey_batch(args.batch_size, args.seq_len, cfg.vocab_size, args.key_len,
-                                                     gen)
+    for step, full in enumerate(batches):
         local = shard_batch(full, sp)
         labels = local.pop("shift_labels")
         logits = engine(**local).logits
@@ -167,15 +197,12 @@ def _train(rank: int, args: argparse.Namespace) -> dict:
         losses.append(loss.item())
         accs.append(acc)
         tok_s = (step + 1) * args.batch_size * args.seq_len / (time.perf_counter() - t0)
+        bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", tok_s=f"{tok_s:.0f}")
     bar.close()
     elapsed = time.perf_counter() - t0
     engine.destroy()
-    k = max(1, min(10, args.steps // 5))
-    first_loss, last_loss = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    say(f"[result] loss {first_loss:.3f} -> {last_loss:.3f} (mean of first/last {k} steps); passkey accuracy over "
-        f"the last {k} steps: {sum(accs[-k:]) / k:.0%} (chance: {1 / NUM_KEYS:.0%}); {elapsed:.0f}s of training")
-    return {"losses": losses, "accs": accs, "ring_dense_err": err, "peaks": peaks, "whole_peak": whole_peak}
+    return losses, accs, elapsed
 
 
 @contextlib.contextmanager
@@ -193,7 +220,7 @@ def _stderr_silenced():
 
 def _answer_accuracy(logits: torch.Tensor, shift_labels: torch.Tensor, sp) -> float:
     """Fraction of answer tokens predicted right, over the whole ring (labels are -100 elsewhere)."""
-    valid = shift_labels != -100
+    valid = shift_labels != IGNORE_INDEX
     stats = torch.tensor([(logits.argmax(-1)[valid] == shift_labels[valid]).sum().item(), valid.sum().item()],
                          dtype=torch.float64)
     torch.distributed.all_reduce(stats, group=sp.group)
@@ -221,10 +248,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     if args.ranks < 1:
         raise SystemExit("--ranks must be >= 1")
-    lay = get_layout(args.layout)
-    if lay.seq_len_error(args.seq_len, args.ranks):
-        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {lay.divisor(args.ranks)} (layout "
-                         f"{lay.name} over {args.ranks} ranks): try {lay.padded_length(args.seq_len, args.ranks)}")
+    err = get_layout(args.layout).seq_len_error(args.seq_len, args.ranks)
+    if err:
+        raise SystemExit(f"--seq-len: {err}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the demo runs on CPU ranks; skips DeepSpeed's device probe
     try:  # each rank makes its own process group (ds_ring.init_sequence_parallel, gloo, args.timeout)
         return spawn_local(_rank_main, args.ranks, args, init_gloo=False, timeout_s=args.timeout + 3600)

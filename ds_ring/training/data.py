@@ -20,6 +20,7 @@ from ..op.documents import (
 )
 from ..parallel.groups import SequenceParallel
 from ..parallel.sharding import shard_sequence
+from .loss import IGNORE_INDEX, next_token_targets
 
 # Per-token keys shard_batch understands, and the value that fills the padding added to make S divisible.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
@@ -54,7 +55,7 @@ def _pad_right(x: torch.Tensor, n: int, value: int) -> torch.Tensor:
 
 
 def shard_batch(
-    batch: Mapping[str, torch.Tensor], sp: SequenceParallel, *, pad_token_id: int = 0, ignore_index: int = -100
+    batch: Mapping[str, torch.Tensor], sp: SequenceParallel, *, pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX
 ) -> dict[str, torch.Tensor]:
     """This rank's shard of a full batch, ready for ``model(**out)``.
 
@@ -74,8 +75,9 @@ def shard_batch(
       ``position_ids`` each document's positions restart at 0. The ``cu_seq_lens_*``/``max_length_*`` keys describe
       the whole row and are consumed here (they are not passed on);
     - ``shift_labels`` (only if ``labels`` is given): the target of each position, shifted BEFORE sharding so a
-      token at a shard boundary keeps its target. Exactly transformers' ``ForCausalLMLoss`` rule: the target of
-      position i is ``labels[:, i + 1]``, ``ignore_index`` at the last position, and nothing else: the user's labels
+      token at a shard boundary keeps its target (``ds_ring.training.loss.next_token_targets``). Exactly
+      transformers' ``ForCausalLMLoss`` rule: the target of position i is ``labels[:, i + 1]``, ``ignore_index`` at
+      the last position, and nothing else: the user's labels
       decide what is ignored (collators put -100 on padding), so the loss under SP is the unpatched model's
       ``labels=`` loss. ``labels`` itself is not returned: the model must not shift the local shard again; use
       ``ds_ring.causal_lm_loss(logits, shift_labels, sp)``.
@@ -128,9 +130,7 @@ def shard_batch(
     else:
         full["position_ids"] = torch.arange(s + pad, device=input_ids.device).expand(b, -1)
     if "labels" in batch:
-        labels = batch["labels"]
-        shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
-        full["shift_labels"] = _pad_right(shifted, pad, ignore_index)
+        full["shift_labels"] = _pad_right(next_token_targets(batch["labels"], ignore_index), pad, ignore_index)
     out = {k: shard_sequence(v, 1, sp.group, sp.sequence_layout) for k, v in full.items()}
     out[FINGERPRINT_KEY] = batch_fingerprint(batch)
     return out

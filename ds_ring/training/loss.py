@@ -20,13 +20,24 @@ from torch.autograd.function import once_differentiable
 
 from ..parallel.groups import SequenceParallel
 
+IGNORE_INDEX = -100  # transformers' (and torch's cross_entropy's) "no target here" label
+
+
+def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The target of every position of FULL (unsharded) ``labels`` (..., S): ``labels[..., i + 1]``, and
+    ``ignore_index`` at the last position. Exactly transformers' ``ForCausalLMLoss`` shift and nothing else (the
+    user's labels decide what is ignored). The one home of the shift: ``shard_batch``, the chunked loss's one-rank
+    path and the Trainer's target count use it."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 # Default chunk of the chunked loss: 2**24 logits (64 MiB in fp32) per chunk, i.e. 512 tokens for a 32k vocabulary,
 # 128 for 128k. Small enough to stay well under the hidden states of a long shard, large enough for full-speed matmuls.
 LOSS_CHUNK_ELEMENTS = 2**24
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, shift_labels: torch.Tensor, sp: SequenceParallel | None, *, ignore_index: int = -100
+    logits: torch.Tensor, shift_labels: torch.Tensor, sp: SequenceParallel | None, *, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Cross-entropy (computed in fp32) averaged over all valid tokens of the ring's whole sequence.
 
@@ -60,7 +71,7 @@ def chunked_causal_lm_loss(
     shift_labels: torch.Tensor,
     sp: SequenceParallel | None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """``causal_lm_loss(lm_head(hidden_states), shift_labels, sp)`` without ever holding the (B, L, V) logits.
@@ -131,7 +142,7 @@ def _ring_mean(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParall
 
 
 def ring_mean_and_sums(local_sum: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None,
-                       ignore_index: int = -100, extra: tuple[torch.Tensor, ...] = ()
+                       ignore_index: int = IGNORE_INDEX, extra: tuple[torch.Tensor, ...] = ()
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``causal_lm_loss``'s reduction of a rank's summed token losses ``local_sum`` (fp32 scalar) over targets
     ``labels`` (this shard's shift_labels): (the loss, the ring's target count, the ring's sums of ``extra``).

@@ -9,8 +9,9 @@ options cut them, each selectable alone:
   final hidden states (no logits at all);
 * ``tiled_mlp``: every decoder layer's MLP runs through DeepSpeed's ``TiledMLP`` (ALST), ``mlp_chunk_tokens`` rows at
   a time in forward and again in backward;
-* ``offload``: DeepSpeed's ``CheckpointHiddenStatesOffload`` (ALST) keeps the checkpointed layer inputs in pinned host
-  memory; it acts only on an accelerator (DeepSpeed skips tensors that are not on one), and runs inside
+* ``offload_checkpoints``: DeepSpeed's ``CheckpointHiddenStatesOffload`` (ALST) keeps the checkpointed layer inputs
+  in pinned host memory (the name says which offload: ``ds_ring.plan``'s ``offload_optimizer`` / ``offload_params``
+  are DeepSpeed's ZeRO offloads); it acts only on an accelerator (DeepSpeed skips tensors that are not on one), and runs inside
   ``offload_context(model)`` around each step's forward and backward.
 
 ``ds_ring.plan`` predicts the per-rank memory of a step with any combination of them.
@@ -19,17 +20,20 @@ options cut them, each selectable alone:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..parallel.groups import SequenceParallel
-from .loss import chunked_causal_lm_loss
+from .loss import chunked_causal_lm_loss, next_token_targets
+from .model_state import MEMORY, RingState, attach, detach_if_empty, state_of
 
 # Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -37,12 +41,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    """What ``optimize_memory`` switched on for a model (``model._ds_ring_memory``)."""
+    """What ``optimize_memory`` switched on for a model (its ``RingState.memory``)."""
 
     checkpointing: bool = True
     chunked_loss: bool = True
     tiled_mlp: bool = True
-    offload: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
+    offload_checkpoints: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
     loss_chunk_tokens: int | None = None  # None: ds_ring.training.loss.LOSS_CHUNK_ELEMENTS // vocab
     mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
@@ -54,15 +58,6 @@ def _checkpointing_on(model: nn.Module) -> bool:
     return bool(model.is_gradient_checkpointing if on is None else on)
 
 
-def _enable_checkpointing(model: nn.Module):
-    """Non-reentrant activation checkpointing on; returns the call that turns it off."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return model.activation_checkpointing_disable
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.gradient_checkpointing_disable
-
-
 def optimize_memory(
     model: nn.Module,
     sp: SequenceParallel | None = None,
@@ -70,9 +65,10 @@ def optimize_memory(
     checkpointing: bool = True,
     chunked_loss: bool = True,
     tiled_mlp: bool = True,
-    offload: bool | str = "auto",
+    offload_checkpoints: bool | str = "auto",
     loss_chunk_tokens: int | None = None,
     mlp_chunk_tokens: int | None = None,
+    **renamed: Any,
 ) -> nn.Module:
     """Switch ``model`` (a transformers causal LM) to the long-sequence memory options in place; return it.
 
@@ -80,106 +76,133 @@ def optimize_memory(
     ``deepspeed.initialize``; ``restore_memory(model)`` undoes it. ``sp`` (the ring) is needed by the chunked loss:
     the forward then returns ``causal_lm_loss``'s value and gradient share (``out.loss``; ``out.logits`` is None)
     when called with ``shift_labels`` from ``ds_ring.shard_batch``. Run each step's forward and backward inside
-    ``with ds_ring.offload_context(model):`` (a no-op unless offload is active).
+    ``with ds_ring.offload_context(model):`` (a no-op unless checkpoint offload is active).
     """
-    if hasattr(model, "_ds_ring_memory"):
+    opts = _checked_options(model, renamed, checkpointing=checkpointing, chunked_loss=chunked_loss,
+                            tiled_mlp=tiled_mlp, offload_checkpoints=offload_checkpoints,
+                            loss_chunk_tokens=loss_chunk_tokens, mlp_chunk_tokens=mlp_chunk_tokens)
+    mlps = _token_wise_mlps(model) if tiled_mlp else []
+    if chunked_loss:
+        _check_plain_lm_head(model)
+    state = attach(model)
+    state.memory, state.sp = opts, sp
+    if checkpointing and not _checkpointing_on(model):
+        _enable_checkpointing(model, state)
+    if chunked_loss:
+        state.swap(model, "forward", types.MethodType(_chunked_loss_forward, model), MEMORY)
+    if mlps:
+        state.mlp_chunk_tokens = mlp_chunk_tokens or model.config.get_text_config().hidden_size
+        base = getattr(model, "base_model", model)  # also reached when the decoder is called on its own
+        state.record(MEMORY, base.register_forward_pre_hook(_agree_on_tiles, with_kwargs=True).remove)
+        for mlp in mlps:
+            state.swap(mlp, "forward", types.MethodType(_tiled_mlp_forward, mlp), MEMORY)
+    return model
+
+
+def _checked_options(model: nn.Module, renamed: dict[str, Any], **options: Any) -> MemoryOptions:
+    """``optimize_memory``'s arguments, refused before anything changes if they cannot work."""
+    if renamed:
+        raise TypeError(f"optimize_memory: unexpected keyword argument(s) {sorted(renamed)}"
+                        + ("; offload is now called offload_checkpoints" if "offload" in renamed else ""))
+    opts = MemoryOptions(**options)
+    if getattr(state_of(model), "memory", None) is not None:
         raise ValueError("optimize_memory: the model is already optimized; call ds_ring.restore_memory(model) first")
-    if offload not in (True, False, "auto"):
-        raise ValueError(f"optimize_memory: offload must be True, False or 'auto', got {offload!r}")
-    if offload is True and not checkpointing and not _checkpointing_on(model):
-        raise ValueError("optimize_memory: offload=True moves the checkpointed layer inputs to the host and needs "
-                         "checkpointing=True (or activation checkpointing already enabled on the model)")
-    for name, v in (("loss_chunk_tokens", loss_chunk_tokens), ("mlp_chunk_tokens", mlp_chunk_tokens)):
+    if opts.offload_checkpoints not in (True, False, "auto"):
+        raise ValueError(f"optimize_memory: offload_checkpoints must be True, False or 'auto', got "
+                         f"{opts.offload_checkpoints!r}")
+    if (opts.offload_checkpoints is True and not opts.checkpointing
+            and not _checkpointing_on(model)):
+        raise ValueError("optimize_memory: offload_checkpoints=True moves the checkpointed layer inputs to the host "
+                         "and needs checkpointing=True (or activation checkpointing already enabled on the model)")
+    for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+        v = getattr(opts, name)
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"optimize_memory: {name} must be a positive int or None, got {v!r}")
-    opts = MemoryOptions(checkpointing, chunked_loss, tiled_mlp, offload, loss_chunk_tokens, mlp_chunk_tokens)
-    if tiled_mlp:
+    if opts.tiled_mlp:
         try:
             from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP  # noqa: F401
         except ImportError as e:
             raise ImportError("optimize_memory(tiled_mlp=True) runs DeepSpeed's TiledMLP (deepspeed.runtime."
                               "sequence_parallel.ulysses_sp, DeepSpeed 0.19 tested): upgrade deepspeed or pass "
                               "tiled_mlp=False") from e
-    mlps = _token_wise_mlps(model) if tiled_mlp else []
-    if chunked_loss:
-        _check_plain_lm_head(model)
-    undo = []
-    if checkpointing and not _checkpointing_on(model):
-        undo.append(_enable_checkpointing(model))
-    if chunked_loss:
-        model.forward = types.MethodType(_chunked_loss_forward, model)
-        undo.append(lambda: model.__dict__.pop("forward"))
-    if mlps:
-        chunk = mlp_chunk_tokens or model.config.get_text_config().hidden_size
-        base = getattr(model, "base_model", model)  # also reached when the decoder is called on its own
-        handle = base.register_forward_pre_hook(_agree_on_tiles, with_kwargs=True)
-        undo.append(handle.remove)
-        undo.append(lambda: base.__dict__.pop("_ds_ring_tiles_agreed", None))
-        for mlp in mlps:
-            mlp._ds_ring_tiles = (base, chunk)
-            mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
-            undo.append(lambda m=mlp: (m.__dict__.pop("forward"), delattr(m, "_ds_ring_tiles")))
-    model._ds_ring_memory = opts
-    model._ds_ring_memory_sp = sp
-    model._ds_ring_memory_undo = undo
-    return model
+    return opts
 
 
-PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload")
+def _enable_checkpointing(model: nn.Module, state: RingState) -> None:
+    """transformers' activation checkpointing (non-reentrant), recorded so that undoing it leaves nothing behind:
+    ``activation_checkpointing_disable`` keeps the flags and checkpoint functions it set on the modules, and the
+    forward hook that makes the input embeddings' output require grad (it removes that one only under PEFT)."""
+    hooks_before = list(getattr(model, "_require_grads_hooks", None) or [])
+    if hasattr(model, "activation_checkpointing_enable"):
+        enable = functools.partial(model.activation_checkpointing_enable,
+                                   activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:  # the declared floor's names (see _checkpointing_on)
+        enable = functools.partial(model.gradient_checkpointing_enable,
+                                   gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
+    state.record_attributes(model, MEMORY, enable)
+    for hook in getattr(model, "_require_grads_hooks", None) or []:
+        if hook not in hooks_before:
+            state.record(MEMORY, hook.remove)
+    state.record(MEMORY, disable)  # undone first: then the attributes, the hooks
+
+
+PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload_checkpoints")
 
 
 def parse_memory_options(text: str) -> dict[str, bool | str] | None:
-    """A command-line spelling of the options: ``"long"`` (all on, offload on an accelerator), ``"off"`` (None: do
-    not call ``optimize_memory``), or a comma list of ``checkpointing, chunked_loss, tiled_mlp, offload`` (the
-    others off). Returns ``optimize_memory``'s keyword arguments."""
+    """A command-line spelling of the options: ``"long"`` (all on, checkpoint offload on an accelerator), ``"off"``
+    (None: do not call ``optimize_memory``), or a comma list of ``checkpointing, chunked_loss, tiled_mlp,
+    offload_checkpoints`` (the others off). Returns ``optimize_memory``'s keyword arguments."""
     text = text.strip().lower()
     if text == "off":
         return None
     if text == "long":
-        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload="auto")
+        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload_checkpoints="auto")
     parts = [p.strip().replace("-", "_") for p in text.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
+        renamed = "; offload is now called offload_checkpoints" if "offload" in unknown else ""
         raise ValueError(f"memory options {text!r}: use 'long', 'off' or a comma list of {', '.join(PARTS)} "
-                         f"(unknown: {unknown})")
+                         f"(unknown: {unknown}{renamed})")
     return {p: p in parts for p in PARTS}
 
 
 def restore_memory(model: nn.Module) -> nn.Module:
-    """Undo ``optimize_memory``."""
-    if not hasattr(model, "_ds_ring_memory"):
+    """Undo ``optimize_memory`` (``ds_ring.unpatch`` undoes it too, with the rest of what ds_ring did)."""
+    state = state_of(model)
+    if state is None or state.memory is None:
         raise ValueError("restore_memory: the model was not optimized with ds_ring.optimize_memory")
-    for fn in reversed(model._ds_ring_memory_undo):
-        fn()
-    for attr in ("_ds_ring_memory", "_ds_ring_memory_sp", "_ds_ring_memory_undo", "_ds_ring_offload",
-                 "_ds_ring_offload_warned"):
-        model.__dict__.pop(attr, None)
+    state.undo(MEMORY)
+    detach_if_empty(model)
     return model
 
 
 def offload_context(model: nn.Module) -> contextlib.AbstractContextManager:
     """The context one training step's forward AND backward run in: DeepSpeed's ``CheckpointHiddenStatesOffload``
-    when offload is on for ``model`` and its parameters are on an accelerator, else a no-op.
+    when ``offload_checkpoints`` is on for ``model`` and its parameters are on an accelerator, else a no-op.
 
     One offload manager per model, reused every step (as DeepSpeed recommends).
     """
-    opts: MemoryOptions | None = getattr(model, "_ds_ring_memory", None)
-    if opts is None or opts.offload is False:
+    state = state_of(model)
+    opts: MemoryOptions | None = None if state is None else state.memory
+    if opts is None or opts.offload_checkpoints is False:
         return contextlib.nullcontext()
     on_accelerator = next(model.parameters()).device.type != "cpu"
     if not on_accelerator:
-        if opts.offload is True and not getattr(model, "_ds_ring_offload_warned", False):
+        if opts.offload_checkpoints is True and not state.offload_warned:
             warnings.warn("ds_ring.offload_context: the model is on the CPU; DeepSpeed's checkpoint offload only moves "
                           "tensors off an accelerator, so nothing is offloaded", stacklevel=2)
-            model._ds_ring_offload_warned = True
+            state.offload_warned = True
         return contextlib.nullcontext()
-    if "_ds_ring_offload" not in model.__dict__:
+    if state.offload_manager is None:
         from deepspeed.runtime.activation_checkpointing.offload_activations import (
             get_checkpoint_hidden_states_offloading_ctx_manager,
         )
 
-        model._ds_ring_offload = get_checkpoint_hidden_states_offloading_ctx_manager()
-    return model._ds_ring_offload
+        state.offload_manager = get_checkpoint_hidden_states_offloading_ctx_manager()
+    return state.offload_manager
 
 
 # ----- chunked loss ------------------------------------------------------------------------------------------------
@@ -203,7 +226,8 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
     """Forward of a model with the chunked loss: with ``shift_labels`` (or ``labels`` on one rank), the decoder runs
     and ``out.loss`` is ``chunked_causal_lm_loss`` of its last hidden states (``out.logits`` is None); without
     labels, the model's own forward (logits for evaluation or generation)."""
-    sp = self._ds_ring_memory_sp
+    state = state_of(self)
+    sp = state.sp
     if shift_labels is None and labels is None:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   inputs_embeds=inputs_embeds, **kwargs)
@@ -214,14 +238,13 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
         if sp is not None and sp.sp_size > 1:
             raise ValueError("with a ring of several ranks pass shift_labels (from ds_ring.shard_batch), not labels: "
                              "a shard cannot shift its labels alone")
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        shift_labels = next_token_targets(labels)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           inputs_embeds=inputs_embeds, **kwargs)
-    opts: MemoryOptions = self._ds_ring_memory
     loss = chunked_causal_lm_loss(out[0], self.get_output_embeddings(), shift_labels, sp,
-                                  chunk_tokens=opts.loss_chunk_tokens)
+                                  chunk_tokens=state.memory.loss_chunk_tokens)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
@@ -252,8 +275,8 @@ def _plain_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    base, chunk = self._ds_ring_tiles
-    tiles = base.__dict__.get("_ds_ring_tiles_agreed") or math.ceil(x.shape[-2] / chunk)
+    state = state_of(self)
+    tiles = state.mlp_tiles or math.ceil(x.shape[-2] / state.mlp_chunk_tokens)
     if tiles <= 1:
         return _plain_mlp(self, x)
     return TiledMLP.apply(_plain_mlp, self, x, tiles, [p for p in self.parameters() if p.requires_grad])
@@ -266,7 +289,8 @@ def _agree_on_tiles(base: nn.Module, args: tuple, kwargs: dict) -> None:
     of tiles: the longest local length is agreed (one all-gather of one integer per forward), and lengths that
     ``torch.chunk`` would cut into different numbers of tiles raise the same error on every rank.
     """
-    base._ds_ring_tiles_agreed = None
+    state = state_of(base)
+    state.mlp_tiles = None
     x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if x is None and args:
         x = args[0]
@@ -278,11 +302,10 @@ def _agree_on_tiles(base: nn.Module, args: tuple, kwargs: dict) -> None:
     lengths = torch.empty(dist.get_world_size(), dtype=torch.int64, device=x.device)
     dist.all_gather_into_tensor(lengths, mine)
     lengths = lengths.tolist()
-    chunk = next(m._ds_ring_tiles[1] for m in base.modules() if hasattr(m, "_ds_ring_tiles"))
-    tiles = math.ceil(max(lengths) / chunk)
+    tiles = math.ceil(max(lengths) / state.mlp_chunk_tokens)
     counts = {len(range(0, n, math.ceil(n / tiles))) for n in lengths}
     if len(counts) > 1:
         raise ValueError(f"tiled MLP under ZeRO-3: the local sequence lengths {sorted(set(lengths))} would be cut into "
                          f"different numbers of tiles ({sorted(counts)}), and every tile gathers weights on all ranks; "
                          "use equal lengths on every rank or a larger mlp_chunk_tokens")
-    base._ds_ring_tiles_agreed = tiles
+    state.mlp_tiles = tiles
