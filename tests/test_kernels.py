@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-
 from reference import dense_reference
 
 from ds_ring.op import kernels
-from ds_ring.op.kernels import AllowedPairs, block_backward, block_forward
+from ds_ring.op import pairs as pairs_module
+from ds_ring.op.kernels import block_backward, block_forward
+from ds_ring.op.pairs import AllowedPairs
 
 
 def test_cuda_bias_is_the_mask_with_aligned_rows():
@@ -31,7 +32,7 @@ def test_expand_kv_matches_query_head_grouping():
 
 def test_block_kernel_with_mask_tiles_matches_definition(monkeypatch):
     """A masked block computed in many small query tiles equals the dense definition, forward and backward."""
-    monkeypatch.setattr(kernels, "MASK_TILE_ELEMENTS", 64)  # forces tiles of 16 rows
+    monkeypatch.setattr(pairs_module, "MASK_TILE_ELEMENTS", 64)  # forces tiles of 16 rows
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(2, 4, 50, 8, generator=g, dtype=torch.float64) for _ in range(4))
     kpm = torch.rand(2, 50, generator=g) > 0.3

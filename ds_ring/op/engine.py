@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from .agreement import RingFacts
 from .comm import RingComm
-from .kernels import AllowedPairs, block_backward, block_forward
+from .kernels import block_backward, block_forward
+from .pairs import AllowedPairs
 from .schedule import Piece, Schedule, Step
 
 

@@ -23,15 +23,15 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch._higher_order_ops.flex_attention import flex_attention as _flex_fwd_op
-from torch._higher_order_ops.flex_attention import flex_attention_backward as _flex_bwd_op
+from torch._higher_order_ops.flex_attention import (
+    flex_attention_backward as _flex_bwd_op,
+)
 from torch.nn.attention import flex_attention as _flex
 
-if TYPE_CHECKING:
-    from .kernels import AllowedPairs
+from .pairs import AllowedPairs
 
 _LN2 = math.log(2.0)
 TILE = 128  # FlexAttention's tile: BlockMask sparsity is decided per TILE x TILE tile
@@ -41,7 +41,7 @@ TILE = 128  # FlexAttention's tile: BlockMask sparsity is decided per TILE x TIL
 MAX_COMPILED_SHAPES = 128
 
 
-def mask_mod(pairs: "AllowedPairs"):
+def mask_mod(pairs: AllowedPairs):
     """The block's ``mask_mod(b, h, i, t)``: query row i and key row t of batch entry b may interact.
 
     Batch entry b is segment block g = b % G (the engine folds (B, G) into B * G, index b * G + g), so one BlockMask
@@ -64,7 +64,7 @@ def mask_mod(pairs: "AllowedPairs"):
     return allowed
 
 
-def block_mask(pairs: "AllowedPairs", device: torch.device, key_padding: torch.Tensor | None) -> _flex.BlockMask:
+def block_mask(pairs: AllowedPairs, device: torch.device, key_padding: torch.Tensor | None) -> _flex.BlockMask:
     """The BlockMask of ``pairs`` (with ``key_padding``, (B * G, N) bool, in its mask_mod when given).
 
     The tile structure is made on first use and kept on ``pairs`` (so with the plan): one for unpadded calls, with
@@ -131,7 +131,7 @@ def _backend(q: torch.Tensor, compile_backend):
     return compile_backend or ("inductor" if q.device.type == "cuda" else None)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: "AllowedPairs", scale: float,
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: AllowedPairs, scale: float,
             key_padding: torch.Tensor | None = None, compile_backend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B', Hq, M, D), k/v (B', Hkv, N, D) -> out (B', Hq, M, D), lse (B', Hq, M) fp32 (natural log; -inf and
     out 0 for a row with no allowed key). ``key_padding``: (B', N) bool, True = real token."""
@@ -145,7 +145,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: "AllowedPa
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, pairs: "AllowedPairs", scale: float, key_padding: torch.Tensor | None = None,
+             lse: torch.Tensor, pairs: AllowedPairs, scale: float, key_padding: torch.Tensor | None = None,
              compile_backend=None):
     """Partial dq (B', Hq, M, D), dk/dv (B', Hkv, N, D) of the block given the rows' final ``out`` and ``lse``
     (natural log, finite)."""

@@ -24,7 +24,6 @@ import functools
 import math
 import types
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,22 +32,10 @@ from torch import nn
 
 from ..parallel.groups import SequenceParallel
 from .loss import chunked_causal_lm_loss, next_token_targets
-from .model_state import MEMORY, RingState, attach, detach_if_empty, state_of
+from .model_state import MEMORY, MemoryOptions, RingState, attach, detach_if_empty, state_of
 
 # Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-@dataclass(frozen=True)
-class MemoryOptions:
-    """What ``optimize_memory`` switched on for a model (its ``RingState.memory``)."""
-
-    checkpointing: bool = True
-    chunked_loss: bool = True
-    tiled_mlp: bool = True
-    offload_checkpoints: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
-    loss_chunk_tokens: int | None = None  # None: ds_ring.training.loss.LOSS_CHUNK_ELEMENTS // vocab
-    mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
 
 # transformers' late 5.x releases call it "activation checkpointing" and keep the "gradient_checkpointing_*" names as

@@ -23,13 +23,24 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..parallel.groups import SequenceParallel
-    from .memory_switch import MemoryOptions
 
 ATTR = "_ds_ring"  # the one attribute ds_ring sets on a model and its modules
 
 # Who made a change, i.e. which call undoes it: restore_memory undoes MEMORY, unpatch all three.
 PATCH, MEMORY, TRAINER = "patch", "memory", "trainer"
 
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What ``optimize_memory`` switched on for a model (its ``RingState.memory``)."""
+
+    checkpointing: bool = True
+    chunked_loss: bool = True
+    tiled_mlp: bool = True
+    offload_checkpoints: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
+    loss_chunk_tokens: int | None = None  # None: ds_ring.training.loss.LOSS_CHUNK_ELEMENTS // vocab
+    mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
 
 class _Absent:
