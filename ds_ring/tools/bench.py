@@ -14,7 +14,8 @@ from pathlib import Path
 
 # every benchmarks/bench_*.py (tests/test_bench.py checks that none is missing and runs each one's quick mode)
 SCRIPTS = ("bench_kernel", "bench_causal_blocks", "bench_dilated", "bench_ring", "bench_memory", "bench_ulysses",
-           "bench_startup", "bench_syncs", "bench_packing", "bench_2d", "bench_longest")
+           "bench_startup", "bench_syncs", "bench_packing", "bench_2d", "bench_longest", "bench_precision",
+           "bench_timeline")
 
 
 def bench_dir() -> Path:
