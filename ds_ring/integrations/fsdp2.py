@@ -24,6 +24,7 @@ from torch import nn
 
 from ..parallel.gradients import gradient_divisor
 from ..parallel.groups import SequenceParallel, _world_device
+from ..training.model_state import state_of
 from .transformers import RingSettings
 
 __all__ = ["apply_gradient_rule", "decoder_layers", "fully_shard"]
@@ -85,7 +86,7 @@ def fully_shard(model: nn.Module, sp: SequenceParallel, **fully_shard_kwargs: An
     if not dist.is_initialized():
         raise RuntimeError("ds_ring.fully_shard: torch.distributed is not initialised (FSDP2 needs a process group): "
                            "launch with torchrun / accelerate launch and call ds_ring.init_sequence_parallel first")
-    settings = getattr(model, "_ds_ring", None)
+    settings = getattr(state_of(model), "settings", None)  # what ds_ring.patch recorded on the model
     if not isinstance(settings, RingSettings) or settings.group is not sp.ring_group or settings.local:
         # unpatched, each rank would run the whole sequence and the rule (sum over the ring) would count it sp times
         raise ValueError("ds_ring.fully_shard: the model is not patched for this sp: call ds_ring.patch(model, sp=sp) "
