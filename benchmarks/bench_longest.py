@@ -472,9 +472,8 @@ def plot(result, png):
     C.save_fig(fig, png)
 
 
-def main():
-    p = C.base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--candidates", nargs="+", default=list(NAMES), choices=NAMES)
+def add_model_shape_args(p) -> None:
+    """The Llama-shaped model's sizes (the check shape of section 10 by default); bench_timeline.py takes them too."""
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
@@ -482,6 +481,12 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
+
+
+def main():
+    p = C.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--candidates", nargs="+", default=list(NAMES), choices=NAMES)
+    add_model_shape_args(p)
     p.add_argument("--tied", action="store_true", help="LM head tied to the embedding (default: separate; ALST's "
                    "TiledFusedLogitsLoss fails on a tied head under ZeRO-3: the weight's gradient enters DeepSpeed's "
                    "reduce bucket twice)")

@@ -265,13 +265,7 @@ def main():
     p = C.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=16384)
     p.add_argument("--candidates", nargs="+", default=["ds_ring long", "ALST"], choices=BL.NAMES)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
+    BL.add_model_shape_args(p)
     p.add_argument("--suffix", default="")
     p.add_argument("--merge", nargs="+", default=None, metavar="[LABEL=]JSON",
                    help="no new runs: one table and plot from earlier runs' JSON files (same length; LABEL renames a "

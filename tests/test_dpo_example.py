@@ -4,30 +4,20 @@ the example's own model and data (SGD, no clipping, gradient accumulation 2)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dist_utils import free_port
+from dist_utils import LAUNCHERS, load_example
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "train_dpo.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1")
 STEPS = 3
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_dpo", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,7 @@ def argv(tmp_path_factory) -> list[str]:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config())
     model.save_pretrained(model_dir)
-    load_example().word_tokenizer(model.config.vocab_size).save_pretrained(model_dir)
+    load_example(EXAMPLE).word_tokenizer(model.config.vocab_size).save_pretrained(model_dir)
     return ["--model", str(model_dir), "--seed", str(seed), "--prompt_len", "40", "--max_steps", str(STEPS), "--logging_steps", "1",
             "--train_samples", "16", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
             "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "0", "--beta", "0.5"]
@@ -56,7 +46,7 @@ def reference(argv, tmp_path_factory) -> list[tuple[float, float]]:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from trl import DPOTrainer
 
-    ex = load_example()
+    ex = load_example(EXAMPLE)
     script, training = ex.parse([*argv, "--output_dir", str(tmp_path_factory.mktemp("ref"))])
     model, ref, tok, train = ex.build(script, training)
     trainer = DPOTrainer(model=model, ref_model=ref, args=training, train_dataset=train, processing_class=tok)
@@ -78,17 +68,7 @@ def launch(cmd: list[str], out: Path, reference) -> None:
     assert (out / "model.safetensors").is_file() and "ring_dilated" not in (out / "config.json").read_text()
 
 
-def test_deepspeed_launcher_zero3(argv, reference, tmp_path):
-    launch(["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(EXAMPLE), *argv, "--deepspeed", "ds_config/zero3.json"], tmp_path, reference)
-
-
-def test_torchrun_without_deepspeed(argv, reference, tmp_path):
-    launch(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(EXAMPLE), *argv], tmp_path, reference)
-
-
-def test_accelerate_launch_zero3_yaml_memory_switch(argv, reference, tmp_path):
-    # with the memory switch (checkpointing, tiled MLP): the same objective
-    launch(["accelerate", "launch", "--config_file", "integrations/accelerate/zero3.yaml",
-            "--main_process_port", str(free_port()), str(EXAMPLE), *argv, "--memory", "long"], tmp_path, reference)
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_example_under_each_launcher(launcher, argv, reference, tmp_path):
+    """deepspeed (ZeRO-3), torchrun (DDP) and accelerate launch (ZeRO-3 YAML, memory switch): exit 0, same losses."""
+    launch(LAUNCHERS[launcher](EXAMPLE, argv), tmp_path, reference)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from batches import padded_batches
 from dist_utils import run_distributed
 
+from ds_ring.training.memory_switch import _checkpointing_on  # either transformers name (floor and latest)
+
 V, H, B, L = 37, 16, 2, 12  # vocabulary, hidden, batch, tokens per rank (chunks of 5 do not divide it)
 VOCAB, SEQ = 96, 24
 PARTS = {
@@ -207,7 +209,7 @@ def test_options_validation_and_parsing():
     with pytest.raises(ValueError, match="already optimized"):
         ds_ring.optimize_memory(model)
     ds_ring.restore_memory(model)
-    assert "forward" not in model.__dict__ and not model.is_activation_checkpointing
+    assert "forward" not in model.__dict__ and not _checkpointing_on(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
     with pytest.raises(TypeError, match="offload is now called offload_checkpoints"):  # the old spelling
         ds_ring.optimize_memory(model, offload=False)
@@ -278,7 +280,7 @@ def test_unpatch_restores_a_patched_memory_optimised_model():
         _run(model, batch)
     twin = copy.deepcopy(model)
     ds_ring.unpatch(twin)
-    assert model._ds_ring.settings.layout == "zigzag" and "forward" in vars(model) and model.is_activation_checkpointing
+    assert model._ds_ring.settings.layout == "zigzag" and "forward" in vars(model) and _checkpointing_on(model)
     ds_ring.unpatch(model)
     with pytest.raises(ValueError, match="was not patched"):
         ds_ring.unpatch(model)

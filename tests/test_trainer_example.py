@@ -4,31 +4,21 @@ example's own model and data."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dist_utils import free_port
+from dist_utils import LAUNCHERS, load_example
 from test_launchers import save_tiny_model_with_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "train_with_trainer.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 STEPS = 3
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_with_trainer", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def reference(argv, tmp_path_factory) -> tuple[list[float], float]:
     """The plain Trainer in one process on the example's model and data."""
     from transformers import Trainer
 
-    ex = load_example()
+    ex = load_example(EXAMPLE)
     script, training = ex.parse([*argv, "--output_dir", str(tmp_path_factory.mktemp("ref"))])
     model, train, val = ex.build(script, training)
     trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=val)
@@ -70,17 +60,7 @@ def launch(cmd: list[str], out: Path, reference) -> None:
     assert (out / "model.safetensors").is_file() and "ring_dilated" not in (out / "config.json").read_text()
 
 
-def test_deepspeed_launcher_zero3(argv, reference, tmp_path):
-    launch(["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(EXAMPLE), *argv, "--deepspeed", "ds_config/zero3.json"], tmp_path, reference)
-
-
-def test_torchrun_without_deepspeed(argv, reference, tmp_path):
-    launch(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(EXAMPLE), *argv], tmp_path, reference)
-
-
-def test_accelerate_launch_zero3_yaml(argv, reference, tmp_path):
-    # with the memory switch on (chunked loss over the partitioned head, checkpointing): the same objective
-    launch(["accelerate", "launch", "--config_file", "integrations/accelerate/zero3.yaml",
-            "--main_process_port", str(free_port()), str(EXAMPLE), *argv, "--memory", "long"], tmp_path, reference)
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_example_under_each_launcher(launcher, argv, reference, tmp_path):
+    """deepspeed (ZeRO-3), torchrun (DDP) and accelerate launch (ZeRO-3 YAML, memory switch): exit 0, same losses."""
+    launch(LAUNCHERS[launcher](EXAMPLE, argv), tmp_path, reference)
