@@ -442,16 +442,14 @@ def loss_adapter(cls: type) -> LossAdapter:
 
 
 def _resolve(adapter: LossAdapter | str) -> LossAdapter:
-    """A table entry as an adapter: "module:Class" is imported and instantiated on first use."""
+    """A table entry as an adapter: "module:Class" is imported and instantiated when used (adapters hold no state,
+    so a fresh one per trainer is the same as a shared one)."""
     if isinstance(adapter, str):
         import importlib
 
         module, name = adapter.split(":")
-        adapter = LOSS_ADAPTERS_RESOLVED.setdefault(adapter, getattr(importlib.import_module(module), name)())
+        adapter = getattr(importlib.import_module(module), name)()
     return adapter
-
-
-LOSS_ADAPTERS_RESOLVED: dict[str, LossAdapter] = {}
 
 
 # ----- accelerate: the places where it assumes that every process is a data-parallel rank --------------------------
