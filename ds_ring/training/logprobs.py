@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel.groups import SequenceParallel
-from .loss import call_as_forward, head_chunks, head_gradients, lm_head_chunk, ring_sum
+from .loss import call_as_forward, check_chunk_tokens, head_chunks, head_gradients, lm_head_chunk, ring_sum
 
 
 def token_logprobs(
@@ -51,10 +51,11 @@ def token_logprobs(
         valid = labels != ignore_index
         picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return torch.where(valid, picked - torch.logsumexp(logits, dim=-1), 0.0)
-    chunk = lm_head_chunk(lm_head, chunk_tokens, "token_logprobs")
+    check_chunk_tokens(chunk_tokens, "token_logprobs")
     flat = labels.reshape(-1)
 
     def head_logprobs(h: torch.Tensor) -> torch.Tensor:  # reads the weight when lm_head's hooks have gathered it
+        chunk = lm_head_chunk(lm_head, chunk_tokens, "token_logprobs")
         return _ChunkedTokenLogprobs.apply(h, lm_head.weight, getattr(lm_head, "bias", None), flat, chunk,
                                            ignore_index)
 

@@ -94,10 +94,11 @@ def chunked_causal_lm_loss(
             f"chunked_causal_lm_loss: hidden_states {tuple(hidden_states.shape)} must be (B, L, h) for shift_labels "
             f"{tuple(shift_labels.shape)} (B, L)"
         )
-    chunk = lm_head_chunk(lm_head, chunk_tokens, "chunked_causal_lm_loss")
+    check_chunk_tokens(chunk_tokens, "chunked_causal_lm_loss")
     labels = shift_labels.to(hidden_states.device).reshape(-1)
 
     def head_loss(x: torch.Tensor) -> torch.Tensor:  # reads the weight when lm_head's hooks have gathered it
+        chunk = lm_head_chunk(lm_head, chunk_tokens, "chunked_causal_lm_loss")
         # grad mode is read here: inside Function.forward it is always off, and needs_input_grad ignores it
         return _ChunkedLMHeadLoss.apply(x, lm_head.weight, getattr(lm_head, "bias", None), labels, chunk,
                                         ignore_index, torch.is_grad_enabled())
@@ -106,16 +107,27 @@ def chunked_causal_lm_loss(
     return _ring_mean(local_sum, labels, sp, ignore_index)
 
 
-def lm_head_chunk(lm_head: nn.Module, chunk_tokens: int | None, who: str) -> int:
-    """Rows per chunk of the chunked LM head: ``chunk_tokens``, default ``LOSS_CHUNK_ELEMENTS // V``. Checks that
-    ``lm_head`` is a linear layer (weight (V, h); under ZeRO-3 the partitioned weight keeps its shape in ds_shape)."""
-    weight = getattr(lm_head, "weight", None)
-    if weight is None or weight.dim() != 2 and not hasattr(weight, "ds_shape"):
-        raise ValueError(f"{who}: lm_head must be a linear layer with a (V, h) weight, got {type(lm_head).__name__}")
+def check_chunk_tokens(chunk_tokens: int | None, who: str) -> None:
+    """Refuse a ``chunk_tokens`` that is not a positive int or None (before anything is gathered or sent)."""
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"{who}: chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    vocab = int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else weight.shape[0]
-    return chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // vocab)
+
+
+def lm_head_chunk(lm_head: nn.Module, chunk_tokens: int | None, who: str) -> int:
+    """Rows per chunk of the chunked LM head: ``chunk_tokens``, default ``LOSS_CHUNK_ELEMENTS // V``. Checks that
+    ``lm_head`` is a linear layer with a (V, h) weight.
+
+    Call it only inside the function ``call_as_forward`` runs as the head's forward. Under ZeRO-3, reading
+    ``lm_head.weight`` anywhere else in the engine's forward makes DeepSpeed register the weight as an external
+    parameter of the module then running (the model's root), so from the next step on the whole (V, h) weight is
+    gathered when the model's forward starts and held until its backward ends (measured: 125 MiB more per rank
+    over the whole step at V = 32,000, h = 1,024, fp32; benchmarks/bench_timeline.py).
+    """
+    check_chunk_tokens(chunk_tokens, who)
+    weight = getattr(lm_head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ValueError(f"{who}: lm_head must be a linear layer with a (V, h) weight, got {type(lm_head).__name__}")
+    return chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
 
 
 def call_as_forward(module: nn.Module, fn: Callable, *args):
