@@ -58,16 +58,17 @@ NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "FSDP2 long
 # optimize_memory arguments of the ds_ring candidates (None: not optimized)
 DS_RING_OPTIONS = {
     "ds_ring": None,
-    "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False, offload_checkpoints=False),
-    "ds_ring tiled": dict(checkpointing=False, offload_checkpoints=False),
+    "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False, offload_checkpoints=False,
+                         lean_norms=False),
+    "ds_ring tiled": dict(checkpointing=False, offload_checkpoints=False, lean_norms=False),
     "ds_ring long": {},
 }
 # ds_ring.plan's options for each candidate
 PLAN_OPTIONS = {
-    "ds_ring": dict(checkpointing=False, chunked_loss=False, tiled_mlp=False),
-    "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False),
-    "ds_ring tiled": dict(checkpointing=False, chunked_loss=True, tiled_mlp=True),
-    "ds_ring long": dict(checkpointing=True, chunked_loss=True, tiled_mlp=True),
+    "ds_ring": dict(checkpointing=False, chunked_loss=False, tiled_mlp=False, lean_norms=False),
+    "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False, lean_norms=False),
+    "ds_ring tiled": dict(checkpointing=False, chunked_loss=True, tiled_mlp=True, lean_norms=False),
+    "ds_ring long": dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, lean_norms=True),
 }
 
 

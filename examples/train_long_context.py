@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-pad", action="store_true", help="refuse sequence lengths the ring cannot shard evenly")
     p.add_argument("--pattern", default="dense", help="'dense' (exact) or LongNet 'SEGMENTS:RATES', e.g. '256,512:1,2'")
     p.add_argument("--memory", default="off", help="memory options (ds_ring.optimize_memory): 'off', 'long' (all), or "
-                   "a comma list of checkpointing,chunked_loss,tiled_mlp,offload_checkpoints")
+                   "a comma list of checkpointing,chunked_loss,tiled_mlp,offload_checkpoints,lean_norms")
     p.add_argument("--data", default="passkey", help="'passkey' (synthetic) or a path to a UTF-8 text file")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per ring per micro-step")

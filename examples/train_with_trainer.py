@@ -41,7 +41,7 @@ class ScriptArguments:
     pattern: str = field(default="dense", metadata={"help": "'dense' (exact) or LongNet 'SEGMENTS:RATES'"})
     memory: str = field(default="off", metadata={"help": "long-sequence memory options (ds_ring.optimize_memory): "
                                                          "'off', 'long' (all) or a comma list of checkpointing,"
-                                                         "chunked_loss,tiled_mlp,offload_checkpoints"})
+                                                         "chunked_loss,tiled_mlp,offload_checkpoints,lean_norms"})
     seq_len: int = field(default=512, metadata={"help": "tokens per sequence (split over the ring)"})
     key_len: int = field(default=4, metadata={"help": "passkey tokens"})
     train_samples: int = field(default=512)

@@ -27,9 +27,10 @@ V, H, B, L = 37, 16, 2, 12  # vocabulary, hidden, batch, tokens per rank (chunks
 VOCAB, SEQ = 96, 24
 PARTS = {
     "all": {},
-    "checkpointing": dict(chunked_loss=False, tiled_mlp=False),
-    "chunked_loss": dict(checkpointing=False, tiled_mlp=False),
-    "tiled_mlp": dict(checkpointing=False, chunked_loss=False),
+    "checkpointing": dict(chunked_loss=False, tiled_mlp=False, lean_norms=False),
+    "chunked_loss": dict(checkpointing=False, tiled_mlp=False, lean_norms=False),
+    "tiled_mlp": dict(checkpointing=False, chunked_loss=False, lean_norms=False),
+    "lean_norms": dict(checkpointing=False, chunked_loss=False, tiled_mlp=False),
 }
 
 
@@ -205,7 +206,8 @@ def test_options_validation_and_parsing():
     assert parse_memory_options("off") is None
     assert parse_memory_options("long")["offload_checkpoints"] == "auto"
     assert parse_memory_options("chunked_loss,tiled-mlp") == {"checkpointing": False, "chunked_loss": True,
-                                                              "tiled_mlp": True, "offload_checkpoints": False}
+                                                              "tiled_mlp": True, "offload_checkpoints": False,
+                                                              "lean_norms": False}
     with pytest.raises(ValueError, match="unknown"):
         parse_memory_options("chunked_loss,fast")
     with pytest.raises(ValueError, match="offload is now called offload_checkpoints"):  # the old spelling
@@ -299,3 +301,72 @@ def test_unpatch_restores_a_patched_memory_optimised_model():
         logits, loss, grads = _run(m, batch)
         assert torch.equal(logits, ref[0]) and torch.equal(loss, ref[1])
         assert all(torch.equal(g, ref[2][n]) for n, g in grads.items())
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16)])
+def test_lean_rms_norm_equals_the_module_and_keeps_less(dtypes):
+    """The lean norm's output is bit-identical to transformers' module, its gradients equal up to rounding (float64
+    reference of the same formula), and what autograd keeps for backward is x and a per-row scale only."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ds_ring.training.norms import is_llama_rms_norm, rms_norm
+
+    x_dtype, w_dtype = dtypes
+    h = 48
+    norm = LlamaRMSNorm(h, eps=1e-5).to(w_dtype)
+    norm.weight.data.normal_()
+    assert is_llama_rms_norm(norm)
+    x = torch.randn(3, 40, h).to(x_dtype).requires_grad_(True)
+    g = torch.randn(3, 40, h)
+
+    def saved_bytes(fn):
+        """Bytes autograd keeps for fn's backward, tensors sharing x's storage not counted (x is held anyway)."""
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return out, sum(kept.values())
+
+    ref, ref_kept = saved_bytes(lambda: norm(x))
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, norm.weight), g.to(ref.dtype))
+    out, kept = saved_bytes(lambda: rms_norm(x, norm.weight, norm.variance_epsilon))
+    gx, gw = torch.autograd.grad(out, (x, norm.weight), g.to(out.dtype))
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    # what is kept besides x and the weight: one fp32 scale per row (the module keeps whole (3, 40, h) tensors)
+    assert kept <= 3 * 40 * 4 + norm.weight.untyped_storage().nbytes(), kept
+    assert ref_kept >= 3 * 40 * h * x.element_size()
+    # float64 gradients of the same formula
+    x64, w64 = x.detach().double().requires_grad_(True), norm.weight.detach().double().requires_grad_(True)
+    y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5))
+    want_gx, want_gw = torch.autograd.grad(y64, (x64, w64), g.double())
+    tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+    for got, ref_got, want in ((gx, ref_gx, want_gx), (gw, ref_gw, want_gw)):
+        err, ref_err = _rel(got, want), _rel(ref_got, want)
+        assert err < tol and err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+def test_lean_norms_leave_other_formulas_and_say_so():
+    """A norm with another formula (Gemma's 1 + weight) keeps its forward; the switch names its class."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    import ds_ring
+    from ds_ring.training.norms import lean_rms_norm_forward
+
+    cfg = GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = GemmaForCausalLM(cfg)
+    with pytest.warns(UserWarning, match="GemmaRMSNorm"):
+        ds_ring.optimize_memory(model, checkpointing=False, chunked_loss=False, tiled_mlp=False)
+    assert not any(getattr(m.forward, "__func__", None) is lean_rms_norm_forward for m in model.modules())
+    llama = build_model(tied=False)
+    ds_ring.optimize_memory(llama, checkpointing=False, chunked_loss=False, tiled_mlp=False)
+    swapped = [m for m in llama.modules() if getattr(m.forward, "__func__", None) is lean_rms_norm_forward]
+    assert len(swapped) == 2 * llama.config.num_hidden_layers + 1  # two per layer and the final norm
+    ds_ring.restore_memory(llama)
+    assert not any("forward" in m.__dict__ for m in llama.modules())

@@ -73,14 +73,15 @@ def test_step_peak_within_20_percent_of_measured(shape, mode, one_thread):
     measured = ds_ring.measure_peak_bytes(step)
     on = opts is not None
     p = plan(cfg, S, sp_size=1, zero_stage=0, dtype="fp32", layout="contiguous", checkpointing=on,
-             chunked_loss=on, tiled_mlp=on)
+             chunked_loss=on, tiled_mlp=on, lean_norms=on)
     assert 0.8 <= measured / p.step_peak_bytes <= 1.2, (measured, p.phases)
 
 
 def test_longest_sequence_is_the_boundary_and_options_help():
     cfg, _ = SHAPES["untied, h=96"]
     kw = dict(sp_size=4, zero_stage=3, device_memory="1GiB")
-    long, off = plan(cfg, **kw), plan(cfg, checkpointing=False, chunked_loss=False, tiled_mlp=False, **kw)
+    long, off = plan(cfg, **kw), plan(cfg, checkpointing=False, chunked_loss=False, tiled_mlp=False,
+                                      lean_norms=False, **kw)
     for p in (long, off):
         grain = 8  # zigzag over 4 ranks
         assert p.seq_len == p.longest_seq_len and p.fits
@@ -165,7 +166,7 @@ def test_zero3_release_and_kernel_constants():
     assert rel.moments["layer backward"]["ZeRO-3 gathered parameters"] == layer * 4
     assert plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32").moments == rel.moments  # on with the options
     assert plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", checkpointing=False, chunked_loss=False,
-                tiled_mlp=False).moments["loss"]["ZeRO-3 gathered parameters"] == shape.params * 4
+                tiled_mlp=False, lean_norms=False).moments["loss"]["ZeRO-3 gathered parameters"] == shape.params * 4
 
     cuda = plan(cfg, S, sp_size=2, dtype="bf16", kernels="cuda")
     assert any("UNVERIFIED" in n for n in cuda.notes)

@@ -148,7 +148,8 @@ class MemoryPlan:
         """The breakdown as text, as ``ds-ring plan`` prints it."""
         g = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
         s = self.shape
-        on = [k for k in ("checkpointing", "chunked_loss", "tiled_mlp", "offload_checkpoints") if self.options[k]]
+        on = [k for k in ("checkpointing", "chunked_loss", "tiled_mlp", "offload_checkpoints", "lean_norms")
+              if self.options[k]]
         lines = [
             f"model: hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, {s.heads} heads / "
             f"{s.kv_heads} KV heads of {s.head_dim}, vocabulary {s.vocab}{' (tied)' if s.tied else ''}: "
@@ -232,6 +233,7 @@ def plan(
     chunked_loss: bool = True,
     tiled_mlp: bool = True,
     offload_checkpoints: bool = False,
+    lean_norms: bool = True,
     offload_optimizer: bool | None = None,
     offload_params: bool | None = None,
     ds_config: Any = None,
@@ -276,14 +278,14 @@ def plan(
         shape=shape, sp_size=sp_size, dp_size=dp_size, batch_size=batch_size, zero_stage=zero_stage, dtype=dtype,
         e=_DTYPE_BYTES[dtype],
         options=dict(checkpointing=checkpointing, chunked_loss=chunked_loss, tiled_mlp=tiled_mlp,
-                     offload_checkpoints=offload_checkpoints),
+                     offload_checkpoints=offload_checkpoints, lean_norms=lean_norms),
         offload_optimizer=zs.get("offload_optimizer", False) if offload_optimizer is None else offload_optimizer,
         offload_params=zs.get("offload_params", False) if offload_params is None else offload_params,
         loss_chunk=loss_chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // shape.vocab),
         mlp_chunk=mlp_chunk_tokens or shape.hidden,
         reduce_bucket_size=reduce_bucket_size or zs.get("reduce_bucket_size", 500_000_000),
         max_live_parameters=max_live_parameters or zs.get("max_live_parameters", 1_000_000_000),
-        release_parameters=(checkpointing or chunked_loss or tiled_mlp or offload_checkpoints)
+        release_parameters=(checkpointing or chunked_loss or tiled_mlp or offload_checkpoints or lean_norms)
         if release_parameters is None else release_parameters,
         kernels=kernels,
     )
@@ -413,7 +415,11 @@ class _Activations:
         u = T * s.hidden * e
         # RMSNorm (computed in fp32) keeps its normalised input and its output (the next matmul's input), plus an
         # fp32 copy of its input in half precision; the input norm's input is the layer input (the checkpoint).
-        norm_in = T * s.hidden * (2 * e + (4 if e != 4 else 0))
+        # Lean norms (training/norms.py) keep only the output and one fp32 scale per token.
+        if st["options"]["lean_norms"]:
+            norm_in = T * s.hidden * e + T * 4
+        else:
+            norm_in = T * s.hidden * (2 * e + (4 if e != 4 else 0))
         att = memory_estimate(seq_len, st["batch_size"], s.heads, s.head_dim, P, num_kv_heads=s.kv_heads,
                               dtype=_torch_dtype(e), communicates=P > 1, kernels=st["kernels"])
         mlp_saved = 0 if st["options"]["tiled_mlp"] else 4 * T * s.intermediate * e  # gate, up, act, product

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per ring per micro-step")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="zigzag")
     p.add_argument("--options", default="long", help="memory options: 'long' (all), 'off', or a comma list of "
-                   "checkpointing,chunked_loss,tiled_mlp,offload_checkpoints (as ds_ring.optimize_memory)")
+                   "checkpointing,chunked_loss,tiled_mlp,offload_checkpoints,lean_norms (as ds_ring.optimize_memory)")
     p.add_argument("--kernels", choices=["cpu", "cuda"], default="cpu", help="attention kernel constants: 'cpu' "
                    "(measured on CPU) or 'cuda' (flash / FlexAttention, counted, UNVERIFIED on a GPU); the plan's "
                    "notes say which were used")
@@ -81,6 +81,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                       device_memory=args.memory, dtype=args.dtype, batch_size=args.batch_size,
                       checkpointing=opts["checkpointing"], chunked_loss=opts["chunked_loss"],
                       tiled_mlp=opts["tiled_mlp"], offload_checkpoints=bool(opts["offload_checkpoints"]),
+                      lean_norms=opts["lean_norms"],
                       ds_config=args.deepspeed, layout=args.layout, kernels=args.kernels)
     except (ValueError, FileNotFoundError) as e:
         print(f"ds-ring plan: {e}", file=sys.stderr)

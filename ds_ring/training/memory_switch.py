@@ -1,7 +1,7 @@
 """The memory options of a long-sequence training step, switched on together by ``optimize_memory``.
 
 At long sequences a training step's memory is mostly outside attention (issue 11): the (B, L, V) logits and their
-fp32 copy and gradient, the MLP's (B, L, intermediate) activations, and what each layer keeps for backward. Four
+fp32 copy and gradient, the MLP's (B, L, intermediate) activations, and what each layer keeps for backward. Five
 options cut them, each selectable alone:
 
 * ``checkpointing``: transformers' activation checkpointing (non-reentrant) keeps only each decoder layer's input;
@@ -9,6 +9,9 @@ options cut them, each selectable alone:
   final hidden states (no logits at all);
 * ``tiled_mlp``: every decoder layer's MLP runs through DeepSpeed's ``TiledMLP`` (ALST), ``mlp_chunk_tokens`` rows at
   a time in forward and again in backward;
+* ``lean_norms``: every RMSNorm with transformers' Llama formula (Llama, Mistral, Qwen2/3, ...) keeps its input and
+  one fp32 scale per row for backward instead of its fp32 upcast and normalised input (``training/norms.py``); the
+  forward is bit-identical; norms with another formula are left as they are and named on rank 0;
 * ``offload_checkpoints``: DeepSpeed's ``CheckpointHiddenStatesOffload`` (ALST) keeps the checkpointed layer inputs
   in pinned host memory (the name says which offload: ``ds_ring.plan``'s ``offload_optimizer`` / ``offload_params``
   are DeepSpeed's ZeRO offloads); it acts only on an accelerator (DeepSpeed skips tensors that are not on one), and runs inside
@@ -33,6 +36,7 @@ from torch import nn
 from ..parallel.groups import SequenceParallel
 from .loss import chunked_causal_lm_loss, next_token_targets
 from .model_state import MEMORY, MemoryOptions, RingState, attach, detach_if_empty, state_of
+from .norms import is_llama_rms_norm, lean_rms_norm_forward
 
 # Config keys that change the logits after the LM head; the chunked loss computes plain ``lm_head(h)`` logits.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -53,6 +57,7 @@ def optimize_memory(
     chunked_loss: bool = True,
     tiled_mlp: bool = True,
     offload_checkpoints: bool | str = "auto",
+    lean_norms: bool = True,
     loss_chunk_tokens: int | None = None,
     mlp_chunk_tokens: int | None = None,
     **renamed: Any,
@@ -66,7 +71,7 @@ def optimize_memory(
     ``with ds_ring.offload_context(model):`` (a no-op unless checkpoint offload is active).
     """
     opts = _checked_options(model, renamed, checkpointing=checkpointing, chunked_loss=chunked_loss,
-                            tiled_mlp=tiled_mlp, offload_checkpoints=offload_checkpoints,
+                            tiled_mlp=tiled_mlp, offload_checkpoints=offload_checkpoints, lean_norms=lean_norms,
                             loss_chunk_tokens=loss_chunk_tokens, mlp_chunk_tokens=mlp_chunk_tokens)
     mlps = _token_wise_mlps(model) if tiled_mlp else []
     if chunked_loss:
@@ -83,7 +88,23 @@ def optimize_memory(
         state.record(MEMORY, base.register_forward_pre_hook(_agree_on_tiles, with_kwargs=True).remove)
         for mlp in mlps:
             state.swap(mlp, "forward", types.MethodType(_tiled_mlp_forward, mlp), MEMORY)
+    if lean_norms:
+        _lean_norms(model, state)
     return model
+
+
+def _lean_norms(model: nn.Module, state: RingState) -> None:
+    """Every RMSNorm of ``model`` with the Llama formula runs ``norms.rms_norm``; the others are named on rank 0."""
+    others = set()
+    for module in model.modules():
+        if is_llama_rms_norm(module):
+            state.swap(module, "forward", types.MethodType(lean_rms_norm_forward, module), MEMORY)
+        elif type(module).__name__.lower().endswith("rmsnorm"):
+            others.add(type(module).__name__)
+    if others and (not dist.is_initialized() or dist.get_rank() == 0):
+        warnings.warn(f"optimize_memory(lean_norms=True): {sorted(others)} compute RMSNorm with another formula than "
+                      "transformers' Llama RMSNorm and keep their own forward (and what it saves for backward)",
+                      stacklevel=3)
 
 
 def _checked_options(model: nn.Module, renamed: dict[str, Any], **options: Any) -> MemoryOptions:
@@ -135,18 +156,18 @@ def _enable_checkpointing(model: nn.Module, state: RingState) -> None:
     state.record(MEMORY, disable)  # undone first: then the attributes, the hooks
 
 
-PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload_checkpoints")
+PARTS = ("checkpointing", "chunked_loss", "tiled_mlp", "offload_checkpoints", "lean_norms")
 
 
 def parse_memory_options(text: str) -> dict[str, bool | str] | None:
     """A command-line spelling of the options: ``"long"`` (all on, checkpoint offload on an accelerator), ``"off"``
     (None: do not call ``optimize_memory``), or a comma list of ``checkpointing, chunked_loss, tiled_mlp,
-    offload_checkpoints`` (the others off). Returns ``optimize_memory``'s keyword arguments."""
+    offload_checkpoints, lean_norms`` (the others off). Returns ``optimize_memory``'s keyword arguments."""
     text = text.strip().lower()
     if text == "off":
         return None
     if text == "long":
-        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload_checkpoints="auto")
+        return dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, offload_checkpoints="auto", lean_norms=True)
     parts = [p.strip().replace("-", "_") for p in text.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:

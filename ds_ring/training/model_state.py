@@ -39,6 +39,7 @@ class MemoryOptions:
     chunked_loss: bool = True
     tiled_mlp: bool = True
     offload_checkpoints: bool | str = "auto"  # "auto": on when the model's parameters are on an accelerator
+    lean_norms: bool = True  # Llama-formula RMSNorms keep their input and a per-row fp32 scale (training/norms.py)
     loss_chunk_tokens: int | None = None  # None: ds_ring.training.loss.LOSS_CHUNK_ELEMENTS // vocab
     mlp_chunk_tokens: int | None = None  # None: hidden_size (DeepSpeed's TiledMLP default)
 
