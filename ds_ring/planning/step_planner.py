@@ -39,6 +39,10 @@ LOSS_BYTES_PER_LOGIT = 12.0
 # fp32 hidden-sized vectors per local token that a checkpointed layer's backward holds beyond the checkpoints, at its
 # largest (the input RMSNorm's backward, which runs in fp32: gradient streams, normalised input, pow temporaries).
 LAYER_BACKWARD_HIDDEN = 7.8
+# The same with lean norms (training/norms.py keeps no normalised input; its backward recomputes one fp32 vector):
+# fitted on benchmarks/bench_timeline.py's step peaks at 16k and 32k tokens, P=2, ZeRO-3, the bench_longest shape
+# (609 and 831 MiB measured; the plan gives 0.94 and 0.96 of them).
+LAYER_BACKWARD_HIDDEN_LEAN = 5.0
 # Intermediate-sized tensors per token in one MLP tile's recompute + backward (gate, up, activation, product and
 # their gradients), and in an untiled MLP's backward beyond its 4 saved ones.
 MLP_TILE_INTERMEDIATE = 6.0
@@ -459,7 +463,8 @@ def _layer_backward_parts(st: dict, a: _Activations) -> dict[str, int]:
         mlp_phase = mlp_base + int(MLP_TILE_INTERMEDIATE * min(T, st["mlp_chunk"]) * i * a.e)
     else:
         mlp_phase = mlp_base + a.mlp_saved + int(MLP_BACKWARD_INTERMEDIATE * T * i * a.e)
-    norm_phase = int(LAYER_BACKWARD_HIDDEN * T * st["shape"].hidden * 4)
+    hidden_vectors = LAYER_BACKWARD_HIDDEN_LEAN if st["options"]["lean_norms"] else LAYER_BACKWARD_HIDDEN
+    norm_phase = int(hidden_vectors * T * st["shape"].hidden * 4)
     return {"attention (ring op)": att_phase, "MLP": mlp_phase, "RMSNorm": norm_phase}
 
 
