@@ -267,9 +267,10 @@ def main():
     p.add_argument("--candidates", nargs="+", default=["ds_ring long", "ALST"], choices=BL.NAMES)
     BL.add_model_shape_args(p)
     p.add_argument("--suffix", default="")
-    p.add_argument("--merge", nargs="+", default=None, metavar="[LABEL=]JSON",
-                   help="no new runs: one table and plot from earlier runs' JSON files (same length; LABEL renames a "
-                   "file's single candidate, e.g. to compare before and after a change)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="[LABEL=]JSON[#CANDIDATE]",
+                   help="no new runs: one table and plot from earlier runs' JSON files (same length; #CANDIDATE takes "
+                   "one of a file's candidates, LABEL renames a file's single (or chosen) candidate, e.g. to compare "
+                   "before and after a change)")
     args = p.parse_args()
     if args.merge:
         import json
@@ -277,9 +278,15 @@ def main():
         runs = {}
         for item in args.merge:
             label, _, path = item.rpartition("=")
+            path, _, chosen = path.partition("#")
             data = json.loads(open(path).read())
+            if chosen:
+                if chosen not in data["runs"]:
+                    p.error(f"--merge {item}: {path} has no candidate {chosen!r}, only {list(data['runs'])}")
+                data["runs"] = {chosen: data["runs"][chosen]}
             if label and len(data["runs"]) != 1:
-                p.error(f"--merge {item}: LABEL needs a file with one candidate, it has {list(data['runs'])}")
+                p.error(f"--merge {item}: LABEL needs a file with one candidate (or #CANDIDATE), it has "
+                        f"{list(data['runs'])}")
             for name, r in data["runs"].items():
                 runs[label or name] = r
             cfg, world, S = data["cfg"], data["world"], data["seq_len"]
