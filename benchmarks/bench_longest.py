@@ -32,6 +32,7 @@ the LM head and loss at the model's shape against float64, ds_ring's chunked los
     python benchmarks/bench_longest.py --quick                 # a few minutes: tiny model and cap (a smoke run)
     python benchmarks/bench_longest.py --quick --candidates "ds_ring long" "FSDP2 long"   # ZeRO-3 against FSDP2
     python benchmarks/bench_longest.py --candidates "ds_ring long" ALST --at 81920 82944 --suffix _at   # lengths only
+    python benchmarks/bench_longest.py --time-only --time-candidates ds_ring "ds_ring long" --suffix _time  # times only
     python benchmarks/bench_longest.py --gpu --candidates "ds_ring long" --budget-s 400   # one GPU: Llama-3.2-1B
         # shape (untied), bf16, ds_config/zero3_offload.json; a step "fits" when it does not run out of memory
 """
@@ -506,6 +507,8 @@ def main():
     p.add_argument("--suffix", default="")
     p.add_argument("--at", type=int, nargs="+", default=None, help="measure each candidate at these lengths only: no "
                    "search, planner check, timing or exactness (to look again at a search's boundary)")
+    p.add_argument("--time-only", action="store_true", help="step times only (--time-candidates at --time-seq-lens): "
+                   "no search, planner check or exactness")
     p.set_defaults(warmup=1, repeat=3)
     args = p.parse_args()
     world = 1 if args.gpu else 2
@@ -533,6 +536,8 @@ def main():
         calibration = {n: args.at for n in NAMES}
         cfg.update(max_runs=0, time_seq_lens=[])
         args.planner_check = ""
+    if args.time_only:
+        args.candidates, args.planner_check = [n for n in args.candidates if n in args.time_candidates], ""
     cfg["calibration"] = calibration
     device_memory = torch.cuda.mem_get_info()[1] if args.gpu else None
     dtype_name = "bf16" if cfg["dtype"] == "bfloat16" else "fp32"
@@ -548,7 +553,7 @@ def main():
     # where to look first: the planner for ds_ring's ZeRO-3 candidates, ds_ring long's result for ALST and FSDP2
     searches, aims = {}, {}
     plan_cfg = dict(cfg, dtype=dtype_name)
-    for name in args.candidates:
+    for name in [] if args.time_only else args.candidates:
         if name in PLAN_OPTIONS:
             aims[name] = plan_for(name, plan_cfg, None, world, count_held=args.gpu,
                                   device_memory=device_memory or cfg["cap_bytes"]).longest_seq_len
@@ -574,7 +579,7 @@ def main():
     if cfg["time_seq_lens"] and time_names:
         print(f"\nstep time, interleaved: {time_names} at S={cfg['time_seq_lens']}", flush=True)
         timing = C.run_ranks(time_worker, world, (cfg, tuple(time_names)), threads=args.threads, timeout_s=RUN_TIMEOUT_S)[0]
-    exact = None if args.gpu or args.at else exactness(cfg, 4096 if not args.quick else 256, args.threads)
+    exact = None if args.gpu or args.at or args.time_only else exactness(cfg, 4096 if not args.quick else 256, args.threads)
     elapsed = time.perf_counter() - t_start
 
     # ----- tables
@@ -637,7 +642,7 @@ def main():
                   exactness=exact, tables=dict(longest=long_md, planner=plan_md, time=time_md, exactness=exact_md),
                   elapsed_s=elapsed)
     C.finish(args, "bench_longest" + ("_gpu" if args.gpu else "") + args.suffix, result,
-             lambda png: plot(result, png))
+             None if args.time_only else lambda png: plot(result, png))
     return 0
 
 
