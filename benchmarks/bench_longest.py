@@ -9,6 +9,8 @@ with labels = input_ids, all candidates on the same weights:
   * ``ds_ring+ckpt``: the same with activation checkpointing only (``optimize_memory`` with every other part off);
   * ``ds_ring tiled``: chunked loss and tiled MLP, no checkpointing;
   * ``ds_ring long``: ``ds_ring.optimize_memory(model, sp)``: all of it (checkpoint offload is a no-op on CPU);
+  * ``ds_ring long keep`` (only when named): the same, but ZeRO-3 keeps gathered parameters as DeepSpeed does by default
+    (``deepspeed_initialize(..., release_parameters=False)``): what the release costs in time;
   * ``FSDP2 long``: the same model and switch, sharded by torch FSDP2 instead of ZeRO-3 (``ds_ring.fully_shard``:
     each decoder layer and the root over both ranks, fp32, torch AdamW, ``clip_grad_norm_`` 1.0 as the ZeRO config);
   * ``ALST``: DeepSpeed Ulysses attention with ArcticTraining's recipe: activation checkpointing, DeepSpeed's
@@ -55,7 +57,10 @@ import _common as C
 from bench_ulysses import _batch, shard_ulysses, ulysses_mean
 
 ROOT = C.ROOT
-NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "FSDP2 long", "ALST")
+NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "FSDP2 long", "ALST", "ds_ring long keep")
+# named only on request (not in the default --candidates / --time-candidates): what ZeRO-3's release of gathered
+# parameters under the memory switch costs in time (ds_ring.deepspeed_initialize(..., release_parameters=False))
+ON_REQUEST = ("ds_ring long keep",)
 # optimize_memory arguments of the ds_ring candidates (None: not optimized)
 DS_RING_OPTIONS = {
     "ds_ring": None,
@@ -63,6 +68,7 @@ DS_RING_OPTIONS = {
                          lean_norms=False),
     "ds_ring tiled": dict(checkpointing=False, offload_checkpoints=False, lean_norms=False),
     "ds_ring long": {},
+    "ds_ring long keep": {},
 }
 # ds_ring.plan's options for each candidate
 PLAN_OPTIONS = {
@@ -70,6 +76,8 @@ PLAN_OPTIONS = {
     "ds_ring+ckpt": dict(checkpointing=True, chunked_loss=False, tiled_mlp=False, lean_norms=False),
     "ds_ring tiled": dict(checkpointing=False, chunked_loss=True, tiled_mlp=True, lean_norms=False),
     "ds_ring long": dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, lean_norms=True),
+    "ds_ring long keep": dict(checkpointing=True, chunked_loss=True, tiled_mlp=True, lean_norms=True,
+                              release_parameters=False),
 }
 
 
@@ -115,7 +123,8 @@ def build_candidate(name, base, cfg, world):
         options = DS_RING_OPTIONS[name]
         if options is not None:
             ds_ring.optimize_memory(model, sp, **options)
-        engine, *_ = ds_ring.deepspeed_initialize(model, sp, config, optimizer=opt)
+        engine, *_ = ds_ring.deepspeed_initialize(model, sp, config, optimizer=opt,
+                                                  release_parameters=False if name in ON_REQUEST else None)
 
         def step(batch):
             local = shard_batch(batch, sp)
@@ -487,7 +496,7 @@ def add_model_shape_args(p) -> None:
 
 def main():
     p = C.base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--candidates", nargs="+", default=list(NAMES), choices=NAMES)
+    p.add_argument("--candidates", nargs="+", default=[n for n in NAMES if n not in ON_REQUEST], choices=NAMES)
     add_model_shape_args(p)
     p.add_argument("--tied", action="store_true", help="LM head tied to the embedding (default: separate; ALST's "
                    "TiledFusedLogitsLoss fails on a tied head under ZeRO-3: the weight's gradient enters DeepSpeed's "
@@ -498,7 +507,8 @@ def main():
     p.add_argument("--max-runs", type=int, default=6, help="search steps per candidate after calibration")
     p.add_argument("--budget-s", type=float, default=1e9, help="no new search step after this many seconds")
     p.add_argument("--time-seq-lens", type=int, nargs="*", default=[4096, 6144], help="where step times are compared")
-    p.add_argument("--time-candidates", nargs="*", default=[n for n in NAMES if n != "ALST"], choices=NAMES,
+    p.add_argument("--time-candidates", nargs="*", default=[n for n in NAMES if n != "ALST" and n not in ON_REQUEST],
+                   choices=NAMES,
                    help="timed side by side in one pair of processes (each holds its own engine)")
     p.add_argument("--planner-check", type=str, default="512,1376,4,8,4,64",
                    help="a second shape (hidden,intermediate,layers,heads,kv_heads,head_dim; untied) measured at "
@@ -519,7 +529,8 @@ def main():
                warmup_seq_lens=[256, 512], warmup=args.warmup, repeat=args.repeat,
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
-                   "ds_ring long": [8192, 16384], "FSDP2 long": [8192, 16384], "ALST": [8192, 16384]}
+                   "ds_ring long": [8192, 16384], "FSDP2 long": [8192, 16384], "ALST": [8192, 16384],
+                   "ds_ring long keep": [8192, 16384]}
     # quick: three candidates (no memory option, all of them, DeepSpeed's ALST) at one length each, no search
     if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", "ALST"],
                      time_candidates=["ds_ring", "ds_ring long"]):
@@ -615,7 +626,7 @@ def main():
                              "planned peak moment"], pv) if pv else None
     time_md = None
     if timing:
-        base_names = [n for n in ("ds_ring", "ds_ring+ckpt", "ds_ring long") if n in time_names]
+        base_names = [n for n in ("ds_ring", "ds_ring+ckpt", "ds_ring long", "ds_ring long keep") if n in time_names]
         trows = []
         for S, t in timing.items():
             med = {n: statistics.median(v) for n, v in t["samples"].items()}
