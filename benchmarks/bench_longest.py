@@ -548,7 +548,7 @@ def main():
         cfg.update(max_runs=0, time_seq_lens=[])
         args.planner_check = ""
     if args.time_only:
-        args.candidates, args.planner_check = [n for n in args.candidates if n in args.time_candidates], ""
+        args.candidates, args.planner_check = list(args.time_candidates), ""
     cfg["calibration"] = calibration
     device_memory = torch.cuda.mem_get_info()[1] if args.gpu else None
     dtype_name = "bf16" if cfg["dtype"] == "bfloat16" else "fp32"
