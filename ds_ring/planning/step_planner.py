@@ -39,10 +39,11 @@ LOSS_BYTES_PER_LOGIT = 12.0
 # fp32 hidden-sized vectors per local token that a checkpointed layer's backward holds beyond the checkpoints, at its
 # largest (the input RMSNorm's backward, which runs in fp32: gradient streams, normalised input, pow temporaries).
 LAYER_BACKWARD_HIDDEN = 7.8
-# The same with lean norms (training/norms.py keeps no normalised input; its backward recomputes one fp32 vector):
-# fitted on benchmarks/bench_timeline.py's step peaks at 16k and 32k tokens, P=2, ZeRO-3, the bench_longest shape
-# (609 and 831 MiB measured; the plan gives 0.94 and 0.96 of them).
-LAYER_BACKWARD_HIDDEN_LEAN = 5.0
+# The same with lean norms (training/norms.py: no normalised input kept; forward and backward over tiles of rows, so
+# their fp32 temporaries are one tile's): one norm's forward + backward alone peaks at 2.25 hidden-sized fp32 tensors
+# (the module's: 6; ds_ring.measure_peak_bytes, 16k rows, h = 1024), plus the gradient streams counted in the constant
+# above. At the bench_longest shape the MLP phase is the larger one, so the plan's step peak does not depend on it.
+LAYER_BACKWARD_HIDDEN_LEAN = 4.0
 # Intermediate-sized tensors per token in one MLP tile's recompute + backward (gate, up, activation, product and
 # their gradients), and in an untiled MLP's backward beyond its 4 saved ones.
 MLP_TILE_INTERMEDIATE = 6.0

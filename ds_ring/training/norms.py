@@ -9,7 +9,8 @@ as separate ops, so autograd keeps, per norm and token row of h elements: the fp
 sequences that is two to three hidden-sized tensors per norm, two norms per layer, alive through each layer's
 recompute and backward (``benchmarks/bench_timeline.py``: 64 MiB at the step's peak at 16k tokens per rank of the
 bench shape, fp32). ``rms_norm`` keeps only x (which the layer holds anyway: the layer input or the residual sum)
-and one fp32 scale per row, and recomputes the normalised input in backward (Liger's and Apex's fused RMSNorms keep
+and one fp32 scale per row, recomputes the normalised input in backward, and runs both passes over tiles of rows so
+that their fp32 temporaries are one tile's (Liger's and Apex's fused RMSNorms keep
 the same; neither is a dependency here, and their kernels are CUDA-only).
 
 The forward is the same expression in the same precision, so outputs are bit-identical to the module's; gradients
@@ -56,30 +57,50 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
             and _normalised_source(type(module).forward) == _REFERENCE)
 
 
+# Rows per tile: forward and backward run over tiles of about this many elements, so their fp32 temporaries (the
+# upcast input, the normalised input, its gradient) are one tile's, not the shard's: measured at 80k tokens per
+# ring of 2 (bench_longest --at 81920), an untiled backward's temporaries made the post-attention norm's backward the
+# step's peak (5 hidden-sized fp32 tensors above its start).
+TILE_ELEMENTS = 1 << 20
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32: all that is kept besides x
-        out = weight * (x32 * rstd).to(x.dtype)
+        h = x.shape[-1]
+        rows = x.reshape(-1, h)
+        out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        rstd = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)  # all that is kept besides x
+        step = max(1, TILE_ELEMENTS // h)
+        for i in range(0, rows.shape[0], step):  # row-wise ops: each row's result does not depend on the tiling
+            x32 = rows[i:i + step].to(torch.float32)
+            r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            rstd[i:i + step] = r
+            out[i:i + step] = weight * (x32 * r).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return out
+        return out.view(*x.shape[:-1], h)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        n = x.to(torch.float32) * rstd  # the normalised input, recomputed
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            # autograd of `weight * n.to(dtype)`: grad * n in the output's dtype, summed over the broadcast rows
-            gw = grad * n.to(x.dtype)
-            grad_weight = gw.reshape(-1, gw.shape[-1]).sum(0).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # the normalised input's gradient is rounded to x's dtype (the `.to(input_dtype)` of the forward)
-            dn = (grad * weight).to(x.dtype).to(torch.float32)
-            grad_x = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_weight, None
+        h = x.shape[-1]
+        rows, grads = x.reshape(-1, h), grad.reshape(-1, h)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(rows) if want_x else None
+        grad_w = torch.zeros(h, dtype=torch.float32, device=x.device) if want_w else None
+        step = max(1, TILE_ELEMENTS // h)
+        for i in range(0, rows.shape[0], step):
+            g, r = grads[i:i + step], rstd[i:i + step]
+            n = rows[i:i + step].to(torch.float32) * r  # the normalised input, recomputed
+            if want_w:
+                # autograd of `weight * n.to(dtype)`: grad * n in the output's dtype, summed over the rows
+                grad_w += (g * n.to(x.dtype)).sum(0, dtype=torch.float32)
+            if want_x:
+                # the normalised input's gradient is rounded to x's dtype (the `.to(input_dtype)` of the forward)
+                dn = (g * weight).to(x.dtype).to(torch.float32)
+                grad_x[i:i + step] = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+        return (None if grad_x is None else grad_x.view_as(x),
+                None if grad_w is None else grad_w.to(weight.dtype), None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
