@@ -52,6 +52,38 @@ def forced_path() -> str | None:
     return env
 
 
+# Causal diagonal blocks the CPU path cuts (schedule.cut_causal_diagonals): blocks of at most CPU_CAUSAL_CUT[1] rows
+# are cut into their two causal halves plus the dense off-diagonal quarter, recursively while a half keeps at least
+# CPU_CAUSAL_CUT[0] rows. Measured with benchmarks/bench_causal_blocks.py (see block_path's table).
+CPU_CAUSAL_CUT = (128, 512)
+_cut_override: tuple[tuple[int, int] | None] | None = None
+
+
+@contextlib.contextmanager
+def causal_cut(rows: tuple[int, int] | None):
+    """Use ``rows`` = (min_rows, max_rows) (None: no cut) instead of the table's causal cut inside the block, in this
+    process (tests on small shapes)."""
+    global _cut_override
+    if rows is not None and not (isinstance(rows, tuple) and len(rows) == 2 and 1 <= rows[0] <= rows[1]):
+        raise ValueError(f"causal_cut: rows must be (min_rows, max_rows) with 1 <= min_rows <= max_rows, got {rows!r}")
+    old, _cut_override = _cut_override, (rows,)
+    try:
+        yield
+    finally:
+        _cut_override = old
+
+
+def causal_cut_rows(device: torch.device | str) -> tuple[int, int] | None:
+    """(min_rows, max_rows) of the causal diagonal blocks the schedule cuts for the path that serves them on
+    ``device``, or None: only the ``cpu`` path gains (block_path's table says why)."""
+    if _cut_override is not None:
+        return _cut_override[0]
+    forced = forced_path()
+    if torch.device(device).type == "cpu" and forced in (None, "cpu"):
+        return CPU_CAUSAL_CUT
+    return None
+
+
 # Head dims FlexAttention's CUDA kernels are generated for here (checked by benchmarks/gpu_check.py).
 _FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 

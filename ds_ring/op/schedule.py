@@ -18,6 +18,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .kernels import causal_cut_rows
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -60,12 +62,73 @@ def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, bat
     return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch)
 
 
+def _row_index(idx: torch.Tensor | slice | None, n: int) -> torch.Tensor:
+    """``idx`` (None = all ``n`` rows, a slice, an index tensor) as an index tensor."""
+    if idx is None:
+        return torch.arange(n)
+    return torch.arange(idx.start, idx.stop) if isinstance(idx, slice) else idx
+
+
+def _compact(rows: torch.Tensor) -> torch.Tensor | slice:
+    """An index tensor as a slice when it is one contiguous run (read as a view, merged in place)."""
+    a = int(rows[0])
+    return slice(a, a + rows.numel()) if torch.equal(rows, torch.arange(a, a + rows.numel())) else rows
+
+
+def _cut_diagonal(pc: Piece) -> list[Piece]:
+    """A causal diagonal piece (G blocks of m rows) as its causal halves (one piece of 2G blocks when m is even)
+    and the dense off-diagonal quarter (second half of the rows x first half of the keys, one piece of G blocks,
+    no mask: every key there precedes every query)."""
+    G, m = pc.q_pos.shape
+    h = m // 2
+    q_rows, k_rows = _row_index(pc.q_idx, G * m).view(G, m), _row_index(pc.k_idx, G * m).view(G, m)
+    args = (pc.head_start, pc.head_step)
+    if 2 * h == m:  # rows stay in order: the halves keep the piece's rows as they are (None stays None)
+        halves = [make_piece(*args, pc.q_idx, pc.k_idx, pc.q_pos.reshape(2 * G, h), pc.k_pos.reshape(2 * G, h), None,
+                             True, None, pc.batch)]
+    else:
+        halves = [make_piece(*args, _compact(q_rows[:, a:b].reshape(-1)), _compact(k_rows[:, a:b].reshape(-1)),
+                             pc.q_pos[:, a:b], pc.k_pos[:, a:b], None, True, None, pc.batch)
+                  for a, b in ((0, h), (h, m))]
+    quarter = make_piece(*args, _compact(q_rows[:, h:].reshape(-1)), _compact(k_rows[:, :h].reshape(-1)),
+                         pc.q_pos[:, h:], pc.k_pos[:, :h], None, True, None, pc.batch)
+    return halves + [quarter]
+
+
+def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int] | None) -> tuple[Piece, ...]:
+    """``pieces`` with every causal diagonal piece of at most ``rows[1]`` rows per block cut into its causal halves
+    and the dense off-diagonal quarter, recursively while a half keeps at least ``rows[0]`` rows (None: no cut).
+
+    Why: a kernel that skips only whole key tiles above the diagonal (ATen's CPU flash kernel: 512 columns) computes
+    a causal block of <= 512 rows as the full square; cut, each level computes only its quarter unmasked, so the
+    block costs about 1/2 + min_rows / (2 m) of the square. The parts are ordinary pieces (equal blocks batched in
+    one call) merged by log-sum-exp like any other, and each gets its exact gradients from the final out and lse.
+    The diagonal parts come first, so a piece over every row still serves as the accumulator."""
+    if rows is None:
+        return tuple(pieces)
+    lo, hi = rows
+    out = []
+    for pc in pieces:
+        diag, quarters, todo = [], [], [pc]
+        while todo:
+            p = todo.pop(0)
+            m = p.q_pos.shape[1]
+            if not p.causal_diag or m > hi or m < 2 * lo:
+                diag.append(p)
+                continue
+            *halves, quarter = _cut_diagonal(p)
+            todo += halves
+            quarters.append(quarter)
+        out += diag + quarters
+    return tuple(out)
+
+
 def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
 
     Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
     """
-    if isinstance(piece.k_idx, slice):  # one contiguous run of keys (a document's)
+    if isinstance(piece.k_idx, slice) and piece.groups == 1:  # one contiguous run of keys (a document's)
         a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
         if a >= e:
             return []
@@ -76,11 +139,8 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     if piece.k_idx is None and G == 1:  # every key row: the part's rows are the range itself (sliced by the caller)
         return [make_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[:, lo:hi],
                        piece.seg, piece.causal, piece.window, piece.batch)]
-    n_k = piece.k_pos.numel()
-    k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
-    k_idx = k_idx.view(G, -1)
-    q_all = piece.q_idx if piece.q_idx is not None else torch.arange(piece.q_pos.numel(), device=piece.q_pos.device)
-    q_idx = q_all.view(G, -1)
+    k_idx = _row_index(piece.k_idx, piece.k_pos.numel()).view(G, -1)
+    q_idx = _row_index(piece.q_idx, piece.q_pos.numel()).view(G, -1)
     inside = (k_idx >= lo) & (k_idx < hi)
     whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
     out = []
@@ -212,19 +272,27 @@ class PieceSource(Protocol):
 
 def build_schedule(source: PieceSource, rank: int, device: torch.device | str = "cpu") -> Schedule:
     """The schedule of ``rank``: step 0 is its own chunk; at step s it computes against rank - s (if it has pieces
-    there) and sends to rank + s (if that rank has pieces against it). Index and position tensors on ``device``."""
-    world, n, device = source.world_size, source.local_len, str(device)
-    steps = [_make_step(0, rank, None, source.pieces(rank, rank), (), n, device)]
+    there) and sends to rank + s (if that rank has pieces against it). Index and position tensors on ``device``.
+    Causal diagonal pieces are cut where the block path of ``device`` gains from it (``kernels.causal_cut_rows``)."""
+    return _build(source, rank, str(device), causal_cut_rows(device))
+
+
+def _build(source: PieceSource, rank: int, device: str, cut: tuple[int, int] | None) -> Schedule:
+    world, n = source.world_size, source.local_len
+    pieces = lambda dst, src: cut_causal_diagonals(source.pieces(dst, src), cut)  # noqa: E731
+    steps = [_make_step(0, rank, None, pieces(rank, rank), (), n, device)]
     for s in range(1, world):
         src, dst = (rank - s) % world, (rank + s) % world
-        ours, theirs = source.pieces(rank, src), source.pieces(dst, rank)
+        ours, theirs = pieces(rank, src), pieces(dst, rank)
         steps.append(_make_step(s, src if ours else None, dst if theirs else None, ours, theirs, n, device))
     return Schedule(world, rank, tuple(steps))
 
 
-@functools.lru_cache(maxsize=64)
 def make_schedule(source: PieceSource, rank: int, device: torch.device | str = "cpu") -> Schedule:
     """``build_schedule``, cached for hashable sources that describe a call by value (patterns: the same for every
     call of the same shapes). Documents change every batch; their schedules are cached per forward instead
     (``documents.Documents.schedule``)."""
-    return build_schedule(source, rank, device)
+    return _cached_build(source, rank, str(device), causal_cut_rows(device))
+
+
+_cached_build = functools.lru_cache(maxsize=64)(_build)  # keyed by the cut too: a forced path gets its own
