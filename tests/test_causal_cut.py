@@ -26,7 +26,9 @@ def test_cut_is_decided_per_block_path():
     with kernels.force_path("flex"):
         assert kernels.causal_cut_rows("cpu") is None
     with kernels.causal_cut((4, 32)):
-        assert kernels.causal_cut_rows("cpu") == (4, 32)
+        assert kernels.causal_cut_rows("cpu") == (4, 32, 32)
+    with kernels.causal_cut((4, 32, 16)):
+        assert kernels.causal_cut_rows("cpu") == (4, 32, 16)
     with pytest.raises(ValueError, match="min_rows"):
         with kernels.causal_cut((8, 4)):
             pass
@@ -96,7 +98,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-@pytest.mark.parametrize("cut", [(4, 64), (3, 200), (16, 48)])
+@pytest.mark.parametrize("cut", [(4, 64), (3, 200, 16), (16, 48)])
 def test_cut_matches_definition_and_uncut(cut):
     """One process: the op with cut causal blocks equals the float64 definition and the uncut op, forward and
     gradients, on fresh random inputs."""

@@ -52,20 +52,23 @@ def forced_path() -> str | None:
     return env
 
 
-# Causal diagonal blocks the CPU path cuts (schedule.cut_causal_diagonals): blocks of at most CPU_CAUSAL_CUT[1] rows
-# are cut into their two causal halves plus the dense off-diagonal quarter, recursively while a half keeps at least
-# CPU_CAUSAL_CUT[0] rows. Measured with benchmarks/bench_causal_blocks.py (see block_path's table).
-CPU_CAUSAL_CUT = (128, 512)
-_cut_override: tuple[tuple[int, int] | None] | None = None
+# Causal diagonal blocks the CPU path cuts (schedule.cut_causal_diagonals): (min_rows, max_rows, max_gathered_rows).
+# Blocks of at most max_rows rows (max_gathered_rows for blocks whose rows are gathered by index: dilation classes;
+# each cut level gathers their rows again) are cut into their two causal halves plus the dense off-diagonal quarter,
+# recursively while a half keeps at least min_rows rows. Measured at S=8192 (docs/performance.md, section 2).
+CPU_CAUSAL_CUT = (128, 1024, 512)
+_cut_override: tuple[tuple[int, int, int] | None] | None = None
 
 
 @contextlib.contextmanager
-def causal_cut(rows: tuple[int, int] | None):
-    """Use ``rows`` = (min_rows, max_rows) (None: no cut) instead of the table's causal cut inside the block, in this
-    process (tests on small shapes)."""
+def causal_cut(rows: tuple[int, ...] | None):
+    """Use ``rows`` = (min_rows, max_rows[, max_gathered_rows = max_rows]) (None: no cut) instead of the table's
+    causal cut inside the block, in this process (tests on small shapes)."""
     global _cut_override
-    if rows is not None and not (isinstance(rows, tuple) and len(rows) == 2 and 1 <= rows[0] <= rows[1]):
-        raise ValueError(f"causal_cut: rows must be (min_rows, max_rows) with 1 <= min_rows <= max_rows, got {rows!r}")
+    if rows is not None and not (isinstance(rows, tuple) and len(rows) in (2, 3) and 1 <= rows[0] <= min(rows[1:])):
+        raise ValueError(f"causal_cut: rows must be (min_rows, max_rows[, max_gathered_rows]) with 1 <= min_rows <= "
+                         f"the maxima, got {rows!r}")
+    rows = None if rows is None else (rows + rows[1:])[:3]
     old, _cut_override = _cut_override, (rows,)
     try:
         yield
@@ -73,8 +76,8 @@ def causal_cut(rows: tuple[int, int] | None):
         _cut_override = old
 
 
-def causal_cut_rows(device: torch.device | str) -> tuple[int, int] | None:
-    """(min_rows, max_rows) of the causal diagonal blocks the schedule cuts for the path that serves them on
+def causal_cut_rows(device: torch.device | str) -> tuple[int, int, int] | None:
+    """(min_rows, max_rows, max_gathered_rows) of the causal diagonal blocks the schedule cuts for the path that serves them on
     ``device``, or None: only the ``cpu`` path gains (block_path's table says why)."""
     if _cut_override is not None:
         return _cut_override[0]

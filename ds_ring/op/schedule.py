@@ -33,6 +33,9 @@ class Piece:
     for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
     length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
     own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
+    ``q_sub``/``k_sub`` = (a, b, m): the rows of ``q_idx``/``k_idx`` form G blocks of m rows and the piece reads rows
+    [a, b) of each (a part of a cut causal block, cut_causal_diagonals), read as strided views; positions hold those
+    rows only. ``None``: all rows.
     ``kernel_cache``: what the kernels derive from the piece once (its AllowedPairs, the Flex BlockMask): kept with
     the schedule, never rebuilt per call; a replaced piece starts empty.
     """
@@ -49,6 +52,8 @@ class Piece:
     causal_diag: bool
     groups: int = 1
     batch: int | None = None
+    q_sub: tuple[int, int, int] | None = None
+    k_sub: tuple[int, int, int] | None = None
     kernel_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
@@ -81,23 +86,31 @@ def _cut_diagonal(pc: Piece) -> list[Piece]:
     no mask: every key there precedes every query)."""
     G, m = pc.q_pos.shape
     h = m // 2
-    q_rows, k_rows = _row_index(pc.q_idx, G * m).view(G, m), _row_index(pc.k_idx, G * m).view(G, m)
     args = (pc.head_start, pc.head_step)
+
+    def part(qa, qb, ka, kb):
+        """Rows [qa, qb) x keys [ka, kb) of every block: strided views of the piece's rows where they are views
+        (no gather), else index tensors."""
+        qp, kp = pc.q_pos[:, qa:qb], pc.k_pos[:, ka:kb]
+        if isinstance(pc.q_idx, torch.Tensor) or isinstance(pc.k_idx, torch.Tensor):
+            q_rows, k_rows = _row_index(pc.q_idx, G * m).view(G, m), _row_index(pc.k_idx, G * m).view(G, m)
+            return make_piece(*args, _compact(q_rows[:, qa:qb].reshape(-1)), _compact(k_rows[:, ka:kb].reshape(-1)),
+                              qp, kp, None, True, None, pc.batch)
+        return dataclasses.replace(make_piece(*args, pc.q_idx, pc.k_idx, qp, kp, None, True, None, pc.batch),
+                                   q_sub=(qa, qb, m), k_sub=(ka, kb, m))
+
     if 2 * h == m:  # rows stay in order: the halves keep the piece's rows as they are (None stays None)
         halves = [make_piece(*args, pc.q_idx, pc.k_idx, pc.q_pos.reshape(2 * G, h), pc.k_pos.reshape(2 * G, h), None,
                              True, None, pc.batch)]
     else:
-        halves = [make_piece(*args, _compact(q_rows[:, a:b].reshape(-1)), _compact(k_rows[:, a:b].reshape(-1)),
-                             pc.q_pos[:, a:b], pc.k_pos[:, a:b], None, True, None, pc.batch)
-                  for a, b in ((0, h), (h, m))]
-    quarter = make_piece(*args, _compact(q_rows[:, h:].reshape(-1)), _compact(k_rows[:, :h].reshape(-1)),
-                         pc.q_pos[:, h:], pc.k_pos[:, :h], None, True, None, pc.batch)
-    return halves + [quarter]
+        halves = [part(0, h, 0, h), part(h, m, h, m)]
+    return halves + [part(h, m, 0, h)]
 
 
-def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int] | None) -> tuple[Piece, ...]:
-    """``pieces`` with every causal diagonal piece of at most ``rows[1]`` rows per block cut into its causal halves
-    and the dense off-diagonal quarter, recursively while a half keeps at least ``rows[0]`` rows (None: no cut).
+def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int, int] | None) -> tuple[Piece, ...]:
+    """``pieces`` with every causal diagonal piece of at most ``rows[1]`` rows per block (``rows[2]`` if its rows are
+    gathered by index) cut into its causal halves and the dense off-diagonal quarter, recursively while a half keeps
+    at least ``rows[0]`` rows (None: no cut).
 
     Why: a kernel that skips only whole key tiles above the diagonal (ATen's CPU flash kernel: 512 columns) computes
     a causal block of <= 512 rows as the full square; cut, each level computes only its quarter unmasked, so the
@@ -106,14 +119,16 @@ def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int] | None) 
     The diagonal parts come first, so a piece over every row still serves as the accumulator."""
     if rows is None:
         return tuple(pieces)
-    lo, hi = rows
+    lo, hi, hi_gathered = rows
     out = []
     for pc in pieces:
         diag, quarters, todo = [], [], [pc]
+        gathered = isinstance(pc.q_idx, torch.Tensor) or isinstance(pc.k_idx, torch.Tensor)
+        top = hi_gathered if gathered else hi
         while todo:
             p = todo.pop(0)
             m = p.q_pos.shape[1]
-            if not p.causal_diag or m > hi or m < 2 * lo:
+            if not p.causal_diag or p.q_sub is not None or m > top or m < 2 * lo:
                 diag.append(p)
                 continue
             *halves, quarter = _cut_diagonal(p)
@@ -123,11 +138,25 @@ def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int] | None) 
     return tuple(out)
 
 
+def _indexed(pc: Piece) -> Piece:
+    """``pc`` with its block rows (``q_sub``/``k_sub``) as index tensors."""
+    def rows(idx, sub):
+        if sub is None:
+            return idx
+        a, b, m = sub
+        return _row_index(idx, pc.groups * m).view(pc.groups, m)[:, a:b].reshape(-1)
+
+    return dataclasses.replace(pc, q_idx=rows(pc.q_idx, pc.q_sub), k_idx=rows(pc.k_idx, pc.k_sub), q_sub=None,
+                               k_sub=None)
+
+
 def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
 
     Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
     """
+    if piece.q_sub is not None or piece.k_sub is not None:
+        piece = _indexed(piece)
     if isinstance(piece.k_idx, slice) and piece.groups == 1:  # one contiguous run of keys (a document's)
         a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
         if a >= e:
@@ -277,7 +306,7 @@ def build_schedule(source: PieceSource, rank: int, device: torch.device | str = 
     return _build(source, rank, str(device), causal_cut_rows(device))
 
 
-def _build(source: PieceSource, rank: int, device: str, cut: tuple[int, int] | None) -> Schedule:
+def _build(source: PieceSource, rank: int, device: str, cut: tuple[int, int, int] | None) -> Schedule:
     world, n = source.world_size, source.local_len
     pieces = lambda dst, src: cut_causal_diagonals(source.pieces(dst, src), cut)  # noqa: E731
     steps = [_make_step(0, rank, None, pieces(rank, rank), (), n, device)]
