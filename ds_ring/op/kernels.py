@@ -105,6 +105,23 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     any         any                    ``DS_RING_KERNEL=flex`` or ``force_path("flex")``           ``flex``
     ==========  =====================  ==========================================================  ============
 
+    Causal diagonal blocks, cut or not (``causal_cut_rows``: the schedule cuts them into their causal halves plus the
+    dense off-diagonal quarter, schedule.cut_causal_diagonals):
+
+    ==========  ================================================================================================
+    path        cut
+    ==========  ================================================================================================
+    ``cpu``     blocks of 256..1024 rows (256..512 when the rows are gathered by index), halves down to 128 rows:
+                the kernel tiles keys in 512 columns and skips only whole tiles above the diagonal, so a causal
+                block of <= 512 rows costs the full square and one of 1024 rows 0.77 of it
+                (benchmarks/bench_causal_blocks.py); cut, the causal patterns made of such blocks run 5-13 %
+                faster at S=8192 (docs/performance.md, section 2); blocks of 2048 rows and gathered blocks of 1024
+                measured no faster cut (each level gathers and merges its rows again)
+    ``flash``   none: the CUDA kernel skips causal tiles of its own (128 rows or fewer)
+    ``flex``    none: the BlockMask skips 128 x 128 blocks above the diagonal
+    ``efficient``  none: fp64 / odd head dims only, not timed
+    ==========  ================================================================================================
+
     ``cpu``: aten's CPU flash kernel with an additive mask. ``flash``: PyTorch's CUDA flash kernel (1.00-1.03x SDPA
     flash on an H100). ``efficient``: the memory-efficient kernel with a materialised additive bias (2.5x the flash
     kernel for padded rows on an H100, hence Flex where it can). ``flex``: FlexAttention with the block's mask_mod
