@@ -52,11 +52,12 @@ def _kv_head_index(num_q: int, num_kv: int, start: int, step: int, device: str) 
 
 
 def _select(t: torch.Tensor, dim: int, idx: torch.Tensor | slice | None) -> torch.Tensor:
-    """Rows ``idx`` of ``t`` along ``dim``: all (None), a contiguous range (a view) or an index tensor (a copy)."""
+    """Rows ``idx`` of ``t`` along ``dim``: all (None), evenly spaced rows (a slice: a view) or an index tensor (a
+    copy)."""
     if idx is None:
         return t
     if isinstance(idx, slice):
-        return t.narrow(dim, idx.start, idx.stop - idx.start)
+        return t.narrow(dim, idx.start, idx.stop - idx.start) if idx.step is None else t[(slice(None),) * dim + (idx,)]
     return t.index_select(dim, idx)
 
 
@@ -76,7 +77,19 @@ def _piece_kv(piece: Piece, num_q: int, k: torch.Tensor, v: torch.Tensor, kpm: t
     G = piece.groups
     k, v, kpm = _sub_rows(_fold(k, G), piece.k_sub), _sub_rows(_fold(v, G), piece.k_sub), \
         _sub_rows(_fold_padding(kpm, G), piece.k_sub, 1)
+    if _strided(piece.k_idx):
+        k, v, kpm = (_dense_off_cpu(t) for t in (k, v, kpm))
     return k, v, kpm, head_idx
+
+
+def _strided(idx) -> bool:
+    return isinstance(idx, slice) and idx.step is not None
+
+
+def _dense_off_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Evenly spaced rows as they are for the CPU kernel (it reads row strides: measured exact); a contiguous copy
+    for the CUDA paths, which were timed on contiguous rows only (what the gather gave them)."""
+    return t if t is None or t.device.type == "cpu" else t.contiguous()
 
 
 def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -101,7 +114,8 @@ def _sub_rows(t: torch.Tensor | None, sub: tuple[int, int, int] | None, dim: int
 def _block_rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
     """The kernel's view of a (B, Hq, L, ...) tensor's rows for ``piece``: its rows folded into blocks, narrowed to
     the piece's rows of each block."""
-    return _sub_rows(_fold(_rows(t, piece), piece.groups), piece.q_sub)
+    t = _sub_rows(_fold(_rows(t, piece), piece.groups), piece.q_sub)
+    return _dense_off_cpu(t) if _strided(piece.q_idx) else t
 
 
 def _unfold_to(t: torch.Tensor, G: int, sub) -> torch.Tensor:

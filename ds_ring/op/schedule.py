@@ -26,8 +26,9 @@ class Piece:
     """One dense sub-block of work between the local queries and one source rank's keys.
 
     ``head_start``/``head_step``: the query heads of the offset class (a slice over Hq). ``q_idx``/``k_idx``: local
-    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a contiguous
-    ``slice`` (a document's run: read as a view), or ``None`` = all rows. ``batch``: the one batch row the piece
+    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a ``slice`` when
+    the rows are evenly spaced (a document's run, or a dilation class: every r-th row; read as a strided view, no
+    gather; ``stop`` is the last row + 1), or ``None`` = all rows. ``batch``: the one batch row the piece
     computes (documents differ per row), ``None`` = all rows.
     ``groups``: the rows form G equal segments, which the kernel runs as G batched blocks, so a segment never pays
     for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
@@ -60,6 +61,7 @@ class Piece:
 def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
     """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask. Positions are
     host tensors here (schedules are built on the host and moved to the device once)."""
+    q_idx, k_idx = (_compact(i) if isinstance(i, torch.Tensor) else i for i in (q_idx, k_idx))
     causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
     if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
         window = None
@@ -71,13 +73,29 @@ def _row_index(idx: torch.Tensor | slice | None, n: int) -> torch.Tensor:
     """``idx`` (None = all ``n`` rows, a slice, an index tensor) as an index tensor."""
     if idx is None:
         return torch.arange(n)
-    return torch.arange(idx.start, idx.stop) if isinstance(idx, slice) else idx
+    return torch.arange(idx.start, idx.stop, idx.step or 1) if isinstance(idx, slice) else idx
 
 
 def _compact(rows: torch.Tensor) -> torch.Tensor | slice:
-    """An index tensor as a slice when it is one contiguous run (read as a view, merged in place)."""
+    """An index tensor as a slice when its rows are evenly spaced and increasing (read as a strided view, merged in
+    place: no gather, no scatter), else as it is."""
+    n = rows.numel()
+    if n == 0:
+        return rows
     a = int(rows[0])
-    return slice(a, a + rows.numel()) if torch.equal(rows, torch.arange(a, a + rows.numel())) else rows
+    step = int(rows[1]) - a if n > 1 else 1
+    if step < 1 or not torch.equal(rows, torch.arange(a, a + step * (n - 1) + 1, step)):
+        return rows
+    return slice(a, a + step * (n - 1) + 1, None if step == 1 else step)
+
+
+def offset_rows(idx: torch.Tensor | slice | None, n: int, offset: int) -> torch.Tensor | slice:
+    """Rows ``idx`` of a run of ``n`` rows (None = all of them), counted from ``offset`` instead of the run's start."""
+    if idx is None:
+        return slice(offset, offset + n)
+    if isinstance(idx, slice):
+        return slice(idx.start + offset, idx.stop + offset, idx.step)
+    return idx + offset
 
 
 def _cut_diagonal(pc: Piece) -> list[Piece]:
@@ -157,7 +175,7 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     """
     if piece.q_sub is not None or piece.k_sub is not None:
         piece = _indexed(piece)
-    if isinstance(piece.k_idx, slice) and piece.groups == 1:  # one contiguous run of keys (a document's)
+    if isinstance(piece.k_idx, slice) and piece.k_idx.step is None and piece.groups == 1:  # one contiguous run
         a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
         if a >= e:
             return []
@@ -259,7 +277,7 @@ def _shift(pc: Piece, lo: int) -> Piece:
     """``pc`` with its keys indexed from row ``lo`` of the source's shard (the first received row)."""
     if lo == 0:
         return pc
-    k_idx = slice(pc.k_idx.start - lo, pc.k_idx.stop - lo) if isinstance(pc.k_idx, slice) else pc.k_idx - lo
+    k_idx = offset_rows(pc.k_idx, 0, -lo)
     return dataclasses.replace(pc, k_idx=k_idx)
 
 
