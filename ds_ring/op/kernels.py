@@ -53,8 +53,9 @@ def forced_path() -> str | None:
 
 
 # Causal diagonal blocks the CPU path cuts (schedule.cut_causal_diagonals): (min_rows, max_rows, max_gathered_rows).
-# Blocks of at most max_rows rows (max_gathered_rows for blocks whose rows are gathered by index: dilation classes;
-# each cut level gathers their rows again) are cut into their two causal halves plus the dense off-diagonal quarter,
+# Blocks of at most max_rows rows (max_gathered_rows for blocks whose rows are gathered by index: dilation classes
+# whose segment length is not a multiple of the rate; each cut level gathers their rows again; evenly spaced rows are
+# strided views and take max_rows) are cut into their two causal halves plus the dense off-diagonal quarter,
 # recursively while a half keeps at least min_rows rows. Measured at S=8192 (docs/performance.md, section 2).
 CPU_CAUSAL_CUT = (128, 1024, 512)
 _cut_override: tuple[tuple[int, int, int] | None] | None = None
@@ -108,19 +109,19 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     Causal diagonal blocks, cut or not (``causal_cut_rows``: the schedule cuts them into their causal halves plus the
     dense off-diagonal quarter, schedule.cut_causal_diagonals):
 
-    ==========  ================================================================================================
-    path        cut
-    ==========  ================================================================================================
-    ``cpu``     blocks of 256..1024 rows (256..512 when the rows are gathered by index), halves down to 128 rows:
-                the kernel tiles keys in 512 columns and skips only whole tiles above the diagonal, so a causal
-                block of <= 512 rows costs the full square and one of 1024 rows 0.77 of it
-                (benchmarks/bench_causal_blocks.py); cut, the causal patterns made of such blocks run 5-13 %
-                faster at S=8192 (docs/performance.md, section 2); blocks of 2048 rows and gathered blocks of 1024
-                measured no faster cut (each level gathers and merges its rows again)
-    ``flash``   none: the CUDA kernel skips causal tiles of its own (128 rows or fewer)
-    ``flex``    none: the BlockMask skips 128 x 128 blocks above the diagonal
+    =============  =============================================================================================
+    path           cut
+    =============  =============================================================================================
+    ``cpu``        blocks of 256..1024 rows (256..512 when the rows are gathered by index, not strided views),
+                   halves down to 128 rows: the kernel tiles keys in 512 columns and skips only whole tiles
+                   above the diagonal, so a causal block of <= 512 rows costs the full square and one of 1024
+                   rows 0.77 of it (benchmarks/bench_causal_blocks.py); cut, the causal patterns made of such
+                   blocks run faster at S=8192 (docs/performance.md, section 2); blocks of 2048 rows measured no
+                   faster cut, gathered blocks of 1024 rows slower (each level gathers their rows again)
+    ``flash``      none: the CUDA kernel skips causal tiles of its own (128 rows or fewer)
+    ``flex``       none: the BlockMask skips 128 x 128 blocks above the diagonal
     ``efficient``  none: fp64 / odd head dims only, not timed
-    ==========  ================================================================================================
+    =============  =============================================================================================
 
     ``cpu``: aten's CPU flash kernel with an additive mask. ``flash``: PyTorch's CUDA flash kernel (1.00-1.03x SDPA
     flash on an H100). ``efficient``: the memory-efficient kernel with a materialised additive bias (2.5x the flash
