@@ -13,19 +13,16 @@ runs in at most 1.5 f of the dense time.
     python benchmarks/bench_dilated.py                      # S in {4096, 8192}, non-causal and causal
     python benchmarks/bench_dilated.py --seq-lens 16384 --causal no
     python benchmarks/bench_dilated.py --quick
-    python benchmarks/bench_dilated.py --seq-lens 8192 --causal yes --uncut   # + each pattern with the causal cut off
 """
 
 from __future__ import annotations
 
 import itertools
-import statistics
 
 import torch
 
 import _common as C
 import ds_ring
-from ds_ring.op import kernels
 
 
 def patterns(S: int) -> list[tuple[str, list | None, list | None]]:
@@ -121,9 +118,6 @@ def main():
     p.add_argument("--heads", type=int, default=4, help="query heads (offsets h %% r need heads >= r to all occur)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--uncut", action="store_true",
-                   help="also time every causal pattern with the CPU path's causal cut off (kernels.causal_cut(None)), "
-                        "interleaved in the same rounds: the 'cut / uncut' column")
     p.add_argument("--replot", metavar="JSON", help="only redraw the PNG (into docs/) from a JSON this script wrote")
     p.set_defaults(repeat=3)
     args = p.parse_args()
@@ -143,18 +137,13 @@ def main():
         g = torch.randn(B, H, S, D, dtype=dtype)
         pats = patterns(S)
 
-        def make(segs, rates, cut=True):
+        def make(segs, rates):
             def fn():
-                with kernels.causal_cut(kernels.causal_cut_rows(q.device) if cut else None):
-                    o = ds_ring.ring_dilated_attention(q, k, v, segs, rates, causal=causal, local=True)
-                    return torch.autograd.grad(o, (q, k, v), g)
+                o = ds_ring.ring_dilated_attention(q, k, v, segs, rates, causal=causal, local=True)
+                return torch.autograd.grad(o, (q, k, v), g)
             return fn
 
-        fns = {name: make(s, r) for name, s, r in pats}
-        uncut = args.uncut and causal
-        if uncut:  # the same pattern with the cut off, timed in the same rounds
-            fns.update({f"{name} [uncut]": make(s, r, cut=False) for name, s, r in pats if s is not None})
-        res = C.bench_interleaved(fns, args.warmup, args.repeat)
+        res = C.bench_interleaved({name: make(s, r) for name, s, r in pats}, args.warmup, args.repeat)
         t_dense = res["dense"]["median"]
         for name, segs, rates in pats:
             att, work, dense = count_pairs(S, H, segs, rates, causal)
@@ -163,15 +152,9 @@ def main():
             row = dict(S=S, causal=causal, pattern=name, segment_lengths=segs, dilation_rates=rates, f=f,
                        work_f=work / dense, time_s=res[name]["median"], dense_s=t_dense, ratio=ratio,
                        ratio_over_f=ratio / f, raw=res[name]["samples"])
-            if uncut and segs is not None:
-                u = res[f"{name} [uncut]"]
-                # paired per round (the two ran next to each other), median over rounds: robust to slow load drift
-                row.update(uncut_s=u["median"], raw_uncut=u["samples"], cut_over_uncut=statistics.median(
-                    a / b for a, b in zip(res[name]["samples"], u["samples"])))
             rows.append(row)
             print(f"S={S:6d} causal={causal!s:5} {name:40s} f={f:.4f} work={work / dense:.4f} "
-                  f"time={res[name]['median'] * 1e3:9.1f} ms ratio={ratio:.3f} ratio/f={ratio / f:.2f}"
-                  + (f" cut/uncut={row['cut_over_uncut']:.3f}" if "cut_over_uncut" in row else ""), flush=True)
+                  f"time={res[name]['median'] * 1e3:9.1f} ms ratio={ratio:.3f} ratio/f={ratio / f:.2f}", flush=True)
 
     def verdict(r):
         if r["pattern"] == "dense":
@@ -184,10 +167,9 @@ def main():
         return "; ".join(out) or "n/a (f < 1/16)"
 
     headers = ["S", "causal", "pattern", "pairs f", "work f", "time (ms)", "time / dense", "(time/dense) / f",
-               "target"] + (["cut / uncut"] if args.uncut else [])
+               "target"]
     table = [[r["S"], "yes" if r["causal"] else "no", r["pattern"], r["f"], r["work_f"], r["time_s"] * 1e3,
-              r["ratio"], r["ratio_over_f"], verdict(r)] + ([r.get("cut_over_uncut", "")] if args.uncut else [])
-             for r in rows]
+              r["ratio"], r["ratio_over_f"], verdict(r)] for r in rows]
     md = C.print_table(f"Dilated vs dense, fwd+bwd, local=True, B={B}, H={H}, D={D}, {args.dtype}, torch.set_num_threads("
           f"{args.threads}); median of {args.repeat} interleaved runs", headers, table)
     for r in rows:
