@@ -27,7 +27,7 @@ import torch
 
 from .layouts import Layout
 from .pattern import Pattern, class_pieces
-from .schedule import Piece, Schedule, build_schedule, make_piece
+from .schedule import Piece, Schedule, build_schedule, make_piece, offset_rows
 
 Bound = tuple[int, int, int, int]  # first id, last id, first run length, last run length
 
@@ -180,9 +180,8 @@ class DocumentPieces:
                 for pc in class_pieces(pattern, qr, kr, [(first_q - start, last_q - start + 1)],
                                        [(first_k - start, last_k - start + 1)], self.num_heads, self.head_base,
                                        self.local_len * world):
-                    q_idx = torch.arange(q1 - q0) if pc.q_idx is None else pc.q_idx
-                    k_idx = torch.arange(k1 - k0) if pc.k_idx is None else pc.k_idx
-                    out.append(dataclasses.replace(pc, q_idx=q_idx + q0, k_idx=k_idx + k0, batch=b))
+                    out.append(dataclasses.replace(pc, q_idx=offset_rows(pc.q_idx, q1 - q0, q0),
+                                                   k_idx=offset_rows(pc.k_idx, k1 - k0, k0), batch=b))
         return tuple(out)
 
 

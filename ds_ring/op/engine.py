@@ -52,11 +52,12 @@ def _kv_head_index(num_q: int, num_kv: int, start: int, step: int, device: str) 
 
 
 def _select(t: torch.Tensor, dim: int, idx: torch.Tensor | slice | None) -> torch.Tensor:
-    """Rows ``idx`` of ``t`` along ``dim``: all (None), a contiguous range (a view) or an index tensor (a copy)."""
+    """Rows ``idx`` of ``t`` along ``dim``: all (None), evenly spaced rows (a slice: a view) or an index tensor (a
+    copy)."""
     if idx is None:
         return t
     if isinstance(idx, slice):
-        return t.narrow(dim, idx.start, idx.stop - idx.start)
+        return t.narrow(dim, idx.start, idx.stop - idx.start) if idx.step is None else t[(slice(None),) * dim + (idx,)]
     return t.index_select(dim, idx)
 
 
@@ -73,7 +74,22 @@ def _piece_kv(piece: Piece, num_q: int, k: torch.Tensor, v: torch.Tensor, kpm: t
     k, v = _select(k, 2, piece.k_idx), _select(v, 2, piece.k_idx)
     if kpm is not None:
         kpm = _select(_batch(kpm, piece), 1, piece.k_idx)
+    G = piece.groups
+    k, v, kpm = _sub_rows(_fold(k, G), piece.k_sub), _sub_rows(_fold(v, G), piece.k_sub), \
+        _sub_rows(_fold_padding(kpm, G), piece.k_sub, 1)
+    if _strided(piece.k_idx):
+        k, v, kpm = (_dense_off_cpu(t) for t in (k, v, kpm))
     return k, v, kpm, head_idx
+
+
+def _strided(idx) -> bool:
+    return isinstance(idx, slice) and idx.step is not None
+
+
+def _dense_off_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Evenly spaced rows as they are for the CPU kernel (it reads row strides: measured exact); a contiguous copy
+    for the CUDA paths, which were timed on contiguous rows only (what the gather gave them)."""
+    return t if t is None or t.device.type == "cpu" else t.contiguous()
 
 
 def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -90,6 +106,33 @@ def _allowed_pairs(piece: Piece) -> AllowedPairs:
     return piece.kernel_cache["pairs"]
 
 
+def _sub_rows(t: torch.Tensor | None, sub: tuple[int, int, int] | None, dim: int = 2) -> torch.Tensor | None:
+    """Rows [a, b) of every folded block (a view), for ``sub`` = (a, b, m); all rows for None."""
+    return t if t is None or sub is None else t.narrow(dim, sub[0], sub[1] - sub[0])
+
+
+def _block_rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The kernel's view of a (B, Hq, L, ...) tensor's rows for ``piece``: its rows folded into blocks, narrowed to
+    the piece's rows of each block."""
+    t = _sub_rows(_fold(_rows(t, piece), piece.groups), piece.q_sub)
+    return _dense_off_cpu(t) if _strided(piece.q_idx) else t
+
+
+def _unfold_to(t: torch.Tensor, G: int, sub) -> torch.Tensor:
+    """A kernel result (B * G, H, n, ...) as the rows it belongs to: (B, H, G * n, ...), or (B, H, G, n, ...) for
+    rows of each block (``sub``), to land in ``_in_blocks`` of the accumulator."""
+    if sub is None:
+        return _unfold(t, G)
+    return t.reshape(t.shape[0] // G, G, *t.shape[1:]).transpose(1, 2)
+
+
+def _in_blocks(view: torch.Tensor, G: int, sub) -> torch.Tensor:
+    """Rows [a, b) of each of the G blocks of a (B, H, G * m, ...) view, as a (B, H, G, b - a, ...) view."""
+    if sub is None:
+        return view
+    return view.unflatten(2, (G, sub[2])).narrow(3, sub[0], sub[1] - sub[0])
+
+
 def _fold_padding(kpm: torch.Tensor | None, G: int) -> torch.Tensor | None:
     """(B, G * n) -> (B * G, n), as ``_fold`` batches the segment blocks."""
     return kpm if kpm is None or G == 1 else kpm.reshape(kpm.shape[0] * G, -1)
@@ -99,6 +142,9 @@ def _fold(t: torch.Tensor, G: int) -> torch.Tensor:
     """(B, H, G * m, ...) -> (B * G, H, m, ...): one batch entry per segment block."""
     if G == 1:
         return t
+    if t.shape[0] == 1 and t.device.type == "cpu":
+        # a strided view, no copy: the CPU kernel reads the strides (measured exact; B > 1 cannot merge B and G)
+        return t[0].unflatten(1, (G, t.shape[2] // G)).transpose(0, 1)
     B, H, n = t.shape[:3]
     return t.reshape(B, H, G, n // G, *t.shape[3:]).transpose(1, 2).reshape(B * G, H, n // G, *t.shape[3:])
 
@@ -117,7 +163,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _covers_all(piece: Piece) -> bool:
-    return piece.q_idx is None and piece.head_start == 0 and piece.head_step == 1 and piece.batch is None
+    return (piece.q_idx is None and piece.q_sub is None and piece.head_start == 0 and piece.head_step == 1
+            and piece.batch is None)
 
 
 class _RunningSum:
@@ -137,13 +184,15 @@ class _RunningSum:
         return self.t
 
     def add(self, g: torch.Tensor, head_start: int = 0, head_step: int = 1, idx: torch.Tensor | slice | None = None,
-            batch: int | None = None):
-        if self.t is None and head_start == 0 and head_step == 1 and idx is None and batch is None:
+            batch: int | None = None, groups: int = 1, sub: tuple[int, int, int] | None = None):
+        if self.t is None and head_start == 0 and head_step == 1 and idx is None and batch is None and sub is None:
             self.t = g
             return
         view = self.acc()
         view = (view if batch is None else view.narrow(0, batch, 1))[:, head_start::head_step]
-        if isinstance(idx, torch.Tensor):
+        if sub is not None:  # rows of each block (idx is never a tensor then: the cut keeps tensors as indices)
+            _in_blocks(_select(view, 2, idx), groups, sub).add_(g)
+        elif isinstance(idx, torch.Tensor):
             view.index_add_(2, idx, g.to(view.dtype))
         else:
             _select(view, 2, idx).add_(g)
@@ -171,7 +220,9 @@ class _Softmax:
         oa, la = _batch(self.out, piece), _batch(self.lse, piece)
         oa, la = oa[:, piece.head_start :: piece.head_step], la[:, piece.head_start :: piece.head_step]
         if not isinstance(piece.q_idx, torch.Tensor):  # all rows or a contiguous range: merge in place
-            _merge_(_select(oa, 2, piece.q_idx), _select(la, 2, piece.q_idx), out_b, lse_b)
+            G, sub = piece.groups, piece.q_sub
+            _merge_(_in_blocks(_select(oa, 2, piece.q_idx), G, sub), _in_blocks(_select(la, 2, piece.q_idx), G, sub),
+                    out_b, lse_b)
         else:
             o_cur, l_cur = oa.index_select(2, piece.q_idx), la.index_select(2, piece.q_idx)
             _merge_(o_cur, l_cur, out_b, lse_b)
@@ -197,9 +248,8 @@ def _forward_pieces(pieces, q, k, v, kpm, acc: _Softmax, scale):
     for piece in pieces:
         kp, vp, kpm_p, _ = _piece_kv(piece, q.shape[1], k, v, kpm)
         G = piece.groups
-        out_b, lse_b = block_forward(_fold(_rows(q, piece), G), _fold(kp, G), _fold(vp, G), _allowed_pairs(piece),
-                                     scale, _fold_padding(kpm_p, G))
-        acc.add(piece, _unfold(out_b, G), _unfold(lse_b, G))
+        out_b, lse_b = block_forward(_block_rows(q, piece), kp, vp, _allowed_pairs(piece), scale, kpm_p)
+        acc.add(piece, _unfold_to(out_b, G, piece.q_sub), _unfold_to(lse_b, G, piece.q_sub))
 
 
 def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _RunningSum, dk: _RunningSum, dv: _RunningSum,
@@ -207,18 +257,17 @@ def _backward_pieces(pieces, q, k, v, kpm, out, lse, dout, dq: _RunningSum, dk: 
     for piece in pieces:
         kp, vp, kpm_p, head_idx = _piece_kv(piece, q.shape[1], k, v, kpm)
         G = piece.groups
-        grads = block_backward(
-            *(_fold(t, G) for t in (_rows(dout, piece), _rows(q, piece), kp, vp, _rows(out, piece), _rows(lse, piece))),
-            _allowed_pairs(piece), scale, _fold_padding(kpm_p, G),
-        )
-        dq_b, dk_b, dv_b = (_unfold(t, G) for t in grads)
-        dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx, piece.batch)
+        dout_b, q_b, out_b, lse_b = (_block_rows(t, piece) for t in (dout, q, out, lse))
+        grads = block_backward(dout_b, q_b, kp, vp, out_b, lse_b, _allowed_pairs(piece), scale, kpm_p)
+        dq_b = _unfold_to(grads[0], G, piece.q_sub)
+        dk_b, dv_b = (_unfold_to(t, G, piece.k_sub) for t in grads[1:])
+        dq.add(dq_b, piece.head_start, piece.head_step, piece.q_idx, piece.batch, G, piece.q_sub)
         for acc, g in ((dk, dk_b), (dv, dv_b)):
             if head_idx is not None:  # fold query-head copies back onto their kv heads
                 dt = _acc_dtype(g.dtype)
-                g = torch.zeros(g.shape[0], acc.shape[1], g.shape[2], g.shape[3], dtype=dt,
+                g = torch.zeros(g.shape[0], acc.shape[1], *g.shape[2:], dtype=dt,
                                 device=g.device).index_add_(1, head_idx, g.to(dt))
-            acc.add(g, idx=piece.k_idx, batch=piece.batch)
+            acc.add(g, idx=piece.k_idx, batch=piece.batch, groups=G, sub=piece.k_sub)
 
 
 def _rows_view(flat: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:

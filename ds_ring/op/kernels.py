@@ -52,6 +52,42 @@ def forced_path() -> str | None:
     return env
 
 
+# Causal diagonal blocks the CPU path cuts (schedule.cut_causal_diagonals): (min_rows, max_rows, max_gathered_rows).
+# Blocks of at most max_rows rows (max_gathered_rows for blocks whose rows are gathered by index: dilation classes
+# whose segment length is not a multiple of the rate; each cut level gathers their rows again; evenly spaced rows are
+# strided views and take max_rows) are cut into their two causal halves plus the dense off-diagonal quarter,
+# recursively while a half keeps at least min_rows rows. Measured at S=8192 (docs/performance.md, section 2).
+CPU_CAUSAL_CUT = (128, 1024, 512)
+_cut_override: tuple[tuple[int, int, int] | None] | None = None
+
+
+@contextlib.contextmanager
+def causal_cut(rows: tuple[int, ...] | None):
+    """Use ``rows`` = (min_rows, max_rows[, max_gathered_rows = max_rows]) (None: no cut) instead of the table's
+    causal cut inside the block, in this process (tests on small shapes)."""
+    global _cut_override
+    if rows is not None and not (isinstance(rows, tuple) and len(rows) in (2, 3) and 1 <= rows[0] <= min(rows[1:])):
+        raise ValueError(f"causal_cut: rows must be (min_rows, max_rows[, max_gathered_rows]) with 1 <= min_rows <= "
+                         f"the maxima, got {rows!r}")
+    rows = None if rows is None else (rows + rows[1:])[:3]
+    old, _cut_override = _cut_override, (rows,)
+    try:
+        yield
+    finally:
+        _cut_override = old
+
+
+def causal_cut_rows(device: torch.device | str) -> tuple[int, int, int] | None:
+    """(min_rows, max_rows, max_gathered_rows) of the causal diagonal blocks the schedule cuts for the path that serves them on
+    ``device``, or None: only the ``cpu`` path gains (block_path's table says why)."""
+    if _cut_override is not None:
+        return _cut_override[0]
+    forced = forced_path()
+    if torch.device(device).type == "cpu" and forced in (None, "cpu"):
+        return CPU_CAUSAL_CUT
+    return None
+
+
 # Head dims FlexAttention's CUDA kernels are generated for here (checked by benchmarks/gpu_check.py).
 _FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -69,6 +105,23 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     CUDA        fp64, other D          anything flash does not take                                ``efficient``
     any         any                    ``DS_RING_KERNEL=flex`` or ``force_path("flex")``           ``flex``
     ==========  =====================  ==========================================================  ============
+
+    Causal diagonal blocks, cut or not (``causal_cut_rows``: the schedule cuts them into their causal halves plus the
+    dense off-diagonal quarter, schedule.cut_causal_diagonals):
+
+    =============  =============================================================================================
+    path           cut
+    =============  =============================================================================================
+    ``cpu``        blocks of 256..1024 rows (256..512 when the rows are gathered by index, not strided views),
+                   halves down to 128 rows: the kernel tiles keys in 512 columns and skips only whole tiles
+                   above the diagonal, so a causal block of <= 512 rows costs the full square and one of 1024
+                   rows 0.77 of it (benchmarks/bench_causal_blocks.py); cut, the causal patterns made of such
+                   blocks run faster at S=8192 (docs/performance.md, section 2); blocks of 2048 rows measured no
+                   faster cut, gathered blocks of 1024 rows slower (each level gathers their rows again)
+    ``flash``      none: the CUDA kernel skips causal tiles of its own (128 rows or fewer)
+    ``flex``       none: the BlockMask skips 128 x 128 blocks above the diagonal
+    ``efficient``  none: fp64 / odd head dims only, not timed
+    =============  =============================================================================================
 
     ``cpu``: aten's CPU flash kernel with an additive mask. ``flash``: PyTorch's CUDA flash kernel (1.00-1.03x SDPA
     flash on an H100). ``efficient``: the memory-efficient kernel with a materialised additive bias (2.5x the flash

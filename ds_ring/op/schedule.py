@@ -18,19 +18,25 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .kernels import causal_cut_rows
+
 
 @dataclass(frozen=True)
 class Piece:
     """One dense sub-block of work between the local queries and one source rank's keys.
 
     ``head_start``/``head_step``: the query heads of the offset class (a slice over Hq). ``q_idx``/``k_idx``: local
-    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a contiguous
-    ``slice`` (a document's run: read as a view), or ``None`` = all rows. ``batch``: the one batch row the piece
+    rows of the query shard / the source's key shard: an index tensor ordered segment by segment, a ``slice`` when
+    the rows are evenly spaced (a document's run, or a dilation class: every r-th row; read as a strided view, no
+    gather; ``stop`` is the last row + 1), or ``None`` = all rows. ``batch``: the one batch row the piece
     computes (documents differ per row), ``None`` = all rows.
     ``groups``: the rows form G equal segments, which the kernel runs as G batched blocks, so a segment never pays
     for its neighbours' keys. ``q_pos``/``k_pos``: global positions, shape (G, rows per segment). ``seg``: segment
     length to compare inside a block (``None`` when each block is one segment). ``causal_diag``: every block is its
     own causal diagonal (same positions on both sides), so the kernel's causal flag is exact.
+    ``q_sub``/``k_sub`` = (a, b, m): the rows of ``q_idx``/``k_idx`` form G blocks of m rows and the piece reads rows
+    [a, b) of each (a part of a cut causal block, cut_causal_diagonals), read as strided views; positions hold those
+    rows only. ``None``: all rows.
     ``kernel_cache``: what the kernels derive from the piece once (its AllowedPairs, the Flex BlockMask): kept with
     the schedule, never rebuilt per call; a replaced piece starts empty.
     """
@@ -47,12 +53,15 @@ class Piece:
     causal_diag: bool
     groups: int = 1
     batch: int | None = None
+    q_sub: tuple[int, int, int] | None = None
+    k_sub: tuple[int, int, int] | None = None
     kernel_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
     """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask. Positions are
     host tensors here (schedules are built on the host and moved to the device once)."""
+    q_idx, k_idx = (_compact(i) if isinstance(i, torch.Tensor) else i for i in (q_idx, k_idx))
     causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
     if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
         window = None
@@ -60,12 +69,113 @@ def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, bat
     return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch)
 
 
+def _row_index(idx: torch.Tensor | slice | None, n: int) -> torch.Tensor:
+    """``idx`` (None = all ``n`` rows, a slice, an index tensor) as an index tensor."""
+    if idx is None:
+        return torch.arange(n)
+    return torch.arange(idx.start, idx.stop, idx.step or 1) if isinstance(idx, slice) else idx
+
+
+def _compact(rows: torch.Tensor) -> torch.Tensor | slice:
+    """An index tensor as a slice when its rows are evenly spaced and increasing (read as a strided view, merged in
+    place: no gather, no scatter), else as it is."""
+    n = rows.numel()
+    if n == 0:
+        return rows
+    a = int(rows[0])
+    step = int(rows[1]) - a if n > 1 else 1
+    if step < 1 or not torch.equal(rows, torch.arange(a, a + step * (n - 1) + 1, step)):
+        return rows
+    return slice(a, a + step * (n - 1) + 1, None if step == 1 else step)
+
+
+def offset_rows(idx: torch.Tensor | slice | None, n: int, offset: int) -> torch.Tensor | slice:
+    """Rows ``idx`` of a run of ``n`` rows (None = all of them), counted from ``offset`` instead of the run's start."""
+    if idx is None:
+        return slice(offset, offset + n)
+    if isinstance(idx, slice):
+        return slice(idx.start + offset, idx.stop + offset, idx.step)
+    return idx + offset
+
+
+def _cut_diagonal(pc: Piece) -> list[Piece]:
+    """A causal diagonal piece (G blocks of m rows) as its causal halves (one piece of 2G blocks when m is even)
+    and the dense off-diagonal quarter (second half of the rows x first half of the keys, one piece of G blocks,
+    no mask: every key there precedes every query)."""
+    G, m = pc.q_pos.shape
+    h = m // 2
+    args = (pc.head_start, pc.head_step)
+
+    def part(qa, qb, ka, kb):
+        """Rows [qa, qb) x keys [ka, kb) of every block: strided views of the piece's rows where they are views
+        (no gather), else index tensors."""
+        qp, kp = pc.q_pos[:, qa:qb], pc.k_pos[:, ka:kb]
+        if isinstance(pc.q_idx, torch.Tensor) or isinstance(pc.k_idx, torch.Tensor):
+            q_rows, k_rows = _row_index(pc.q_idx, G * m).view(G, m), _row_index(pc.k_idx, G * m).view(G, m)
+            return make_piece(*args, _compact(q_rows[:, qa:qb].reshape(-1)), _compact(k_rows[:, ka:kb].reshape(-1)),
+                              qp, kp, None, True, None, pc.batch)
+        return dataclasses.replace(make_piece(*args, pc.q_idx, pc.k_idx, qp, kp, None, True, None, pc.batch),
+                                   q_sub=(qa, qb, m), k_sub=(ka, kb, m))
+
+    if 2 * h == m:  # rows stay in order: the halves keep the piece's rows as they are (None stays None)
+        halves = [make_piece(*args, pc.q_idx, pc.k_idx, pc.q_pos.reshape(2 * G, h), pc.k_pos.reshape(2 * G, h), None,
+                             True, None, pc.batch)]
+    else:
+        halves = [part(0, h, 0, h), part(h, m, h, m)]
+    return halves + [part(h, m, 0, h)]
+
+
+def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int, int] | None) -> tuple[Piece, ...]:
+    """``pieces`` with every causal diagonal piece of at most ``rows[1]`` rows per block (``rows[2]`` if its rows are
+    gathered by index) cut into its causal halves and the dense off-diagonal quarter, recursively while a half keeps
+    at least ``rows[0]`` rows (None: no cut).
+
+    Why: a kernel that skips only whole key tiles above the diagonal (ATen's CPU flash kernel: 512 columns) computes
+    a causal block of <= 512 rows as the full square; cut, each level computes only its quarter unmasked, so the
+    block costs about 1/2 + min_rows / (2 m) of the square. The parts are ordinary pieces (equal blocks batched in
+    one call) merged by log-sum-exp like any other, and each gets its exact gradients from the final out and lse.
+    The diagonal parts come first, so a piece over every row still serves as the accumulator."""
+    if rows is None:
+        return tuple(pieces)
+    lo, hi, hi_gathered = rows
+    out = []
+    for pc in pieces:
+        diag, quarters, todo = [], [], [pc]
+        gathered = isinstance(pc.q_idx, torch.Tensor) or isinstance(pc.k_idx, torch.Tensor)
+        top = hi_gathered if gathered else hi
+        while todo:
+            p = todo.pop(0)
+            m = p.q_pos.shape[1]
+            if not p.causal_diag or p.q_sub is not None or m > top or m < 2 * lo:
+                diag.append(p)
+                continue
+            *halves, quarter = _cut_diagonal(p)
+            todo += halves
+            quarters.append(quarter)
+        out += diag + quarters
+    return tuple(out)
+
+
+def _indexed(pc: Piece) -> Piece:
+    """``pc`` with its block rows (``q_sub``/``k_sub``) as index tensors."""
+    def rows(idx, sub):
+        if sub is None:
+            return idx
+        a, b, m = sub
+        return _row_index(idx, pc.groups * m).view(pc.groups, m)[:, a:b].reshape(-1)
+
+    return dataclasses.replace(pc, q_idx=rows(pc.q_idx, pc.q_sub), k_idx=rows(pc.k_idx, pc.k_sub), q_sub=None,
+                               k_sub=None)
+
+
 def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
 
     Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
     """
-    if isinstance(piece.k_idx, slice):  # one contiguous run of keys (a document's)
+    if piece.q_sub is not None or piece.k_sub is not None:
+        piece = _indexed(piece)
+    if isinstance(piece.k_idx, slice) and piece.k_idx.step is None and piece.groups == 1:  # one contiguous run
         a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
         if a >= e:
             return []
@@ -76,11 +186,8 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     if piece.k_idx is None and G == 1:  # every key row: the part's rows are the range itself (sliced by the caller)
         return [make_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[:, lo:hi],
                        piece.seg, piece.causal, piece.window, piece.batch)]
-    n_k = piece.k_pos.numel()
-    k_idx = piece.k_idx if piece.k_idx is not None else torch.arange(n_k, device=piece.k_pos.device)
-    k_idx = k_idx.view(G, -1)
-    q_all = piece.q_idx if piece.q_idx is not None else torch.arange(piece.q_pos.numel(), device=piece.q_pos.device)
-    q_idx = q_all.view(G, -1)
+    k_idx = _row_index(piece.k_idx, piece.k_pos.numel()).view(G, -1)
+    q_idx = _row_index(piece.q_idx, piece.q_pos.numel()).view(G, -1)
     inside = (k_idx >= lo) & (k_idx < hi)
     whole, cut = inside.all(1), inside.any(1) & ~inside.all(1)
     out = []
@@ -170,7 +277,7 @@ def _shift(pc: Piece, lo: int) -> Piece:
     """``pc`` with its keys indexed from row ``lo`` of the source's shard (the first received row)."""
     if lo == 0:
         return pc
-    k_idx = slice(pc.k_idx.start - lo, pc.k_idx.stop - lo) if isinstance(pc.k_idx, slice) else pc.k_idx - lo
+    k_idx = offset_rows(pc.k_idx, 0, -lo)
     return dataclasses.replace(pc, k_idx=k_idx)
 
 
@@ -212,19 +319,27 @@ class PieceSource(Protocol):
 
 def build_schedule(source: PieceSource, rank: int, device: torch.device | str = "cpu") -> Schedule:
     """The schedule of ``rank``: step 0 is its own chunk; at step s it computes against rank - s (if it has pieces
-    there) and sends to rank + s (if that rank has pieces against it). Index and position tensors on ``device``."""
-    world, n, device = source.world_size, source.local_len, str(device)
-    steps = [_make_step(0, rank, None, source.pieces(rank, rank), (), n, device)]
+    there) and sends to rank + s (if that rank has pieces against it). Index and position tensors on ``device``.
+    Causal diagonal pieces are cut where the block path of ``device`` gains from it (``kernels.causal_cut_rows``)."""
+    return _build(source, rank, str(device), causal_cut_rows(device))
+
+
+def _build(source: PieceSource, rank: int, device: str, cut: tuple[int, int, int] | None) -> Schedule:
+    world, n = source.world_size, source.local_len
+    pieces = lambda dst, src: cut_causal_diagonals(source.pieces(dst, src), cut)  # noqa: E731
+    steps = [_make_step(0, rank, None, pieces(rank, rank), (), n, device)]
     for s in range(1, world):
         src, dst = (rank - s) % world, (rank + s) % world
-        ours, theirs = source.pieces(rank, src), source.pieces(dst, rank)
+        ours, theirs = pieces(rank, src), pieces(dst, rank)
         steps.append(_make_step(s, src if ours else None, dst if theirs else None, ours, theirs, n, device))
     return Schedule(world, rank, tuple(steps))
 
 
-@functools.lru_cache(maxsize=64)
 def make_schedule(source: PieceSource, rank: int, device: torch.device | str = "cpu") -> Schedule:
     """``build_schedule``, cached for hashable sources that describe a call by value (patterns: the same for every
     call of the same shapes). Documents change every batch; their schedules are cached per forward instead
     (``documents.Documents.schedule``)."""
-    return build_schedule(source, rank, device)
+    return _cached_build(source, rank, str(device), causal_cut_rows(device))
+
+
+_cached_build = functools.lru_cache(maxsize=64)(_build)  # keyed by the cut too: a forced path gets its own
