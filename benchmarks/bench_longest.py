@@ -206,11 +206,17 @@ def _build_dpo(model, ref, config, world, small_head_tile=False):
     accelerate's backward, which is ``engine.backward`` and ``engine.step``. S is the length of ONE sequence of the
     pair.
 
-    ``small_head_tile`` (``ds_ring long DPO tile``, a diagnostic, not what ds_ring ships): TRL's fused LM head projects
-    tiles of ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` tokens (4096) x 32,768 vocabulary columns, and on a
-    device without Triton (this CPU) its torch fold makes several fp32 temporaries of a tile's size: over 4 GiB at the
-    check shape's vocabulary, whatever S. Here the tile is set (in this candidate's processes only) to the rows of
-    ds_ring's own chunked loss, ``LOSS_CHUNK_ELEMENTS // V`` tokens."""
+    ``small_head_tile`` (``ds_ring long DPO tile``, a diagnostic of two changes ds_ring does not ship, made here in
+    this candidate's processes only):
+
+    - TRL's fused LM head projects tiles of ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` tokens (4096) x 32,768
+      vocabulary columns, and on a device without Triton (this CPU) its torch fold makes several fp32 temporaries of a
+      tile's size: over 4 GiB at the check shape's vocabulary, whatever S. The tile is set to the rows of ds_ring's
+      own chunked loss, ``LOSS_CHUNK_ELEMENTS // V`` tokens.
+    - The adapter applies the memory switch to the policy only: the reference's forward runs its MLPs whole, three
+      (tokens, intermediate) fp32 tensors per layer on top of everything the policy's forward holds for its
+      backward. The reference gets the switch's tiled MLP here (``ds_ring.optimize_memory`` with only ``tiled_mlp``;
+      it is already patched by the adapter, inside TRL's engine)."""
     import tempfile
 
     from datasets import Dataset
@@ -238,6 +244,9 @@ def _build_dpo(model, ref, config, world, small_head_tile=False):
            "chosen": " " + " ".join(f"w{i % (vocab - 3) + 3}" for i in range(5, 69)), "rejected": " w4 w5"}
     trainer = SPDPO(model=model, ref_model=ref, args=args, processing_class=_word_tokenizer(vocab),
                     train_dataset=Dataset.from_list([row]), memory="long")
+    if small_head_tile:
+        ds_ring.optimize_memory(trainer.ref_model.module, trainer.sp, checkpointing=False, chunked_loss=False,
+                                offload_checkpoints=False)
     trainer.train()  # one step: the policy's DeepSpeed engine (accelerate's prepare) and its optimizer states
     collate = trainer.data_collator
 
@@ -614,7 +623,7 @@ def main():
                warmup_seq_lens=[256, 512], warmup=args.warmup, repeat=args.repeat,
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
-                   "ds_ring long": [8192, 16384], DPO: [512, 1024], DPO_TILE: [4096, 8192], "FSDP2 long": [8192, 16384],
+                   "ds_ring long": [8192, 16384], DPO: [512, 1024], DPO_TILE: [8192], "FSDP2 long": [8192, 16384],
                    "ALST": [8192, 16384]}
     # quick: four candidates (no memory option, all of them, all of them for a DPO step, DeepSpeed's ALST) at one
     # length each, no search
