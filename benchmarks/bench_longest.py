@@ -13,7 +13,10 @@ with labels = input_ids, all candidates on the same weights:
     ``memory="long"`` on the same model and ZeRO-3 config, a frozen reference copy in TRL's own ZeRO-3 engine; S is
     the length of EACH sequence of the pair (prompt S // 2 tokens, chosen and rejected completions S - S // 2 each),
     so a step runs the policy forward and backward on 2 x S tokens and the reference forward on 2 x S (see
-    ``_build_dpo``). Its first aim is 0.45 x ds_ring long's longest when both are searched in one run;
+    ``_build_dpo``);
+  * ``ds_ring long DPO tile``: the same with two changes ds_ring does not ship, as a diagnostic: TRL's fused LM-head
+    tile bounded to ds_ring's chunk rows and the switch's tiled MLP on the reference model too (``_build_dpo``). Its
+    first aim is 0.45 x ds_ring long's longest (searched in the same run, or ``--sft-longest``);
   * ``FSDP2 long``: the same model and switch, sharded by torch FSDP2 instead of ZeRO-3 (``ds_ring.fully_shard``:
     each decoder layer and the root over both ranks, fp32, torch AdamW, ``clip_grad_norm_`` 1.0 as the ZeRO config);
   * ``ALST``: DeepSpeed Ulysses attention with ArcticTraining's recipe: activation checkpointing, DeepSpeed's
@@ -37,6 +40,8 @@ the LM head and loss at the model's shape against float64, ds_ring's chunked los
     python benchmarks/bench_longest.py --quick                 # a few minutes: tiny model and cap (a smoke run)
     python benchmarks/bench_longest.py --quick --candidates "ds_ring long" "FSDP2 long"   # ZeRO-3 against FSDP2
     python benchmarks/bench_longest.py --candidates "ds_ring long" ALST --at 81920 82944 --suffix _at   # lengths only
+    python benchmarks/bench_longest.py --candidates "ds_ring long DPO" "ds_ring long DPO tile" --sft-longest 82944 \
+        --grid 256 --budget-s 1800 --max-runs 4 --suffix _dpo        # DPO pairs (docs/performance.md section 10b)
     python benchmarks/bench_longest.py --gpu --candidates "ds_ring long" --budget-s 400   # one GPU: Llama-3.2-1B
         # shape (untied), bf16, ds_config/zero3_offload.json; a step "fits" when it does not run out of memory
 """
