@@ -11,6 +11,14 @@ with labels = input_ids, all candidates on the same weights:
   * ``ds_ring long``: ``ds_ring.optimize_memory(model, sp)``: all of it (checkpoint offload is a no-op on CPU);
   * ``ds_ring long keep`` (only when named): the same, but ZeRO-3 keeps gathered parameters as DeepSpeed does by default
     (``deepspeed_initialize(..., release_parameters=False)``): what the release costs in time;
+  * ``ds_ring long DPO``: one DPO step of TRL's ``DPOTrainer`` through ``ds_ring.SequenceParallelMixin`` with
+    ``memory="long"`` on the same model and ZeRO-3 config, a frozen reference copy in TRL's own ZeRO-3 engine; S is
+    the length of EACH sequence of the pair (prompt S // 2 tokens, chosen and rejected completions S - S // 2 each),
+    so a step runs the policy forward and backward on 2 x S tokens and the reference forward on 2 x S (see
+    ``_build_dpo``);
+  * ``ds_ring long DPO tile``: the same with two changes ds_ring does not ship, as a diagnostic: TRL's fused LM-head
+    tile bounded to ds_ring's chunk rows and the switch's tiled MLP on the reference model too (``_build_dpo``). Its
+    first aim is 0.45 x ds_ring long's longest (searched in the same run, or ``--sft-longest``);
   * ``FSDP2 long``: the same model and switch, sharded by torch FSDP2 instead of ZeRO-3 (``ds_ring.fully_shard``:
     each decoder layer and the root over both ranks, fp32, torch AdamW, ``clip_grad_norm_`` 1.0 as the ZeRO config);
   * ``ALST``: DeepSpeed Ulysses attention with ArcticTraining's recipe: activation checkpointing, DeepSpeed's
@@ -35,12 +43,15 @@ the LM head and loss at the model's shape against float64, ds_ring's chunked los
     python benchmarks/bench_longest.py --quick --candidates "ds_ring long" "FSDP2 long"   # ZeRO-3 against FSDP2
     python benchmarks/bench_longest.py --candidates "ds_ring long" ALST --at 81920 82944 --suffix _at   # lengths only
     python benchmarks/bench_longest.py --time-only --time-candidates ds_ring "ds_ring long" --suffix _time  # times only
+    python benchmarks/bench_longest.py --candidates "ds_ring long DPO" "ds_ring long DPO tile" --sft-longest 82944 \
+        --grid 256 --budget-s 1800 --max-runs 4 --suffix _dpo        # DPO pairs (docs/performance.md section 10b)
     python benchmarks/bench_longest.py --gpu --candidates "ds_ring long" --budget-s 400   # one GPU: Llama-3.2-1B
         # shape (untied), bf16, ds_config/zero3_offload.json; a step "fits" when it does not run out of memory
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -57,10 +68,14 @@ import _common as C
 from bench_ulysses import _batch, shard_ulysses, ulysses_mean
 
 ROOT = C.ROOT
-NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "FSDP2 long", "ALST", "ds_ring long keep")
+NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "ds_ring long DPO", "ds_ring long DPO tile",
+         "FSDP2 long", "ALST", "ds_ring long keep")
 # named only on request (not in the default --candidates / --time-candidates): what ZeRO-3's release of gathered
 # parameters under the memory switch costs in time (ds_ring.deepspeed_initialize(..., release_parameters=False))
 ON_REQUEST = ("ds_ring long keep",)
+DPO, DPO_TILE = "ds_ring long DPO", "ds_ring long DPO tile"
+DPO_BETA = 0.1
+DPO_AIM = 0.45  # the DPO search's first aim, as a fraction of ds_ring long's longest when searched in the same run
 # optimize_memory arguments of the ds_ring candidates (None: not optimized)
 DS_RING_OPTIONS = {
     "ds_ring": None,
@@ -114,6 +129,8 @@ def build_candidate(name, base, cfg, world):
 
     model = copy.deepcopy(base)
     config = ds_config(cfg)
+    if name in (DPO, DPO_TILE):
+        return _build_dpo(model, copy.deepcopy(base), config, world, small_head_tile=name == DPO_TILE)
     if name == "FSDP2 long":
         return _build_fsdp2(model, world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -167,6 +184,98 @@ def _build_fsdp2(model, world):
         return loss.item()
 
     return _NoEngine(), step, lambda: ds_ring.offload_context(model)
+
+
+class _TrainerEngine:
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def destroy(self):
+        self.trainer.accelerator.free_memory()  # the policy's engine (what accelerate prepared)
+        self.trainer.ref_model.destroy()  # TRL's DeepSpeed engine of the reference model
+
+
+def _word_tokenizer(vocab):
+    """Offline tokenizer for the random-weight model: "w<i>" is token i, "<eos>" the last one, "w0" padding (TRL
+    needs one to build its dataset; the measured steps give it token ids directly)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab - 1)} | {"<eos>": vocab - 1}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="<eos>")
+
+
+def _build_dpo(model, ref, config, world, small_head_tile=False):
+    """``ds_ring long DPO``: TRL's ``DPOTrainer`` itself through ``ds_ring.SequenceParallelMixin`` with
+    ``memory="long"`` (ds_ring's DPO adapter: checkpointing, tiled MLP and offload on the policy; TRL's fused LM
+    head in place of the chunked loss, sharded over the ring by the adapter), ZeRO-3 from the same config as the other
+    candidates (micro batch 1 pair, clipping 1.0), TRL's AdamW, sigmoid loss (beta 0.1), a frozen reference copy of
+    the same weights passed as ``ref_model=``: TRL wraps it in its own ZeRO-3 DeepSpeed engine (``prepare_deepspeed``,
+    no optimizer), so its parameters are sharded over the ranks like the policy's and its shards, held between steps,
+    are not counted, as the policy's are not; its forward (under no_grad) and the parameters ZeRO-3 gathers for it
+    are. One warm-up ``trainer.train()`` of one step creates the engine and the optimizer states; each measured step
+    is ``trainer.training_step`` on one pair as TRL's ``DataCollatorForPreference`` batches it (chosen and rejected
+    rows of S tokens each: a prompt of S // 2 tokens, completions of S - S // 2): the policy's fused forward on both
+    rows, the reference's under no_grad, TRL's DPO loss from the ring-summed sequence log-probabilities, and
+    accelerate's backward, which is ``engine.backward`` and ``engine.step``. S is the length of ONE sequence of the
+    pair.
+
+    ``small_head_tile`` (``ds_ring long DPO tile``, a diagnostic of two changes ds_ring does not ship, made here in
+    this candidate's processes only):
+
+    - TRL's fused LM head projects tiles of ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` tokens (4096) x 32,768
+      vocabulary columns, and on a device without Triton (this CPU) its torch fold makes several fp32 temporaries of a
+      tile's size: over 4 GiB at the check shape's vocabulary, whatever S. The tile is set to the rows of ds_ring's
+      own chunked loss, ``LOSS_CHUNK_ELEMENTS // V`` tokens.
+    - The adapter applies the memory switch to the policy only: the reference's forward runs its MLPs whole, three
+      (tokens, intermediate) fp32 tensors per layer on top of everything the policy's forward holds for its
+      backward. The reference gets the switch's tiled MLP here (``ds_ring.optimize_memory`` with only ``tiled_mlp``;
+      it is already patched by the adapter, inside TRL's engine)."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    import ds_ring
+
+    class SPDPO(ds_ring.SequenceParallelMixin, DPOTrainer):
+        pass
+
+    vocab = model.config.vocab_size
+    if small_head_tile:
+        import trl.kernels.chunked_logprob as trl_head
+
+        from ds_ring.training.loss import LOSS_CHUNK_ELEMENTS
+
+        trl_head.TOKEN_CHUNK_SIZE = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_longest_dpo_"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-3, optim="adamw_torch",
+        lr_scheduler_type="constant", max_grad_norm=1.0, beta=DPO_BETA, max_length=None, use_cpu=True, bf16=False,
+        deepspeed=copy.deepcopy(config), report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=10**9,
+        dataset_num_proc=None, seed=0)
+    row = {"prompt": " ".join(f"w{i % (vocab - 3) + 3}" for i in range(64)),
+           "chosen": " " + " ".join(f"w{i % (vocab - 3) + 3}" for i in range(5, 69)), "rejected": " w4 w5"}
+    trainer = SPDPO(model=model, ref_model=ref, args=args, processing_class=_word_tokenizer(vocab),
+                    train_dataset=Dataset.from_list([row]), memory="long")
+    if small_head_tile:
+        ds_ring.optimize_memory(trainer.ref_model.module, trainer.sp, checkpointing=False, chunked_loss=False,
+                                offload_checkpoints=False)
+    trainer.train()  # one step: the policy's DeepSpeed engine (accelerate's prepare) and its optimizer states
+    collate = trainer.data_collator
+
+    def step(batch):
+        ids = batch["input_ids"][0]
+        S = ids.shape[0]
+        prompt, chosen = ids[: S // 2].tolist(), ids[S // 2:].tolist()
+        pair = collate([{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": chosen[::-1]}])
+        trainer.model_wrapped.train()
+        return trainer.training_step(trainer.model_wrapped, pair).item()
+
+    # the mixin's training_step enters ds_ring.offload_context itself
+    return _TrainerEngine(trainer), step, contextlib.nullcontext
 
 
 def _build_alst(model, config, opt, cfg, world):
@@ -507,12 +616,16 @@ def main():
     p.add_argument("--max-runs", type=int, default=6, help="search steps per candidate after calibration")
     p.add_argument("--budget-s", type=float, default=1e9, help="no new search step after this many seconds")
     p.add_argument("--time-seq-lens", type=int, nargs="*", default=[4096, 6144], help="where step times are compared")
-    p.add_argument("--time-candidates", nargs="*", default=[n for n in NAMES if n != "ALST" and n not in ON_REQUEST],
-                   choices=NAMES,
+    p.add_argument("--time-candidates", nargs="*",
+                   default=[n for n in NAMES if n not in ("ALST", DPO, DPO_TILE) + ON_REQUEST],
+                   choices=[n for n in NAMES if n not in (DPO, DPO_TILE)],
                    help="timed side by side in one pair of processes (each holds its own engine)")
     p.add_argument("--planner-check", type=str, default="512,1376,4,8,4,64",
                    help="a second shape (hidden,intermediate,layers,heads,kv_heads,head_dim; untied) measured at "
                    "two lengths per ds_ring candidate against ds_ring.plan ('' to skip)")
+    p.add_argument("--sft-longest", type=int, default=None,
+                   help="ds_ring long's longest from an earlier run of this script (docs/performance.md section 10), "
+                   "where it is not searched in this run: the DPO search's first aim and the 'x ds_ring long' column")
     p.add_argument("--gpu", action="store_true", help="one GPU: Llama-3.2-1B shape, bf16, ds_config/zero3_offload.json")
     p.add_argument("--suffix", default="")
     p.add_argument("--at", type=int, nargs="+", default=None, help="measure each candidate at these lengths only: no "
@@ -529,10 +642,11 @@ def main():
                warmup_seq_lens=[256, 512], warmup=args.warmup, repeat=args.repeat,
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
-                   "ds_ring long": [8192, 16384], "FSDP2 long": [8192, 16384], "ALST": [8192, 16384],
-                   "ds_ring long keep": [8192, 16384]}
-    # quick: three candidates (no memory option, all of them, DeepSpeed's ALST) at one length each, no search
-    if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", "ALST"],
+                   "ds_ring long": [8192, 16384], DPO: [512, 1024], DPO_TILE: [8192], "FSDP2 long": [8192, 16384],
+                   "ALST": [8192, 16384], "ds_ring long keep": [8192, 16384]}
+    # quick: four candidates (no memory option, all of them, all of them for a DPO step, DeepSpeed's ALST) at one
+    # length each, no search
+    if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", DPO, DPO_TILE, "ALST"],
                      time_candidates=["ds_ring", "ds_ring long"]):
         cfg.update(vocab=512, hidden=64, intermediate=176, layers=1, cap_bytes=96 * 2**20, grid=128, max_runs=0,
                    warmup_seq_lens=[128], time_seq_lens=[256], warmup=0, repeat=1)
@@ -540,6 +654,8 @@ def main():
     if args.gpu:
         if not torch.cuda.is_available():
             p.error("--gpu needs a CUDA device")
+        if {DPO, DPO_TILE} & set(args.candidates):
+            p.error(f"--gpu: {DPO} and {DPO_TILE} run on the CPU ranks only (TRL's DPOConfig(use_cpu=True))")
         cfg.update(LLAMA_1B, tied=args.tied, dtype="bfloat16", ds_config="zero3_offload.json", grid=16384,
                    warmup_seq_lens=[4096], time_seq_lens=[])
         calibration = {}
@@ -568,7 +684,11 @@ def main():
         if name in PLAN_OPTIONS:
             aims[name] = plan_for(name, plan_cfg, None, world, count_held=args.gpu,
                                   device_memory=device_memory or cfg["cap_bytes"]).longest_seq_len
-        elif "ds_ring long" in searches:
+        elif name == DPO_TILE and (searches.get("ds_ring long", {}).get("longest") or args.sft_longest):
+            # a pair is two sequences of S (policy forward and backward on both, a reference forward): a little
+            # under half of SFT's longest
+            aims[name] = int(DPO_AIM * (searches.get("ds_ring long", {}).get("longest") or args.sft_longest))
+        elif name != DPO and "ds_ring long" in searches:
             aims[name] = searches["ds_ring long"]["longest"]
         print(f"\n{name}: search (first aim {aims.get(name) or 'from the calibration line'})", flush=True)
         res = C.run_ranks(search_worker, world, (dict(cfg, aim={name: aims.get(name)}), name),
@@ -595,6 +715,7 @@ def main():
 
     # ----- tables
     off = searches.get("ds_ring", {}).get("longest")
+    sft = searches.get("ds_ring long", {}).get("longest") or args.sft_longest
     rows = []
     for name, srch in searches.items():
         at = next((r for r in srch["runs"] if r["S"] == srch["longest"]), None)
@@ -603,11 +724,13 @@ def main():
                      f"{srch['shortest_over']:,}", "-" if at is None or at["peak"] is None else at["peak"] / 2**20,
                      "-" if pred is None else f"{pred:,}",
                      "-" if not pred or not srch["longest"] else pred / srch["longest"],
-                     "-" if not off else srch["longest"] / off, len(srch["runs"])])
+                     "-" if not off else srch["longest"] / off, "-" if not sft else srch["longest"] / sft,
+                     len(srch["runs"])])
     long_md = C.print_table(
         "Longest sequence by real steps (a length that fits and the shortest that did not), and ds_ring.plan's "
-        "prediction", ["candidate", "longest S that fits", "shortest S over", "step peak there (MiB)",
-                       "ds_ring.plan's longest", "plan / measured", "x ds_ring (off)", "steps run"], rows)
+        f"prediction ({DPO}, {DPO_TILE}: S is each sequence of the chosen/rejected pair)",
+        ["candidate", "longest S that fits", "shortest S over", "step peak there (MiB)", "ds_ring.plan's longest",
+         "plan / measured", "x ds_ring (off)", "x ds_ring long", "steps run"], rows)
     pv = []
     for src, results in (("main", searches), ("check", check)):
         for name, srch in results.items():
@@ -650,7 +773,8 @@ def main():
     print(f"\n(whole run {elapsed / 60:.0f} min)")
     result = dict(cfg=cfg, world=world, gpu=args.gpu, cap_bytes=cfg["cap_bytes"], device_memory=device_memory,
                   searches=searches, aims=aims, planner_check=check, timing={str(k): v for k, v in timing.items()},
-                  exactness=exact, tables=dict(longest=long_md, planner=plan_md, time=time_md, exactness=exact_md),
+                  exactness=exact, sft_longest_given=args.sft_longest,
+                  tables=dict(longest=long_md, planner=plan_md, time=time_md, exactness=exact_md),
                   elapsed_s=elapsed)
     C.finish(args, "bench_longest" + ("_gpu" if args.gpu else "") + args.suffix, result,
              None if args.time_only else lambda png: plot(result, png))

@@ -5,7 +5,8 @@ Same tiny Llama (policy and a separate reference copy), same preference rows (pr
 lengths: TRL pads chosen and rejected rows of one batch to one length), same seed; fp32, SGD with a constant learning
 rate, no clipping (a wrong gradient scale shows in the next step's numbers), gradient accumulation 2:
 
-- SP=2 on 2 ranks (zigzag), shuffled data: DDP with ``ref_model=``, ZeRO-3 with ``ref_model=``, and DDP with
+- SP=2 on 2 ranks (zigzag), shuffled data: DDP, ZeRO-2 and ZeRO-3 with ``ref_model=`` (under ZeRO-2 TRL runs the
+  reference in a stage-0 DeepSpeed engine, whole on every rank; under ZeRO-3 it is sharded), and DDP with
   ``precompute_ref_log_probs=True`` (no reference model; the precompute pass runs over the ring);
 - SP=2 x DP=2 on 4 ranks (contiguous), sequential data (two rings of batch 2 == one process with batch 4): DDP and
   ZeRO-3 with the memory switch.
@@ -29,7 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB, ROWS, BATCH, LR, STEPS = 64, 16, 2, 2.0, 3
 NOT_COMPARED = {"epoch", "step", "learning_rate", "grad_norm"}  # bookkeeping, not training numbers
 ZERO3 = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
-SP2_RUNS = {"ddp": dict(zero=None), "zero3": dict(zero=ZERO3), "precompute": dict(zero=None, precompute=True)}
+ZERO2 = {"stage": 2}
+SP2_RUNS = {"ddp": dict(zero=None), "zero2": dict(zero=ZERO2), "zero3": dict(zero=ZERO3),
+            "precompute": dict(zero=None, precompute=True)}
 DP2_RUNS = {"ddp": dict(zero=None), "zero3 memory": dict(zero=ZERO3, memory="checkpointing,tiled_mlp")}
 
 
