@@ -16,9 +16,6 @@ with labels = input_ids, all candidates on the same weights:
     the length of EACH sequence of the pair (prompt S // 2 tokens, chosen and rejected completions S - S // 2 each),
     so a step runs the policy forward and backward on 2 x S tokens and the reference forward on 2 x S (see
     ``_build_dpo``);
-  * ``ds_ring long DPO tile``: the same with two changes ds_ring does not ship, as a diagnostic: TRL's fused LM-head
-    tile bounded to ds_ring's chunk rows and the switch's tiled MLP on the reference model too (``_build_dpo``). Its
-    first aim is 0.45 x ds_ring long's longest (searched in the same run, or ``--sft-longest``);
   * ``FSDP2 long``: the same model and switch, sharded by torch FSDP2 instead of ZeRO-3 (``ds_ring.fully_shard``:
     each decoder layer and the root over both ranks, fp32, torch AdamW, ``clip_grad_norm_`` 1.0 as the ZeRO config);
   * ``ALST``: DeepSpeed Ulysses attention with ArcticTraining's recipe: activation checkpointing, DeepSpeed's
@@ -43,7 +40,7 @@ the LM head and loss at the model's shape against float64, ds_ring's chunked los
     python benchmarks/bench_longest.py --quick --candidates "ds_ring long" "FSDP2 long"   # ZeRO-3 against FSDP2
     python benchmarks/bench_longest.py --candidates "ds_ring long" ALST --at 81920 82944 --suffix _at   # lengths only
     python benchmarks/bench_longest.py --time-only --time-candidates ds_ring "ds_ring long" --suffix _time  # times only
-    python benchmarks/bench_longest.py --candidates "ds_ring long DPO" "ds_ring long DPO tile" --sft-longest 82944 \
+    python benchmarks/bench_longest.py --candidates "ds_ring long DPO" --sft-longest 82944 \
         --grid 256 --budget-s 1800 --max-runs 4 --suffix _dpo        # DPO pairs (docs/performance.md section 10b)
     python benchmarks/bench_longest.py --gpu --candidates "ds_ring long" --budget-s 400   # one GPU: Llama-3.2-1B
         # shape (untied), bf16, ds_config/zero3_offload.json; a step "fits" when it does not run out of memory
@@ -68,12 +65,12 @@ import _common as C
 from bench_ulysses import _batch, shard_ulysses, ulysses_mean
 
 ROOT = C.ROOT
-NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "ds_ring long DPO", "ds_ring long DPO tile",
-         "FSDP2 long", "ALST", "ds_ring long keep")
+NAMES = ("ds_ring", "ds_ring+ckpt", "ds_ring tiled", "ds_ring long", "ds_ring long DPO", "FSDP2 long", "ALST",
+         "ds_ring long keep")
 # named only on request (not in the default --candidates / --time-candidates): what ZeRO-3's release of gathered
 # parameters under the memory switch costs in time (ds_ring.deepspeed_initialize(..., release_parameters=False))
 ON_REQUEST = ("ds_ring long keep",)
-DPO, DPO_TILE = "ds_ring long DPO", "ds_ring long DPO tile"
+DPO = "ds_ring long DPO"
 DPO_BETA = 0.1
 DPO_AIM = 0.45  # the DPO search's first aim, as a fraction of ds_ring long's longest when searched in the same run
 # optimize_memory arguments of the ds_ring candidates (None: not optimized)
@@ -129,8 +126,8 @@ def build_candidate(name, base, cfg, world):
 
     model = copy.deepcopy(base)
     config = ds_config(cfg)
-    if name in (DPO, DPO_TILE):
-        return _build_dpo(model, copy.deepcopy(base), config, world, small_head_tile=name == DPO_TILE)
+    if name == DPO:
+        return _build_dpo(model, copy.deepcopy(base), config, world)
     if name == "FSDP2 long":
         return _build_fsdp2(model, world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -207,7 +204,7 @@ def _word_tokenizer(vocab):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="<eos>")
 
 
-def _build_dpo(model, ref, config, world, small_head_tile=False):
+def _build_dpo(model, ref, config, world):
     """``ds_ring long DPO``: TRL's ``DPOTrainer`` itself through ``ds_ring.SequenceParallelMixin`` with
     ``memory="long"`` (ds_ring's DPO adapter: checkpointing, tiled MLP and offload on the policy; TRL's fused LM
     head in place of the chunked loss, sharded over the ring by the adapter), ZeRO-3 from the same config as the other
@@ -222,17 +219,9 @@ def _build_dpo(model, ref, config, world, small_head_tile=False):
     accelerate's backward, which is ``engine.backward`` and ``engine.step``. S is the length of ONE sequence of the
     pair.
 
-    ``small_head_tile`` (``ds_ring long DPO tile``, a diagnostic of two changes ds_ring does not ship, made here in
-    this candidate's processes only):
-
-    - TRL's fused LM head projects tiles of ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` tokens (4096) x 32,768
-      vocabulary columns, and on a device without Triton (this CPU) its torch fold makes several fp32 temporaries of a
-      tile's size: over 4 GiB at the check shape's vocabulary, whatever S. The tile is set to the rows of ds_ring's
-      own chunked loss, ``LOSS_CHUNK_ELEMENTS // V`` tokens.
-    - The adapter applies the memory switch to the policy only: the reference's forward runs its MLPs whole, three
-      (tokens, intermediate) fp32 tensors per layer on top of everything the policy's forward holds for its
-      backward. The reference gets the switch's tiled MLP here (``ds_ring.optimize_memory`` with only ``tiled_mlp``;
-      it is already patched by the adapter, inside TRL's engine)."""
+    The adapter's memory switch also tiles the reference's MLPs and norms and bounds TRL's fused LM-head tile to
+    ds_ring's loss chunk rows (``ds_ring.integrations.dpo.DPOAdapter.setup``): before it did (e0e72e1), TRL's head
+    tile alone held over 4 GiB on this CPU whatever S."""
     import tempfile
 
     from datasets import Dataset
@@ -244,12 +233,6 @@ def _build_dpo(model, ref, config, world, small_head_tile=False):
         pass
 
     vocab = model.config.vocab_size
-    if small_head_tile:
-        import trl.kernels.chunked_logprob as trl_head
-
-        from ds_ring.training.loss import LOSS_CHUNK_ELEMENTS
-
-        trl_head.TOKEN_CHUNK_SIZE = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_longest_dpo_"), per_device_train_batch_size=1,
         gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-3, optim="adamw_torch",
@@ -260,9 +243,6 @@ def _build_dpo(model, ref, config, world, small_head_tile=False):
            "chosen": " " + " ".join(f"w{i % (vocab - 3) + 3}" for i in range(5, 69)), "rejected": " w4 w5"}
     trainer = SPDPO(model=model, ref_model=ref, args=args, processing_class=_word_tokenizer(vocab),
                     train_dataset=Dataset.from_list([row]), memory="long")
-    if small_head_tile:
-        ds_ring.optimize_memory(trainer.ref_model.module, trainer.sp, checkpointing=False, chunked_loss=False,
-                                offload_checkpoints=False)
     trainer.train()  # one step: the policy's DeepSpeed engine (accelerate's prepare) and its optimizer states
     collate = trainer.data_collator
 
@@ -617,8 +597,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=1e9, help="no new search step after this many seconds")
     p.add_argument("--time-seq-lens", type=int, nargs="*", default=[4096, 6144], help="where step times are compared")
     p.add_argument("--time-candidates", nargs="*",
-                   default=[n for n in NAMES if n not in ("ALST", DPO, DPO_TILE) + ON_REQUEST],
-                   choices=[n for n in NAMES if n not in (DPO, DPO_TILE)],
+                   default=[n for n in NAMES if n not in ("ALST", DPO) + ON_REQUEST],
+                   choices=[n for n in NAMES if n != DPO],
                    help="timed side by side in one pair of processes (each holds its own engine)")
     p.add_argument("--planner-check", type=str, default="512,1376,4,8,4,64",
                    help="a second shape (hidden,intermediate,layers,heads,kv_heads,head_dim; untied) measured at "
@@ -642,11 +622,11 @@ def main():
                warmup_seq_lens=[256, 512], warmup=args.warmup, repeat=args.repeat,
                time_seq_lens=args.time_seq_lens)
     calibration = {"ds_ring": [2048, 4096], "ds_ring+ckpt": [2048, 4096], "ds_ring tiled": [8192, 16384],
-                   "ds_ring long": [8192, 16384], DPO: [512, 1024], DPO_TILE: [8192], "FSDP2 long": [8192, 16384],
+                   "ds_ring long": [8192, 16384], DPO: [8192, 16384], "FSDP2 long": [8192, 16384],
                    "ALST": [8192, 16384], "ds_ring long keep": [8192, 16384]}
     # quick: four candidates (no memory option, all of them, all of them for a DPO step, DeepSpeed's ALST) at one
     # length each, no search
-    if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", DPO, DPO_TILE, "ALST"],
+    if C.quick_sizes(args, planner_check="", candidates=["ds_ring", "ds_ring long", DPO, "ALST"],
                      time_candidates=["ds_ring", "ds_ring long"]):
         cfg.update(vocab=512, hidden=64, intermediate=176, layers=1, cap_bytes=96 * 2**20, grid=128, max_runs=0,
                    warmup_seq_lens=[128], time_seq_lens=[256], warmup=0, repeat=1)
@@ -654,8 +634,8 @@ def main():
     if args.gpu:
         if not torch.cuda.is_available():
             p.error("--gpu needs a CUDA device")
-        if {DPO, DPO_TILE} & set(args.candidates):
-            p.error(f"--gpu: {DPO} and {DPO_TILE} run on the CPU ranks only (TRL's DPOConfig(use_cpu=True))")
+        if DPO in args.candidates:
+            p.error(f"--gpu: {DPO} runs on the CPU ranks only (TRL's DPOConfig(use_cpu=True))")
         cfg.update(LLAMA_1B, tied=args.tied, dtype="bfloat16", ds_config="zero3_offload.json", grid=16384,
                    warmup_seq_lens=[4096], time_seq_lens=[])
         calibration = {}
@@ -684,11 +664,11 @@ def main():
         if name in PLAN_OPTIONS:
             aims[name] = plan_for(name, plan_cfg, None, world, count_held=args.gpu,
                                   device_memory=device_memory or cfg["cap_bytes"]).longest_seq_len
-        elif name == DPO_TILE and (searches.get("ds_ring long", {}).get("longest") or args.sft_longest):
+        elif name == DPO and (searches.get("ds_ring long", {}).get("longest") or args.sft_longest):
             # a pair is two sequences of S (policy forward and backward on both, a reference forward): a little
             # under half of SFT's longest
             aims[name] = int(DPO_AIM * (searches.get("ds_ring long", {}).get("longest") or args.sft_longest))
-        elif name != DPO and "ds_ring long" in searches:
+        elif "ds_ring long" in searches:
             aims[name] = searches["ds_ring long"]["longest"]
         print(f"\n{name}: search (first aim {aims.get(name) or 'from the calibration line'})", flush=True)
         res = C.run_ranks(search_worker, world, (dict(cfg, aim={name: aims.get(name)}), name),
@@ -728,7 +708,7 @@ def main():
                      len(srch["runs"])])
     long_md = C.print_table(
         "Longest sequence by real steps (a length that fits and the shortest that did not), and ds_ring.plan's "
-        f"prediction ({DPO}, {DPO_TILE}: S is each sequence of the chosen/rejected pair)",
+        f"prediction ({DPO}: S is each sequence of the chosen/rejected pair)",
         ["candidate", "longest S that fits", "shortest S over", "step peak there (MiB)", "ds_ring.plan's longest",
          "plan / measured", "x ds_ring (off)", "x ds_ring long", "steps run"], rows)
     pv = []

@@ -30,6 +30,9 @@ from torch import nn
 from ..parallel.groups import SequenceParallel
 from ..parallel.sharding import gather_sequence
 from ..training.data import shard_batch
+from ..training.loss import LOSS_CHUNK_ELEMENTS
+from ..training.memory_switch import optimize_memory
+from ..training.model_state import MEMORY, state_of
 from .trainer import LossAdapter
 from .transformers import patch
 
@@ -43,8 +46,9 @@ class DPOAdapter(LossAdapter):
     Supported: a reference model given as ``ref_model=`` or loaded by TRL, or ``precompute_ref_log_probs=True`` (the
     precompute pass runs over the ring too); padded batches as TRL's ``DataCollatorForPreference`` makes them (chosen
     rows then rejected rows); DDP, ZeRO-2/3, DP x SP, gradient accumulation, the memory switch (``memory=``: its
-    chunked loss is not needed, TRL's fused LM head already never builds the logits; checkpointing, the tiled MLP
-    and offload apply to the policy). Refused at construction: ``compute_metrics`` (TRL recomputes full logits for
+    chunked loss is not needed, TRL's fused LM head already never builds the logits; checkpointing, the tiled MLP,
+    lean norms and offload apply to the policy, the tiled MLP and lean norms to the reference's forward, and TRL's
+    head tile is bounded to ds_ring's loss chunk, see ``setup``). Refused at construction: ``compute_metrics`` (TRL recomputes full logits for
     it), PEFT models, MoE router auxiliary losses. TRL 1.x has no padding-free DPO (``padding_free`` falls back to
     padding in TRL itself).
     """
@@ -77,12 +81,34 @@ class DPOAdapter(LossAdapter):
         return None if memory is None else {**memory, "chunked_loss": False}
 
     def setup(self, trainer, sp: SequenceParallel, segment_lengths, dilation_rates) -> None:
-        """After the mixin has patched the policy and made accelerate ring-aware."""
+        """After the mixin has patched the policy (and applied the memory switch) and made accelerate ring-aware.
+
+        With the memory switch on, what the policy's switch cannot reach is bounded too (measured with
+        ``benchmarks/bench_longest.py``'s DPO candidate, docs/performance.md section 10b: the longest pair at P=2,
+        ZeRO-3, 2 GiB went from 1,536 to 37,120 tokens per sequence with both):
+
+        - the reference model's forward runs while the policy holds its checkpoints, so its MLPs and norms get the
+          switch's tiled MLP and lean norms (nothing of it is kept for a backward: no checkpointing needed);
+        - TRL's fused LM head projects tiles of ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` tokens (4,096) by up
+          to 32,768 vocabulary columns, a module constant it reads in forward and backward, and without Triton (CPU)
+          makes several fp32 temporaries of a tile's size: over 4 GiB at a 32k vocabulary, whatever the length. The
+          tile is lowered to the rows of ds_ring's own chunked loss (``LOSS_CHUNK_ELEMENTS // V``), said on rank 0
+          and put back by ``ds_ring.unpatch`` / ``restore_memory`` of the policy.
+        """
         shard_fused_calls(trainer.model, sp)
+        policy = getattr(trainer.model, "module", trainer.model)
+        state = state_of(policy)
+        opts = getattr(state, "memory", None)
+        if opts is not None:
+            _bound_fused_head_tile(policy, state)
         if trainer.ref_model is not None:
             ref = getattr(trainer.ref_model, "module", trainer.ref_model)  # TRL wraps it in a DeepSpeed engine
             patch(ref, sp=sp, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
             shard_fused_calls(ref, sp)
+            if opts is not None and (opts.tiled_mlp or opts.lean_norms):
+                optimize_memory(ref, sp, checkpointing=False, chunked_loss=False, offload_checkpoints=False,
+                                tiled_mlp=opts.tiled_mlp, lean_norms=opts.lean_norms,
+                                mlp_chunk_tokens=opts.mlp_chunk_tokens)
         del trainer._precompute_ref_logps
         if trainer.args.precompute_ref_log_probs:  # what DPOTrainer.__init__ would have done, now over the ring
             args = trainer.args
@@ -105,6 +131,22 @@ class DPOAdapter(LossAdapter):
         from trl import DPOTrainer
 
         return DPOTrainer.prediction_step(trainer, model, inputs, prediction_loss_only, ignore_keys)
+
+
+def _bound_fused_head_tile(policy: nn.Module, state) -> None:
+    """Lower TRL's fused LM-head tile (tokens per projection) to ds_ring's loss chunk rows; see DPOAdapter.setup."""
+    import torch.distributed as dist
+    import trl.kernels.chunked_logprob as fused_head
+
+    rows = max(1, LOSS_CHUNK_ELEMENTS // policy.config.get_text_config().vocab_size)
+    before = fused_head.TOKEN_CHUNK_SIZE
+    if rows >= before:
+        return
+    state.swap(fused_head, "TOKEN_CHUNK_SIZE", rows, MEMORY)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"ds_ring memory switch (DPO): TRL's fused LM head projects {rows} tokens at a time instead of {before} "
+              "(trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE, ds_ring's loss chunk rows), so its tile temporaries "
+              "stay small", flush=True)
 
 
 def shard_fused_calls(model: nn.Module, sp: SequenceParallel) -> None:
