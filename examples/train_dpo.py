@@ -37,8 +37,8 @@ class ScriptArguments:
     layout: str = field(default="zigzag", metadata={"help": "sequence layout on a ring: zigzag or contiguous"})
     memory: str = field(default="off", metadata={"help": "long-sequence memory options (ds_ring.optimize_memory): "
                                                          "'off', 'long' or a comma list of checkpointing,tiled_mlp,"
-                                                         "offload_checkpoints,lean_norms (TRL's fused LM head already keeps no "
-                                                         "logits)"})
+                                                         "offload_checkpoints,lean_norms (TRL's fused LM head "
+                                                         "already keeps no logits)"})
     prompt_len: int = field(default=256, metadata={"help": "prompt words per pair"})
     key_len: int = field(default=4, metadata={"help": "key words (the chosen completion)"})
     train_samples: int = field(default=256)

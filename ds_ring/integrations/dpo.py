@@ -48,8 +48,8 @@ class DPOAdapter(LossAdapter):
     rows then rejected rows); DDP, ZeRO-2/3, DP x SP, gradient accumulation, the memory switch (``memory=``: its
     chunked loss is not needed, TRL's fused LM head already never builds the logits; checkpointing, the tiled MLP,
     lean norms and offload apply to the policy, the tiled MLP and lean norms to the reference's forward, and TRL's
-    head tile is bounded to ds_ring's loss chunk, see ``setup``). Refused at construction: ``compute_metrics`` (TRL recomputes full logits for
-    it), PEFT models, MoE router auxiliary losses. TRL 1.x has no padding-free DPO (``padding_free`` falls back to
+    head tile is bounded to ds_ring's loss chunk, see ``setup``). Refused at construction: ``compute_metrics`` (TRL
+    recomputes full logits for it), PEFT models, MoE router auxiliary losses. TRL 1.x has no padding-free DPO (``padding_free`` falls back to
     padding in TRL itself).
     """
 

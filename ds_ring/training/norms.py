@@ -51,8 +51,8 @@ _REFERENCE = "\n".join(line for line in _REFERENCE_FORWARD.strip().splitlines() 
 
 
 def is_llama_rms_norm(module: nn.Module) -> bool:
-    """True when ``module``'s forward is transformers' Llama RMSNorm forward (same text) and it has a ``weight`` tensor and
-    a float ``variance_epsilon`` (the weight's shape is not read: under ZeRO-3 it may be partitioned here)."""
+    """True when ``module``'s forward is transformers' Llama RMSNorm forward (same text) and it has a ``weight``
+    tensor and a float ``variance_epsilon`` (the weight's shape is not read: under ZeRO-3 it may be partitioned here)."""
     weight = getattr(module, "weight", None)
     return (isinstance(weight, torch.Tensor) and isinstance(getattr(module, "variance_epsilon", None), float)
             and _normalised_source(type(module).forward) == _REFERENCE)
