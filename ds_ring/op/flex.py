@@ -47,7 +47,7 @@ def mask_mod(pairs: AllowedPairs):
     Batch entry b is segment block g = b % G (the engine folds (B, G) into B * G, index b * G + g), so one BlockMask
     of batch G serves any B (FlexAttention reads the mask's batch modulo its size)."""
     q_pos, k_pos, G = pairs.q_pos, pairs.k_pos, pairs.q_pos.shape[0]
-    seg, causal, window = pairs.seg, pairs.causal, pairs.window
+    seg, causal, window, q_doc, k_doc = pairs.seg, pairs.causal, pairs.window, pairs.q_doc, pairs.k_doc
 
     def allowed(b, h, i, t):
         g = b % G if G > 1 else 0
@@ -59,6 +59,8 @@ def mask_mod(pairs: AllowedPairs):
             ok = ok & (kp <= qp)
         if window is not None:
             ok = ok & ((qp - kp) < window)
+        if q_doc is not None:  # a packed chunk's diagonal block: only pairs inside one document
+            ok = ok & (q_doc[g, i] == k_doc[g, t])
         return ok
 
     return allowed

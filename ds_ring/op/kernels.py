@@ -92,6 +92,43 @@ def causal_cut_rows(device: torch.device | str) -> tuple[int, int, int] | None:
 _FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+def _flex_takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """The CUDA Flex path's dtypes and head dims (block_path's table)."""
+    return dtype != torch.float64 and head_dim in _FLEX_HEAD_DIMS
+
+
+_fuse_override: tuple[bool | None] | None = None
+
+
+@contextlib.contextmanager
+def fuse_documents(enabled: bool | None):
+    """Use ``enabled`` (True: one piece per packed chunk's diagonal block with the document ids as a term; False:
+    one piece per document run; None: the table) instead of ``fused_documents``' choice inside the block, in this
+    process (tests, benchmarks/gpu_check.py's A/B)."""
+    global _fuse_override
+    old, _fuse_override = _fuse_override, (enabled,)
+    try:
+        yield
+    finally:
+        _fuse_override = old
+
+
+def fused_documents(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a packed chunk's diagonal block (a chunk's queries against its own keys, several documents) is ONE
+    piece carrying the chunk's document ids as a term of its mask (one fused Flex call whose BlockMask skips the
+    empty tiles between documents) rather than one piece per document run (one kernel call each): True where the
+    Flex path serves those blocks, i.e. on CUDA for the dtypes and head dims Flex takes, or when ``flex`` is forced.
+    The ``cpu`` path keeps the per-document pieces (contiguous row ranges, read as views: no mask at all), as do
+    ``flash`` and ``efficient`` when forced. Documents.schedule asks this once per forward, as the schedule asks
+    ``causal_cut_rows``."""
+    if _fuse_override is not None and _fuse_override[0] is not None:
+        return _fuse_override[0]
+    forced = forced_path()
+    if forced is not None:
+        return forced == "flex"
+    return torch.device(device).type == "cuda" and _flex_takes(dtype, head_dim)
+
+
 def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor | None) -> str:
     """Which kernel serves one block: the single place where the choice is made.
 
@@ -139,7 +176,7 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     half = q.dtype in (torch.float16, torch.bfloat16)
     if half and q.shape[-1] % 8 == 0 and key_padding is None and not pairs.has_rowcol:
         return "flash"
-    if q.dtype != torch.float64 and q.shape[-1] in _FLEX_HEAD_DIMS:
+    if _flex_takes(q.dtype, q.shape[-1]):
         return "flex"
     return "efficient"
 
