@@ -15,6 +15,11 @@ run) sub-blocks that share a document, as contiguous row ranges (views, no per-e
 pattern, each block's pieces per pair and offset class, counted from the document's start); the schedule then
 skips steps with no work (no compute) and sends no rank needs (no traffic). A chunk's own runs, needed only for its
 diagonal blocks, are read on the owning rank.
+
+A chunk's block with itself holds one piece per run on the CPU path (views: cheap there). Where the Flex path
+serves it (``kernels.fused_documents``: CUDA, or Flex forced) and the pattern has no segments or dilation, it is
+ONE piece over the whole chunk carrying the runs' local document ids as a term of its mask (AllowedPairs,
+flex.mask_mod): one fused call instead of one per document. Blocks between two chunks are one piece either way.
 """
 
 from __future__ import annotations

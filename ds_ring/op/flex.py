@@ -1,12 +1,20 @@
 """The FlexAttention block path: one fused, block-sparse kernel for any block the plan makes.
 
-A block's facts (global positions of its rows and keys, segment length, causal, window; the G segment blocks
-batched along the batch dimension) become ONE ``mask_mod``; its ``BlockMask`` (which 128 x 128 tiles are empty,
-full or partial) is made once per (block, batch size, device) and kept on the block's ``AllowedPairs``, which the
-plan holds: never per call or step. The key-padding mask is data, not structure: a padded call uses the cached
-tile structure without full tiles and a mask_mod that also reads the padding (a shallow copy per call, no
-block-sparsity work). The dilation class of a head needs no term: the plan's pieces already gather one class's heads, rows
-and keys into dense sub-blocks (a rate r costs 1/r^2 of the dense FLOPs), and the kernel masks inside them.
+A block's facts (global positions of its rows and keys, segment length, causal, window, document ids; the G
+segment blocks batched along the batch dimension) become ONE ``mask_mod``; its ``BlockMask`` (which 128 x 128
+tiles are empty, full or partial) is made once per (block, batch size, device) and kept on the block's
+``AllowedPairs``, which the plan holds: never per call or step. The key-padding mask is data, not structure: a
+padded call uses the cached tile structure without full tiles and a mask_mod that also reads the padding (a shallow
+copy per call, no block-sparsity work).
+
+Packed documents: a chunk's block with itself is one piece whose mask compares the document ids of its rows and keys
+(``kernels.fused_documents``, documents.DocumentPieces), so a chunk of several documents is one fused call whose
+BlockMask skips the empty tiles between them, not one call per document. Document structure is data of the call:
+those pieces come from ``Documents.schedule``, built once per forward and reused by every layer and the backward,
+so their BlockMasks are made once per forward (per step of the training loop), never per step of the ring loop.
+The dilation class of a head needs no term: the plan's pieces already gather one class's heads, rows and keys into
+dense sub-blocks (a rate r costs 1/r^2 of the dense FLOPs), and the kernel masks inside them; under a dilated
+pattern packed rows keep one piece per document, each counting its classes from its own start.
 
 Forward returns out and the log-sum-exp in natural log (fp32; fp64 for fp64 inputs) for the ring's merge. The
 backward takes the rows' FINAL out and lse (after every block was merged), as the other block kernels do: it calls
