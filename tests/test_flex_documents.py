@@ -48,7 +48,8 @@ def _diagonal_pieces(world: int, layout: str, pattern: Pattern):
     termed, per_block, runs = 0, {}, {}
     for r in range(world):
         docs = _documents(ids, world, r, layout)
-        sched = docs.schedule(pattern, get_layout(layout), L, r, ids.shape[0], "cpu", 4, 0, torch.float32, 8)
+        sched = docs.schedule(pattern, get_layout(layout), L, r, ids.shape[0], "cpu", 4, 0, dtype=torch.float32,
+                              head_dim=8)
         for pc in sched.steps[0].pieces:
             termed += pc.q_doc is not None
             rows = torch.arange(L)[pc.q_idx] if pc.q_idx is not None else torch.arange(L)
@@ -113,7 +114,8 @@ CASES = {
 
 
 def _inputs(case, seed):
-    layout, causal, window, (hq, hkv), pad = case
+    hq, hkv = case[3]
+    pad = case[4]
     g = torch.Generator().manual_seed(seed)
     q, k, v, dout = (torch.randn(2, h, S, 8, generator=g) for h in (hq, hkv, hkv, hq))
     kpm = None
@@ -141,12 +143,12 @@ def _run(rank, world, cases, path, fuse):
             for i, case in enumerate(cases):
                 q, k, v, dout, kpm = _inputs(case, 100 * world + i)
                 layout, causal, window = case[:3]
-                shard = lambda t, dim: shard_sequence(t, dim, layout=layout)  # noqa: E731
-                ql, kl, vl = (shard(t, 2).requires_grad_() for t in (q, k, v))
-                out = ds_ring.ring_dilated_attention(ql, kl, vl, causal=causal, window=window, layout=layout,
-                                                     key_padding_mask=None if kpm is None else shard(kpm, 1),
-                                                     document_ids=shard(_ids(), 1))
-                out.backward(shard(dout, 2))
+                ql, kl, vl = (shard_sequence(t, 2, layout=layout).requires_grad_() for t in (q, k, v))
+                out = ds_ring.ring_dilated_attention(
+                    ql, kl, vl, causal=causal, window=window, layout=layout,
+                    key_padding_mask=None if kpm is None else shard_sequence(kpm, 1, layout=layout),
+                    document_ids=shard_sequence(_ids(), 1, layout=layout))
+                out.backward(shard_sequence(dout, 2, layout=layout))
                 results.append([t.detach() for t in (out, ql.grad, kl.grad, vl.grad)])
     finally:
         engine._allowed_pairs = original

@@ -95,8 +95,7 @@ class Documents:
         return errs[:3]
 
     def schedule(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device,
-                 num_heads: int = 1, head_base: int = 0, dtype: torch.dtype = torch.float32,
-                 head_dim: int = 64) -> Schedule:
+                 num_heads: int = 1, head_base: int = 0, *, dtype: torch.dtype, head_dim: int) -> Schedule:
         """This rank's schedule under the documents and ``pattern`` (segments and dilation count from each
         document's start); built once per forward (every layer reuses it, the backward too, with the AllowedPairs
         and Flex BlockMasks its pieces keep: structure per forward, never per step of the ring loop).
@@ -183,8 +182,8 @@ class DocumentPieces:
                         yield ((qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n),
                                self._run_starts[src, ki, b][1], None)
                 elif q[1] == k[0]:  # keys after queries: the queries' last run, the keys' first
-                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2]), self._run_starts[dst, qi, b][1], \
-                        None
+                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2]), \
+                        self._run_starts[dst, qi, b][1], None
 
     def pieces(self, dst: int, src: int) -> tuple[Piece, ...]:
         pattern, world = self.pattern, self.world_size
