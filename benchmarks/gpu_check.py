@@ -9,7 +9,9 @@
    memory-efficient kernel forced. Each row records which paths served its blocks.
 2. Dense: the block path (flash) vs scaled_dot_product_attention with the flash backend, bf16, D=128; padded rows
    (Flex) on the same shapes.
-3. Padded and packed batches vs their documents/rows alone through dense flash (target <= 1.25x).
+3. Padded and packed batches vs their documents/rows alone through dense flash (target <= 1.25x); a packed batch
+   of 8 documents per row through the Flex path with the document ids as a term of its mask (one call per chunk's
+   diagonal block) and through one flash call per document, against its documents alone.
 4. Dilated patterns vs dense at the same S: time ratio over the fraction f of attended pairs (target <= 1.5 f).
 5. A patched tiny Llama's training step (forward, backward, SGD step), padded batch, under
    torch.cuda.set_sync_debug_mode("error"): no host sync.
@@ -243,6 +245,47 @@ def packed_timings(dev, dtype, S):
                 target_ratio=1.25)
 
 
+def packed_batch_timings(dev, dtype, S, per_row=8):
+    """A packed batch (2 rows of ``per_row`` documents each, causal) through the table's path (on CUDA: each chunk's
+    diagonal block ONE Flex call with the document ids as a term, kernels.fused_documents) and through one piece
+    per document (kernels.fuse_documents(False): flash per document), against its documents alone through dense
+    flash (target <= 1.25x)."""
+    B, H, D = 2, 16, 128
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(B):  # per_row documents of random lengths, multiples of 8 tokens
+        cuts = torch.randperm(S // 8 - 1, generator=g)[: per_row - 1].sort().values + 1
+        edges = torch.cat([torch.tensor([0]), cuts * 8, torch.tensor([S])])
+        rows.append(edges.diff())
+    ids = torch.stack([torch.repeat_interleave(torch.arange(per_row), n) for n in rows]).to(dev)
+    spans = [(b, a, e) for b, n in enumerate(rows)
+             for a, e in zip([0] + n.cumsum(0)[:-1].tolist(), n.cumsum(0).tolist())]
+    q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=i < 3) for i in range(4))
+
+    def packed():
+        ds_ring.ring_dilated_attention(q, k, v, causal=True, document_ids=ids, local=True).backward(do)
+
+    def per_document():
+        with kernels.fuse_documents(False):
+            packed()
+
+    def alone():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            for b, a, e in spans:
+                F.scaled_dot_product_attention(q[b:b + 1, :, a:e], k[b:b + 1, :, a:e], v[b:b + 1, :, a:e],
+                                               is_causal=True).backward(do[b:b + 1, :, a:e])
+
+    t, first, paths = {}, {}, {}
+    for name, fn in (("alone", alone), ("fused", packed), ("per_document", per_document)):
+        with served_paths() as served:
+            t[name], first[name] = timed(fn, dev)
+        paths[name] = dict(served)
+    return dict(S=S, batch=B, documents_per_row=per_row, lengths=[n.tolist() for n in rows],
+                **{f"{k}_ms": x for k, x in t.items()}, first_call_ms=first, paths=paths,
+                fused_ratio=t["fused"] / t["alone"], per_document_ratio=t["per_document"] / t["alone"],
+                target_ratio=1.25)
+
+
 def dilated_timings(dev, dtype, S, causals, deadline):
     rows = []
     B, H, D = 1, 16, 128
@@ -336,6 +379,7 @@ def main():
     res["correctness"] = correctness(dev, S_corr, paths, dtypes, deadline=0.45 * a.budget_s)
     for key, fn in (("no_sync_step", lambda: no_sync_step(dev, dtype, step_len)),
                     ("packed", lambda: packed_timings(dev, dtype, seq)),
+                    ("packed_batch", lambda: packed_batch_timings(dev, dtype, seq)),
                     ("kernel", lambda: kernel_timings(dev, dtype, sizes, a.budget_s)),
                     ("dilated", lambda: dilated_timings(dev, dtype, seq, causals, a.budget_s))):
         if elapsed() > a.budget_s:

@@ -223,7 +223,7 @@ def _ring(q, k, v, kpm, pattern: Pattern, lay: Layout, facts: RingFacts, rank: i
     if facts.documents is not None:
         # segments and dilation classes count from each document's start (documents.DocumentPieces)
         schedule = facts.documents.schedule(pattern, lay, k.shape[2], rank, q.shape[0], q.device, q.shape[1],
-                                            head_base)
+                                            head_base, dtype=q.dtype, head_dim=q.shape[-1])
     else:
         source = pattern.pieces(lay, k.shape[2], facts.world_size, q.shape[1], q_len=q.shape[2],
                                 head_base=head_base)

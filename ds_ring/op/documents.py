@@ -15,6 +15,11 @@ run) sub-blocks that share a document, as contiguous row ranges (views, no per-e
 pattern, each block's pieces per pair and offset class, counted from the document's start); the schedule then
 skips steps with no work (no compute) and sends no rank needs (no traffic). A chunk's own runs, needed only for its
 diagonal blocks, are read on the owning rank.
+
+A chunk's block with itself holds one piece per run on the CPU path (views: cheap there). Where the Flex path
+serves it (``kernels.fused_documents``: CUDA, or Flex forced) and the pattern has no segments or dilation, it is
+ONE piece over the whole chunk carrying the runs' local document ids as a term of its mask (AllowedPairs,
+flex.mask_mod): one fused call instead of one per document. Blocks between two chunks are one piece either way.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from .layouts import Layout
 from .pattern import Pattern, class_pieces
+from .kernels import causal_cut_rows, fused_documents
 from .schedule import Piece, Schedule, build_schedule, make_piece, offset_rows
 
 Bound = tuple[int, int, int, int]  # first id, last id, first run length, last run length
@@ -89,13 +95,18 @@ class Documents:
         return errs[:3]
 
     def schedule(self, pattern: Pattern, lay: Layout, local_len: int, rank: int, batch: int, device,
-                 num_heads: int = 1, head_base: int = 0) -> Schedule:
+                 num_heads: int = 1, head_base: int = 0, *, dtype: torch.dtype, head_dim: int) -> Schedule:
         """This rank's schedule under the documents and ``pattern`` (segments and dilation count from each
-        document's start); built once per forward (every layer reuses it). ``num_heads``/``head_base``: the local
-        query heads and the global index of the first (dilation offsets count global heads)."""
-        key = (pattern, lay, local_len, rank, batch, str(device), num_heads, head_base)
+        document's start); built once per forward (every layer reuses it, the backward too, with the AllowedPairs
+        and Flex BlockMasks its pieces keep: structure per forward, never per step of the ring loop).
+        ``num_heads``/``head_base``: the local query heads and the global index of the first (dilation offsets count
+        global heads). ``dtype``/``head_dim``: the query's, for ``kernels.fused_documents`` (whether a chunk's
+        diagonal block is one piece with a document term)."""
+        fused = fused_documents(device, dtype, head_dim)
+        key = (pattern, lay, local_len, rank, batch, str(device), num_heads, head_base, fused,
+               causal_cut_rows(device))  # the cut too: a forced path gets its own
         if key not in self._schedules:
-            source = DocumentPieces(self, pattern, lay, local_len, batch, num_heads, head_base)
+            source = DocumentPieces(self, pattern, lay, local_len, batch, num_heads, head_base, fused)
             self._schedules[key] = build_schedule(source, rank, device)
         return self._schedules[key]
 
@@ -104,7 +115,14 @@ class Documents:
 class DocumentPieces:
     """The pieces of packed rows (a source of pieces, see schedule.py): per batch row, the (query run x key run)
     blocks that share a document, under ``pattern`` with its segments and dilation counted from the document's own
-    start, so every document gets exactly what it would get alone."""
+    start, so every document gets exactly what it would get alone.
+
+    ``fused`` (``kernels.fused_documents``: the Flex path serves the blocks): a chunk's diagonal block holding more
+    than one run is ONE piece over the whole chunk with the runs' local document ids as a term of its mask (one
+    Flex call; its BlockMask skips the empty tiles between documents), for patterns without segments or dilation
+    (dense, causal, window). Dilated and segmented patterns keep one piece per document run even then: their pieces
+    are each document's dilation classes gathered into dense sub-blocks counted from the document's own start,
+    which a term over the chunk's rows cannot express."""
 
     docs: Documents
     pattern: Pattern
@@ -113,6 +131,7 @@ class DocumentPieces:
     batch: int
     num_heads: int = 1
     head_base: int = 0
+    fused: bool = False
 
     @property
     def world_size(self) -> int:
@@ -138,9 +157,10 @@ class DocumentPieces:
         return starts
 
     def _blocks(self, dst: int, src: int, b: int):
-        """(query rows, key rows, document start) of rank ``dst``'s queries x rank ``src``'s keys that share a
-        document, batch row ``b``: local row ranges and the document's first global position. A chunk with itself:
-        its runs; two chunks: at most one shared document."""
+        """(query rows, key rows, document start, runs) of rank ``dst``'s queries x rank ``src``'s keys that share
+        a document, batch row ``b``: local row ranges, the document's first global position and None; or, for a
+        chunk's fused diagonal block, the whole chunk, None and its runs (the document term). A chunk with itself:
+        its runs (or the chunk, fused); two chunks: at most one shared document."""
         docs, lay, C = self.docs, self.layout, self.layout.chunks_per_rank
         n = self.local_len // C
         q_starts = [a for a, _ in lay.ranges(self.local_len, self.world_size, dst)]
@@ -148,29 +168,39 @@ class DocumentPieces:
         for qi in range(C):
             for ki in range(C):
                 if dst == src and qi == ki:
-                    for a, e in docs.runs[qi][b]:
+                    runs = docs.runs[qi][b]
+                    if self.fused and len(runs) > 1 and not self.pattern.has_segments:
+                        yield (qi * n, qi * n + n), (ki * n, ki * n + n), None, runs
+                        continue
+                    for a, e in runs:
                         start = self._run_starts[dst, qi, b][0] if a == 0 else q_starts[qi] + a
-                        yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e), start
+                        yield (qi * n + a, qi * n + e), (ki * n + a, ki * n + e), start, None
                     continue
                 q, k = docs.bounds[dst][qi][b], docs.bounds[src][ki][b]
                 if k_starts[ki] < q_starts[qi]:  # keys before queries: the keys' last run, the queries' first
                     if k[1] == q[0]:
                         yield ((qi * n, qi * n + q[2]), ((ki + 1) * n - k[3], (ki + 1) * n),
-                               self._run_starts[src, ki, b][1])
+                               self._run_starts[src, ki, b][1], None)
                 elif q[1] == k[0]:  # keys after queries: the queries' last run, the keys' first
-                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2]), self._run_starts[dst, qi, b][1]
+                    yield ((qi + 1) * n - q[3], (qi + 1) * n), (ki * n, ki * n + k[2]), \
+                        self._run_starts[dst, qi, b][1], None
 
     def pieces(self, dst: int, src: int) -> tuple[Piece, ...]:
         pattern, world = self.pattern, self.world_size
         q_pos, k_pos = (self.layout.positions(self.local_len, world, r) for r in (dst, src))
         out = []
         for b in range(self.batch):
-            for (q0, q1), (k0, k1), start in self._blocks(dst, src, b):
+            for (q0, q1), (k0, k1), start, runs in self._blocks(dst, src, b):
                 qp, kp = q_pos[q0:q1], k_pos[k0:k1]
                 first_q, last_q, first_k, last_k = int(qp[0]), int(qp[-1]), int(kp[0]), int(kp[-1])  # host tensors
                 if (pattern.causal and first_k > last_q
                         or pattern.window is not None and first_q - last_k >= pattern.window):
                     continue  # no allowed pair (positions increase inside a run)
+                if runs is not None:  # a chunk's diagonal block, fused: its runs' local ids as a term
+                    ids = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor([e - a for a, e in runs]))
+                    out.append(make_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None,
+                                          pattern.causal, pattern.window, b, docs=(ids[None], ids[None])))
+                    continue
                 if not pattern.has_segments:  # the whole block: two runs, read as views
                     out.append(make_piece(0, 1, slice(q0, q1), slice(k0, k1), qp[None], kp[None], None,
                                           pattern.causal, pattern.window, b))

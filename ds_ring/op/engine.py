@@ -98,11 +98,11 @@ def _rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
 
 
 def _allowed_pairs(piece: Piece) -> AllowedPairs:
-    """What the kernel masks in one piece's block (positions: causal, window, segments), made once and kept with the
-    piece (so with the schedule), with what kernels derive from it (the Flex BlockMask)."""
+    """What the kernel masks in one piece's block (positions: causal, window, segments; document ids), made once and
+    kept with the piece (so with the schedule), with what kernels derive from it (the Flex BlockMask)."""
     if "pairs" not in piece.kernel_cache:
         piece.kernel_cache["pairs"] = AllowedPairs(piece.q_pos, piece.k_pos, piece.seg, piece.causal, piece.window,
-                                                   piece.causal_diag)
+                                                   piece.causal_diag, piece.q_doc, piece.k_doc)
     return piece.kernel_cache["pairs"]
 
 

@@ -1,12 +1,20 @@
 """The FlexAttention block path: one fused, block-sparse kernel for any block the plan makes.
 
-A block's facts (global positions of its rows and keys, segment length, causal, window; the G segment blocks
-batched along the batch dimension) become ONE ``mask_mod``; its ``BlockMask`` (which 128 x 128 tiles are empty,
-full or partial) is made once per (block, batch size, device) and kept on the block's ``AllowedPairs``, which the
-plan holds: never per call or step. The key-padding mask is data, not structure: a padded call uses the cached
-tile structure without full tiles and a mask_mod that also reads the padding (a shallow copy per call, no
-block-sparsity work). The dilation class of a head needs no term: the plan's pieces already gather one class's heads, rows
-and keys into dense sub-blocks (a rate r costs 1/r^2 of the dense FLOPs), and the kernel masks inside them.
+A block's facts (global positions of its rows and keys, segment length, causal, window, document ids; the G
+segment blocks batched along the batch dimension) become ONE ``mask_mod``; its ``BlockMask`` (which 128 x 128
+tiles are empty, full or partial) is made once per (block, batch size, device) and kept on the block's
+``AllowedPairs``, which the plan holds: never per call or step. The key-padding mask is data, not structure: a
+padded call uses the cached tile structure without full tiles and a mask_mod that also reads the padding (a shallow
+copy per call, no block-sparsity work).
+
+Packed documents: a chunk's block with itself is one piece whose mask compares the document ids of its rows and keys
+(``kernels.fused_documents``, documents.DocumentPieces), so a chunk of several documents is one fused call whose
+BlockMask skips the empty tiles between them, not one call per document. Document structure is data of the call:
+those pieces come from ``Documents.schedule``, built once per forward and reused by every layer and the backward,
+so their BlockMasks are made once per forward (per step of the training loop), never per step of the ring loop.
+The dilation class of a head needs no term: the plan's pieces already gather one class's heads, rows and keys into
+dense sub-blocks (a rate r costs 1/r^2 of the dense FLOPs), and the kernel masks inside them; under a dilated
+pattern packed rows keep one piece per document, each counting its classes from its own start.
 
 Forward returns out and the log-sum-exp in natural log (fp32; fp64 for fp64 inputs) for the ring's merge. The
 backward takes the rows' FINAL out and lse (after every block was merged), as the other block kernels do: it calls
@@ -47,7 +55,7 @@ def mask_mod(pairs: AllowedPairs):
     Batch entry b is segment block g = b % G (the engine folds (B, G) into B * G, index b * G + g), so one BlockMask
     of batch G serves any B (FlexAttention reads the mask's batch modulo its size)."""
     q_pos, k_pos, G = pairs.q_pos, pairs.k_pos, pairs.q_pos.shape[0]
-    seg, causal, window = pairs.seg, pairs.causal, pairs.window
+    seg, causal, window, q_doc, k_doc = pairs.seg, pairs.causal, pairs.window, pairs.q_doc, pairs.k_doc
 
     def allowed(b, h, i, t):
         g = b % G if G > 1 else 0
@@ -59,6 +67,8 @@ def mask_mod(pairs: AllowedPairs):
             ok = ok & (kp <= qp)
         if window is not None:
             ok = ok & ((qp - kp) < window)
+        if q_doc is not None:  # a packed chunk's diagonal block: only pairs inside one document
+            ok = ok & (q_doc[g, i] == k_doc[g, t])
         return ok
 
     return allowed

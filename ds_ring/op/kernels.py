@@ -8,7 +8,8 @@ Which kernel serves a block is decided in one place, ``block_path`` (its docstri
 memory-efficient paths build masks from global positions (segment, causal, window) and the key-padding mask, tile
 by tile over query rows, so no (M x N) mask is materialised for large blocks; blocks with no row/column constraint
 pass no mask or a broadcast (B, 1, 1, N) padding mask, and the causal diagonal block uses the kernel's causal flag.
-The Flex path (flex.py) turns the same facts into one mask_mod and a cached BlockMask.
+The Flex path (flex.py) turns the same facts, document ids included, into one mask_mod and a cached BlockMask;
+``fused_documents`` says when a packed chunk's diagonal block is one piece with a document term for it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,43 @@ def causal_cut_rows(device: torch.device | str) -> tuple[int, int, int] | None:
 _FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+def _flex_takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """The CUDA Flex path's dtypes and head dims (block_path's table)."""
+    return dtype != torch.float64 and head_dim in _FLEX_HEAD_DIMS
+
+
+_fuse_override: tuple[bool | None] | None = None
+
+
+@contextlib.contextmanager
+def fuse_documents(enabled: bool | None):
+    """Use ``enabled`` (True: one piece per packed chunk's diagonal block with the document ids as a term; False:
+    one piece per document run; None: the table) instead of ``fused_documents``' choice inside the block, in this
+    process (tests, benchmarks/gpu_check.py's A/B)."""
+    global _fuse_override
+    old, _fuse_override = _fuse_override, (enabled,)
+    try:
+        yield
+    finally:
+        _fuse_override = old
+
+
+def fused_documents(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a packed chunk's diagonal block (a chunk's queries against its own keys, several documents) is ONE
+    piece carrying the chunk's document ids as a term of its mask (one fused Flex call whose BlockMask skips the
+    empty tiles between documents) rather than one piece per document run (one kernel call each): True where the
+    Flex path serves those blocks, i.e. on CUDA for the dtypes and head dims Flex takes, or when ``flex`` is forced.
+    The ``cpu`` path keeps the per-document pieces (contiguous row ranges, read as views: no mask at all), as do
+    ``flash`` and ``efficient`` when forced. Documents.schedule asks this once per forward, as the schedule asks
+    ``causal_cut_rows``."""
+    if _fuse_override is not None and _fuse_override[0] is not None:
+        return _fuse_override[0]
+    forced = forced_path()
+    if forced is not None:
+        return forced == "flex"
+    return torch.device(device).type == "cuda" and _flex_takes(dtype, head_dim)
+
+
 def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor | None) -> str:
     """Which kernel serves one block: the single place where the choice is made.
 
@@ -101,10 +139,19 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     CPU         any                    any (masks tiled over query rows)                           ``cpu``
     CUDA        fp16 / bf16, D % 8 = 0  dense or causal diagonal, no key padding                   ``flash``
     CUDA        fp16 / bf16 / fp32,    anything else: key padding, segment, window, causal         ``flex``
-                D in 16..256 (2^k)     off-diagonal (documents and dilation classes are pieces)
+                D in 16..256 (2^k)     off-diagonal, a packed chunk's diagonal block with its
+                                       document ids as a term (dilation classes are pieces)
     CUDA        fp64, other D          anything flash does not take                                ``efficient``
     any         any                    ``DS_RING_KERNEL=flex`` or ``force_path("flex")``           ``flex``
     ==========  =====================  ==========================================================  ============
+
+    Packed documents (``fused_documents`` decides, from the same facts, before the schedule is built): where Flex
+    serves a chunk's block with itself, that block is ONE piece over the chunk whose mask compares the runs'
+    document ids (one fused call, the BlockMask skipping the empty tiles between documents); elsewhere (the ``cpu``
+    path, fp64 / other D on CUDA, a forced ``flash`` / ``efficient``) one piece per document run, a dense or causal
+    diagonal block (views on the CPU, ``flash`` on CUDA). Dilated and segmented patterns always keep per-document
+    pieces (each document's dilation classes gathered from its own start). Blocks between two chunks share at most
+    one document: one piece, no term.
 
     Causal diagonal blocks, cut or not (``causal_cut_rows``: the schedule cuts them into their causal halves plus the
     dense off-diagonal quarter, schedule.cut_causal_diagonals):
@@ -119,7 +166,8 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
                    blocks run faster at S=8192 (docs/performance.md, section 2); blocks of 2048 rows measured no
                    faster cut, gathered blocks of 1024 rows slower (each level gathers their rows again)
     ``flash``      none: the CUDA kernel skips causal tiles of its own (128 rows or fewer)
-    ``flex``       none: the BlockMask skips 128 x 128 blocks above the diagonal
+    ``flex``       none: the BlockMask skips 128 x 128 blocks above the diagonal (a document-termed piece is never
+                   a causal diagonal: never cut on any path)
     ``efficient``  none: fp64 / odd head dims only, not timed
     =============  =============================================================================================
 
@@ -139,7 +187,7 @@ def block_path(q: torch.Tensor, pairs: AllowedPairs, key_padding: torch.Tensor |
     half = q.dtype in (torch.float16, torch.bfloat16)
     if half and q.shape[-1] % 8 == 0 and key_padding is None and not pairs.has_rowcol:
         return "flash"
-    if q.dtype != torch.float64 and q.shape[-1] in _FLEX_HEAD_DIMS:
+    if _flex_takes(q.dtype, q.shape[-1]):
         return "flex"
     return "efficient"
 

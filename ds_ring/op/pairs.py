@@ -27,11 +27,16 @@ class AllowedPairs:
     causal: bool = False  # k_pos <= q_pos
     window: int | None = None  # q_pos - k_pos < window
     causal_diag: bool = False  # q_pos == k_pos and sorted: the kernel's top-left causal flag is exact
+    # compare q_doc == k_doc: document ids (G, M) and (G, N) of a packed chunk's diagonal block made one piece
+    # (documents.DocumentPieces, kernels.fused_documents); None: every pair shares a document
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def has_rowcol(self) -> bool:
-        return self.seg is not None or self.window is not None or (self.causal and not self.causal_diag)
+        return (self.seg is not None or self.window is not None or (self.causal and not self.causal_diag)
+                or self.q_doc is not None)
 
     def allowed(self, rows: slice, batch: int, key_padding: torch.Tensor | None) -> torch.Tensor:
         """(batch or 1, 1, Mt, N) bool for query rows ``rows``; ``batch`` = B * G; ``key_padding`` (B * G, N)."""
@@ -43,6 +48,8 @@ class AllowedPairs:
             ok &= kp <= qp
         if self.window is not None:
             ok &= (qp - kp) < self.window
+        if self.q_doc is not None:
+            ok &= self.q_doc[:, rows, None] == self.k_doc[:, None, :]
         G = ok.shape[0]
         if G == 1 and key_padding is None:
             return ok[:, None]

@@ -37,6 +37,9 @@ class Piece:
     ``q_sub``/``k_sub`` = (a, b, m): the rows of ``q_idx``/``k_idx`` form G blocks of m rows and the piece reads rows
     [a, b) of each (a part of a cut causal block, cut_causal_diagonals), read as strided views; positions hold those
     rows only. ``None``: all rows.
+    ``q_doc``/``k_doc``: document ids (G, rows) of the query and key rows when the piece is a packed chunk's whole
+    diagonal block (documents.DocumentPieces under ``kernels.fused_documents``): only pairs with equal ids interact,
+    a term of the piece's mask; ``None``: every pair shares a document (each other piece of packed rows).
     ``kernel_cache``: what the kernels derive from the piece once (its AllowedPairs, the Flex BlockMask): kept with
     the schedule, never rebuilt per call; a replaced piece starts empty.
     """
@@ -55,18 +58,28 @@ class Piece:
     batch: int | None = None
     q_sub: tuple[int, int, int] | None = None
     k_sub: tuple[int, int, int] | None = None
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
     kernel_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
-def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None) -> Piece:
+def make_piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, batch: int | None = None,
+               docs: tuple[torch.Tensor, torch.Tensor] | None = None) -> Piece:
     """A piece with the constraints that cannot bite on it dropped, so the kernel can skip the mask. Positions are
-    host tensors here (schedules are built on the host and moved to the device once)."""
+    host tensors here (schedules are built on the host and moved to the device once). ``docs``: (q_doc, k_doc)
+    document ids shaped like the positions, or None."""
     q_idx, k_idx = (_compact(i) if isinstance(i, torch.Tensor) else i for i in (q_idx, k_idx))
     causal = causal and bool((k_pos.amax(1) > q_pos.amin(1)).any())
     if window is not None and not bool((q_pos.amax(1) - k_pos.amin(1) >= window).any()):
         window = None
-    diag = causal and window is None and seg is None and torch.equal(q_pos, k_pos)
-    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch)
+    if docs is not None and bool((docs[0] == docs[0][:, :1]).all() & (docs[1] == docs[0][:, :1]).all()):
+        docs = None  # one document on both sides: every pair shares it
+    q_doc, k_doc = docs if docs is not None else (None, None)
+    # with a document term the kernel's causal flag alone is not exact: such a piece is never a causal diagonal
+    # (so the CPU path's causal cut never cuts it, and the kernels read its mask)
+    diag = causal and window is None and seg is None and docs is None and torch.equal(q_pos, k_pos)
+    return Piece(start, step, q_idx, k_idx, q_pos, k_pos, seg, causal, window, diag, q_pos.shape[0], batch,
+                 q_doc=q_doc, k_doc=k_doc)
 
 
 def _row_index(idx: torch.Tensor | slice | None, n: int) -> torch.Tensor:
@@ -134,7 +147,9 @@ def cut_causal_diagonals(pieces: Sequence[Piece], rows: tuple[int, int, int] | N
     a causal block of <= 512 rows as the full square; cut, each level computes only its quarter unmasked, so the
     block costs about 1/2 + min_rows / (2 m) of the square. The parts are ordinary pieces (equal blocks batched in
     one call) merged by log-sum-exp like any other, and each gets its exact gradients from the final out and lse.
-    The diagonal parts come first, so a piece over every row still serves as the accumulator."""
+    The diagonal parts come first, so a piece over every row still serves as the accumulator. A piece with a
+    document term (a packed chunk's whole diagonal block, for the Flex path) is never a causal diagonal
+    (``make_piece``), so it is never cut: its mask, documents included, is what the kernel reads."""
     if rows is None:
         return tuple(pieces)
     lo, hi, hi_gathered = rows
@@ -171,21 +186,30 @@ def _indexed(pc: Piece) -> Piece:
 def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     """The parts of ``piece`` whose key rows lie in [lo, hi) of the source shard, indexed from ``lo``.
 
-    Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own.
+    Segments wholly inside stay batched; a segment cut by the bound becomes a piece of its own. Document ids (a
+    packed chunk's diagonal piece) follow their rows.
     """
     if piece.q_sub is not None or piece.k_sub is not None:
         piece = _indexed(piece)
+    q_doc, k_doc = piece.q_doc, piece.k_doc
+
+    def docs(q_rows, k_rows):  # the document ids of the part's (query, key) rows of the piece's blocks
+        return None if q_doc is None else (q_doc[q_rows], k_doc[k_rows])
+
+    every = slice(None)
     if isinstance(piece.k_idx, slice) and piece.k_idx.step is None and piece.groups == 1:  # one contiguous run
         a, e = max(piece.k_idx.start, lo), min(piece.k_idx.stop, hi)
         if a >= e:
             return []
-        kp = piece.k_pos[:, a - piece.k_idx.start : e - piece.k_idx.start]
-        return [make_piece(piece.head_start, piece.head_step, piece.q_idx, slice(a - lo, e - lo), piece.q_pos, kp,
-                       piece.seg, piece.causal, piece.window, piece.batch)]
+        cols = (every, slice(a - piece.k_idx.start, e - piece.k_idx.start))
+        return [make_piece(piece.head_start, piece.head_step, piece.q_idx, slice(a - lo, e - lo), piece.q_pos,
+                           piece.k_pos[cols], piece.seg, piece.causal, piece.window, piece.batch,
+                           docs(every, cols))]
     G = piece.groups
     if piece.k_idx is None and G == 1:  # every key row: the part's rows are the range itself (sliced by the caller)
-        return [make_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[:, lo:hi],
-                       piece.seg, piece.causal, piece.window, piece.batch)]
+        cols = (every, slice(lo, hi))
+        return [make_piece(piece.head_start, piece.head_step, piece.q_idx, None, piece.q_pos, piece.k_pos[cols],
+                           piece.seg, piece.causal, piece.window, piece.batch, docs(every, cols))]
     k_idx = _row_index(piece.k_idx, piece.k_pos.numel()).view(G, -1)
     q_idx = _row_index(piece.q_idx, piece.q_pos.numel()).view(G, -1)
     inside = (k_idx >= lo) & (k_idx < hi)
@@ -197,13 +221,14 @@ def restrict_keys(piece: Piece, lo: int, hi: int) -> list[Piece]:
     if bool(whole.any()):
         every_row = piece.q_idx is None and bool(whole.all())
         out.append(make_piece(*args, None if every_row else q_idx[whole].reshape(-1),
-                          (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
-                          piece.causal, piece.window, piece.batch))
+                              (k_idx[whole] - lo).reshape(-1), piece.q_pos[whole], piece.k_pos[whole], piece.seg,
+                              piece.causal, piece.window, piece.batch, docs(whole, whole)))
     for g in cut.nonzero().flatten().tolist():
         keep = inside[g]
         q_rows = None if piece.q_idx is None and G == 1 else q_idx[g]
         out.append(make_piece(*args, q_rows, k_idx[g][keep] - lo, piece.q_pos[g : g + 1],
-                          piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window, piece.batch))
+                              piece.k_pos[g : g + 1, keep], piece.seg, piece.causal, piece.window, piece.batch,
+                              docs(slice(g, g + 1), (slice(g, g + 1), keep))))
     return out
 
 
@@ -299,7 +324,8 @@ def _make_step(index: int, source: int | None, dest: int | None, ours: Sequence[
 def _to_device(st: Step, device: str) -> Step:
     """``st`` with its pieces' index and position tensors on ``device`` (schedules are built on the host)."""
     def move(pc: Piece) -> Piece:
-        return dataclasses.replace(pc, **{f: getattr(pc, f).to(device) for f in ("q_idx", "k_idx", "q_pos", "k_pos")
+        return dataclasses.replace(pc, **{f: getattr(pc, f).to(device)
+                                          for f in ("q_idx", "k_idx", "q_pos", "k_pos", "q_doc", "k_doc")
                                           if isinstance(getattr(pc, f), torch.Tensor)})
 
     parts = tuple(dataclasses.replace(kp, pieces=tuple(map(move, kp.pieces))) for kp in st.key_parts)
