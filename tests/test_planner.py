@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -146,15 +147,23 @@ def test_zero3_release_and_kernel_constants():
     """The memory switch's ZeRO-3 release: the config keys it sets (stage 3 only), the plan's gathered parameters
     under it (the LM head at the loss, one layer in backward, instead of the whole model), and the kernel constants
     the plan names."""
-    from ds_ring.integrations.deepspeed import RELEASE_AFTER_USE, release_gathered_parameters
+    from ds_ring.integrations.deepspeed import release_gathered_parameters
 
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48 + 8 * random.randrange(4),
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())  # counted here from the weights' shapes
     z3 = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7}}
-    changed = release_gathered_parameters(z3)
-    assert set(changed) == set(RELEASE_AFTER_USE) and changed["stage3_prefetch_bucket_size"][0] == 5e7
-    assert all(z3["zero_optimization"][k] == v for k, v in RELEASE_AFTER_USE.items())
-    assert release_gathered_parameters(z3) == {}  # already set: nothing to say
+    changed = release_gathered_parameters(z3, model)
+    assert changed == {"stage3_prefetch_bucket_size": (5e7, 0),
+                       "stage3_max_reuse_distance": ("DeepSpeed's default", 2 * layer)}
+    assert z3["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 0,
+                                       "stage3_max_reuse_distance": 2 * layer}
+    assert release_gathered_parameters(z3, model) == {}  # already set: nothing to say
+    bare = {"zero_optimization": {"stage": 3}}  # a model naming no decoder layer: released after every use
+    assert release_gathered_parameters(bare, torch.nn.Linear(2, 2))["stage3_max_reuse_distance"][1] == 0
     z2 = {"zero_optimization": {"stage": 2}}
-    assert release_gathered_parameters(z2) == {} and z2 == {"zero_optimization": {"stage": 2}}
+    assert release_gathered_parameters(z2, model) == {} and z2 == {"zero_optimization": {"stage": 2}}
 
     cfg, S = SHAPES["untied, h=96"]
     shape = ModelShape.from_config(cfg)

@@ -200,24 +200,37 @@ def gradient_factor(config: dict, sp: SequenceParallel) -> float:
     return loss_factor(sp, averaged_over)
 
 
-# What the memory switch sets in a ZeRO-3 config: release every gathered parameter right after the module that used
-# it, and fetch none ahead. Why: with a stable module trace (ds_ring's step calls the same modules in the same order
-# every step) ZeRO-3 keeps a parameter gathered while its next use is within stage3_max_reuse_distance (default 10^9
-# elements: for most models, the whole step) and prefetches stage3_prefetch_bucket_size elements ahead. Measured
-# (benchmarks/bench_timeline.py, P=2, 16k tokens): that kept 210 MiB per rank of gathered parameters through the step
-# peak that DeepSpeed ALST does not hold (its trace is invalidated every step, so DeepSpeed releases after each use).
-# The cost: each layer's parameters are gathered again for its backward, as ZeRO-3 does for any model over the limit.
-RELEASE_AFTER_USE = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
+# What the memory switch sets in a ZeRO-3 config: release every gathered parameter once its module's next use is more
+# than two decoder layers' parameters away in the step's module trace, and fetch none ahead. Why: with a stable module
+# trace (ds_ring's step calls the same modules in the same order every step) ZeRO-3 keeps a parameter gathered while
+# its next use is within stage3_max_reuse_distance (default 10^9 elements: for most models, the whole step) and
+# prefetches stage3_prefetch_bucket_size elements ahead. Measured (benchmarks/bench_timeline.py, P=2, 16k tokens):
+# that kept 210 MiB per rank of gathered parameters through the step peak that DeepSpeed ALST does not hold (its trace
+# is invalidated every step, so DeepSpeed releases after each use). Why two layers and not 0: under checkpointing a
+# layer's recompute is followed at once by its backward, which walks the same modules in reverse, so a module's next
+# use lies at most two layers' parameters ahead; a distance of 0 gathered every layer three times per step (forward,
+# recompute, backward; measured 1.21x the step time at 4k on the 2-core box), two layers gather it twice and hold at
+# most the layer at work, as the release does. A layer's forward and its backward (and the embedding's, and
+# between steps) are the whole model apart: released, as before.
+def release_after_use(model: torch.nn.Module | None = None) -> dict[str, int]:
+    """The ZeRO-3 settings of the memory switch for ``model``: ``stage3_max_reuse_distance`` = twice the parameter
+    elements of its largest decoder layer (transformers' ``_no_split_modules`` classes; 0 when ``model`` names none
+    or is None), ``stage3_prefetch_bucket_size`` = 0."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names] if model is not None else []
+    # ds_numel: a parameter already partitioned by zero.Init holds an empty tensor and its full size there
+    largest = max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in layers), default=0)
+    return {"stage3_max_reuse_distance": 2 * largest, "stage3_prefetch_bucket_size": 0}
 
 
-def release_gathered_parameters(config: dict) -> dict[str, tuple[Any, int]]:
-    """Set ``RELEASE_AFTER_USE`` in a ZeRO-3 ``config`` (in place); return ``{key: (old value, new value)}`` for the
-    keys it changed (nothing for ZeRO-0/1/2, which do not partition parameters)."""
+def release_gathered_parameters(config: dict, model: torch.nn.Module | None = None) -> dict[str, tuple[Any, int]]:
+    """Set :func:`release_after_use` of ``model`` in a ZeRO-3 ``config`` (in place); return ``{key: (old value, new
+    value)}`` for the keys it changed (nothing for ZeRO-0/1/2, which do not partition parameters)."""
     zero = config.get("zero_optimization", {})
     if zero.get("stage") != 3:
         return {}
     changed = {}
-    for key, value in RELEASE_AFTER_USE.items():
+    for key, value in release_after_use(model).items():
         if zero.get(key) != value:
             changed[key] = (zero.get(key, "DeepSpeed's default"), value)
             zero[key] = value
@@ -241,9 +254,9 @@ def initialize(
     Returns DeepSpeed's tuple ``(engine, optimizer, dataloader, lr_scheduler)``. ``engine.backward(loss)`` multiplies
     ``loss`` by :func:`gradient_factor` before DeepSpeed's backward; pass the loss from ``ds_ring.causal_lm_loss``.
     Use ``ds_ring.sp_dataloader`` for data (every rank of a ring must see the same samples).
-    ``release_parameters``: under ZeRO-3, release gathered parameters after each use and prefetch none
-    (``RELEASE_AFTER_USE``, said on rank 0 when it changes the config); None: when the model has
-    ``ds_ring.optimize_memory``'s switch on.
+    ``release_parameters``: under ZeRO-3, release a gathered parameter unless its module is used again within two
+    decoder layers, and prefetch none (:func:`release_after_use`, said on rank 0 when it changes the config); None:
+    when the model has ``ds_ring.optimize_memory``'s switch on.
     """
     import deepspeed
 
@@ -252,9 +265,10 @@ def initialize(
     if release_parameters is None:
         release_parameters = getattr(state_of(model), "memory", None) is not None  # optimize_memory's switch is on
     if release_parameters:
-        changed = release_gathered_parameters(config)
+        changed = release_gathered_parameters(config, model)
         if changed and (not dist.is_initialized() or dist.get_rank() == 0):
-            print("ds_ring memory switch: ZeRO-3 releases gathered parameters after each use ("
+            print("ds_ring memory switch: ZeRO-3 releases a gathered parameter unless it is used again within two "
+                  "decoder layers ("
                   + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
                   + "; pass release_parameters=False to keep them)", file=sys.stderr, flush=True)
     engine, opt, loader, sched = deepspeed.initialize(
