@@ -177,6 +177,19 @@ def test_zero3_release_and_kernel_constants():
     assert plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", checkpointing=False, chunked_loss=False,
                 tiled_mlp=False, lean_norms=False).moments["loss"]["ZeRO-3 gathered parameters"] == shape.params * 4
 
+    # where ZeRO-3's reduce bucket first fills, in backward order (untied LM head, the layers, the embedding): inside
+    # the layers for a bucket smaller than head + layers, else at the embedding, a moment of its own
+    head_and_layers = shape.params - shape.vocab * shape.hidden - shape.hidden
+    bucket = random.randrange(shape.vocab * shape.hidden + 1, head_and_layers)
+    small = plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", reduce_bucket_size=bucket)
+    assert "backward end" not in small.moments
+    assert small.moments["layer backward"]["gradient being reduced"] == (
+        max(shape.vocab, shape.intermediate) * shape.hidden + bucket) * 4
+    big = plan(cfg, S, sp_size=2, zero_stage=3, dtype="fp32", reduce_bucket_size=head_and_layers + 1)
+    assert big.moments["layer backward"]["gradient being reduced"] == shape.hidden * shape.intermediate * 4
+    assert big.moments["backward end"] == {
+        "gradient being reduced (bucket flush)": (shape.vocab * shape.hidden + 2 * head_and_layers + 2) * 4}
+
     cuda = plan(cfg, S, sp_size=2, dtype="bf16", kernels="cuda")
     assert any("UNVERIFIED" in n for n in cuda.notes)
     assert any("measured on CPU (torch's flash kernel)" in n for n in plan(cfg, S, sp_size=2).notes)

@@ -352,6 +352,7 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
     parts = _layer_backward_parts(st, a)
     at_layer = _at_layer_backward(st, a, kept, parts, gathered_layer)
     part = s.params // (st["sp_size"] * st["dp_size"]) if st["zero_stage"] >= 1 else s.params
+    at_end = _at_backward_end(st, a)
     at_step = {"optimizer step temporaries": 0 if st["offload_optimizer"] else 2 * 4 * part}  # AdamW's, in fp32
 
     notes = ["one layer's backward, the largest part counts: " + ", ".join(
@@ -365,7 +366,8 @@ def _plan_at(st: dict, seq_len: int) -> MemoryPlan:
     return MemoryPlan(shape=s, seq_len=seq_len, sp_size=st["sp_size"], dp_size=st["dp_size"],
                       batch_size=st["batch_size"], zero_stage=st["zero_stage"], dtype=st["dtype"],
                       options=st["options"], persistent=persistent,
-                      moments={"loss": at_loss, "layer backward": at_layer, "optimizer step": at_step},
+                      moments={"loss": at_loss, "layer backward": at_layer,
+                               **({"backward end": at_end} if at_end else {}), "optimizer step": at_step},
                       host=host, notes=tuple(notes))
 
 
@@ -481,11 +483,39 @@ def _at_layer_backward(st: dict, a: _Activations, kept: dict[str, int], parts: d
     # The gradient being reduce-scattered: the largest module's, plus, when ZeRO-3 flushes its reduce bucket inside a
     # layer's backward, the bucket's worth of gradients in flight (read off benchmarks/bench_timeline.py at 16k
     # tokens: the first layer's MLP backward holds 283 MiB more than the second's, a 50M-element fp32 bucket and the
-    # LM head's gradient arriving into it).
-    largest_grad = ((max(s.vocab * s.hidden, s.hidden * s.intermediate) + min(st["reduce_bucket_size"], s.params))
-                    * a.e if st["zero_stage"] == 3 else 0)
+    # LM head's gradient arriving into it). When the bucket fills only at the embedding, the flush is a moment of
+    # its own (_at_backward_end) and a layer's backward holds its largest module's gradient only.
+    if st["zero_stage"] != 3:
+        largest_grad = 0
+    elif _bucket_flushes_in_layers(st):
+        largest_grad = (max(s.vocab * s.hidden, s.hidden * s.intermediate)
+                        + min(st["reduce_bucket_size"], s.params)) * a.e
+    else:
+        largest_grad = s.hidden * s.intermediate * a.e
     return {**kept, "layer backward: " + name: working, "ZeRO-3 gathered parameters": gathered,
             "gradient being reduced": largest_grad}
+
+
+def _bucket_flushes_in_layers(st: dict) -> bool:
+    """Whether ZeRO-3's reduce bucket first fills inside the decoder layers' backward: gradients arrive in backward
+    order, the LM head's (untied), then each layer's, then the embedding's (and a tied head's, ready only then)."""
+    s: ModelShape = st["shape"]
+    head = 0 if s.tied else s.vocab * s.hidden
+    layers = s.params - s.vocab * s.hidden * (1 if s.tied else 2) - s.hidden
+    return head + layers >= st["reduce_bucket_size"]
+
+
+def _at_backward_end(st: dict, a: _Activations) -> dict[str, int] | None:
+    """The embedding's backward under ZeRO-3 when the reduce bucket first fills there (the checkpoints are spent):
+    the embedding's gradient arriving and the bucket flushed, a flattened copy and the reduce-scatter's buffer of
+    min(bucket, Ψ) elements each. Measured (benchmarks/bench_timeline.py, hidden 512, 4 layers, 32k vocabulary,
+    16k tokens at P=2: Ψ = 44M < the 50M bucket): +402 MiB there, the step's peak; 62.5 + 2 x 169 MiB. None when
+    the bucket flushes inside the layers (counted in their backward) or without ZeRO-3."""
+    s: ModelShape = st["shape"]
+    if st["zero_stage"] != 3 or _bucket_flushes_in_layers(st):
+        return None
+    return {"gradient being reduced (bucket flush)":
+            (s.vocab * s.hidden + 2 * min(st["reduce_bucket_size"], s.params)) * a.e}
 
 
 def _torch_dtype(e: int):
