@@ -61,8 +61,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def quick_sizes(args, **sizes) -> bool:
     """``--quick``: the smoke run CI makes of every script (tests/test_bench.py), so sizes are tiny and nothing is
     repeated: one timed run, no warm-up, and ``sizes`` (argument name -> value) set on ``args``. Its timings say
-    nothing; it checks that the script runs end to end and shows the table layout. Returns ``args.quick``."""
+    nothing; it checks that the script runs end to end and shows the table layout; its ranks fork from a preloaded
+    server (``run_ranks``). Returns ``args.quick``."""
+    global _fork_ranks
     if args.quick:
+        _fork_ranks = True
         args.repeat, args.warmup = 1, 0
         for name, value in sizes.items():
             setattr(args, name, value)
@@ -244,10 +247,18 @@ def sharded_inputs(cfg: dict, world: int, layout: str = "contiguous"):
 
 # ----- spawning ranks ------------------------------------------------------------------------------------------
 
+# In a --quick run (quick_sizes) the ranks fork from one forkserver that imported ds_ring.tools.launch.PRELOAD once
+# (spawn_local's preload), instead of fresh interpreters importing torch, transformers and DeepSpeed per rank: about
+# 5 s a rank on the CI's 2 cores, most of a smoke run that spawns ranks several times. Measured runs keep fresh
+# interpreters, as launchers start them (a forked rank also starts with the server's imports already in its memory).
+_fork_ranks = False
+
+
 def run_ranks(fn: Callable, world: int, payload, threads: int = 1, timeout_s: float = 1800) -> list:
     """Run ``fn(rank, world, payload)`` on ``world`` spawned processes (gloo on 127.0.0.1 when world > 1, each with
     ``torch.set_num_threads(threads)``); return the results by rank. ``fn`` must be a module-level function."""
-    from ds_ring.tools.launch import spawn_local
+    from ds_ring.tools.launch import PRELOAD, spawn_local
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # children inherit it: freed tensors leave the RSS
-    return spawn_local(fn, world, payload, threads=threads, init_gloo=world > 1, timeout_s=timeout_s)
+    return spawn_local(fn, world, payload, threads=threads, init_gloo=world > 1, timeout_s=timeout_s,
+                       preload=PRELOAD if _fork_ranks else ())

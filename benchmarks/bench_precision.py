@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from _common import ROOT, base_parser, out_paths, print_table, run_ranks, write_json
+from _common import ROOT, base_parser, out_paths, print_table, quick_sizes, run_ranks, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 from test_precision import MODES, _precision_worker  # noqa: E402
@@ -21,6 +21,7 @@ def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5, help="seeds (fresh model weights and batch) per world size")
     args = p.parse_args()
+    quick_sizes(args)
     rows, raw = [], []
     worlds = (1, 2)
     for world in worlds:

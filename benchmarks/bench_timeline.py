@@ -297,7 +297,7 @@ def main():
                heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, tied=False, dtype="float32",
                ds_config="zero3.json", warmup_seq_lens=[256, 512])
     S = args.seq_len
-    if args.quick:
+    if C.quick_sizes(args):
         cfg.update(vocab=4096, hidden=128, intermediate=352)
         S = 1024
     print(f"Llama-shaped model: hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from ds_ring.tools.launch import free_port, spawn_local
+from ds_ring.tools.launch import PRELOAD, free_port, spawn_local
 
 __all__ = ["free_port", "run_distributed"]
 
 
-# Imported once by a fork server for the whole session: each spawn then starts in milliseconds instead of paying
-# ~5 s of imports per rank (most of the suite's time on a 2-core machine). Exit-time behaviour (interpreter
+# PRELOAD is imported once by a fork server for the whole session: each spawn then starts in milliseconds instead of
+# paying ~5 s of imports per rank (most of the suite's time on a 2-core machine). Exit-time behaviour (interpreter
 # finalization, issue 13) is checked where it happens, in fresh interpreters: tests/test_exit.py, the launcher tests.
-PRELOAD = ("torch", "torch.distributed", "transformers", "deepspeed", "accelerate", "ds_ring")
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, pg_timeout_s: float = 120.0,

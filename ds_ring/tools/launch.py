@@ -70,6 +70,11 @@ def _exit_status(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+# What a preloaded fork server imports once (spawn_local's ``preload``): the modules every rank of ds_ring's tests and
+# benchmark smoke runs needs, about 5 s of imports per fresh interpreter on a 2-core machine.
+PRELOAD = ("torch", "torch.distributed", "transformers", "deepspeed", "accelerate", "ds_ring")
+
+
 def mp_context(preload: Sequence[str] = ()):
     """The multiprocessing context of local ranks: ``spawn`` (a fresh interpreter per rank), or with ``preload`` the
     ``forkserver`` that imports those modules once (see :func:`spawn_local`)."""
