@@ -22,6 +22,7 @@ from ..parallel.gradients import loss_factor
 from ..parallel.groups import SequenceParallel, new_group
 from ..parallel.lifecycle import on_teardown, release_captured_default_group
 from ..training.model_state import state_of
+from .transformers import unsplit_layers
 
 __all__ = ["ConfigError", "DeepSpeedMPU", "load_config", "check_config", "check_sequence_length", "gradient_factor",
            "initialize", "release_gathered_parameters"]
@@ -209,15 +210,15 @@ def gradient_factor(config: dict, sp: SequenceParallel) -> float:
 # is invalidated every step, so DeepSpeed releases after each use). Why two layers and not 0: under checkpointing a
 # layer's recompute is followed at once by its backward, which walks the same modules in reverse, so a module's next
 # use lies at most two layers' parameters ahead; a distance of 0 gathered every layer three times per step (forward,
-# recompute, backward; measured 1.21x the step time at 4k on the 2-core box), two layers gather it twice and hold at
-# most the layer at work, as the release does. A layer's forward and its backward (and the embedding's, and
+# recompute, backward) and the LM head once per loss chunk (1.21x the step time at 4k on the loaded 2-core box), two
+# layers gather a layer twice and the head once per pass, and hold at most the layer at work, as the release does
+# (the release's cost then below the noise; docs/performance.md section 11). A layer's forward and its backward (and the embedding's, and
 # between steps) are the whole model apart: released, as before.
 def release_after_use(model: torch.nn.Module | None = None) -> dict[str, int]:
     """The ZeRO-3 settings of the memory switch for ``model``: ``stage3_max_reuse_distance`` = twice the parameter
-    elements of its largest decoder layer (transformers' ``_no_split_modules`` classes; 0 when ``model`` names none
+    elements of its largest decoder layer (``integrations.transformers.unsplit_layers``; 0 when ``model`` names none
     or is None), ``stage3_prefetch_bucket_size`` = 0."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names] if model is not None else []
+    layers = unsplit_layers(model) if model is not None else []
     # ds_numel: a parameter already partitioned by zero.Init holds an empty tensor and its full size there
     largest = max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in layers), default=0)
     return {"stage3_max_reuse_distance": 2 * largest, "stage3_prefetch_bucket_size": 0}

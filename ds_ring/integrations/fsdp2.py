@@ -25,7 +25,7 @@ from torch import nn
 from ..parallel.gradients import gradient_divisor
 from ..parallel.groups import SequenceParallel, _world_device
 from ..training.model_state import state_of
-from .transformers import RingSettings
+from .transformers import RingSettings, unsplit_layers
 
 __all__ = ["apply_gradient_rule", "decoder_layers", "fully_shard"]
 
@@ -60,10 +60,9 @@ def apply_gradient_rule(model: nn.Module, sp: SequenceParallel) -> int:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules transformers marks as not to be split (``model._no_split_modules``: the decoder layers), in
-    module order: the units ``fully_shard`` shards one by one (accelerate's transformer-based wrap uses the same)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    """The decoder layers (``integrations.transformers.unsplit_layers``): the units ``fully_shard`` shards one by
+    one; raises when the model names none."""
+    layers = unsplit_layers(model)
     if not layers:
         raise ValueError(f"ds_ring.fully_shard: {type(model).__name__} names no decoder layer class in "
                          "_no_split_modules; wrap its layers with torch's fully_shard yourself and call "

@@ -436,3 +436,11 @@ def register() -> None:
 
 
 register()
+
+
+def unsplit_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules transformers marks as not to be split (``model._no_split_modules``: the decoder layers), in module
+    order; empty when the model names none. The unit FSDP2 shards one by one (accelerate's transformer-based wrap
+    uses the same) and the unit of ZeRO-3's reuse distance under the memory switch."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
