@@ -22,29 +22,48 @@ import torch
 from . import flex
 from .pairs import AllowedPairs
 
+class _Override:
+    """A choice of this module that a ``with`` block replaces in this process (tests, benchmarks' A/B runs); outside
+    every such block the tables below decide. Set (even to None) is told apart from unset: for ``causal_cut`` None
+    means "no cut", not "the table"."""
+
+    def __init__(self) -> None:
+        self._values: list = []
+
+    @contextlib.contextmanager
+    def __call__(self, value):
+        self._values.append(value)
+        try:
+            yield
+        finally:
+            self._values.pop()
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self._values)
+
+    @property
+    def value(self):
+        return self._values[-1] if self._values else None
+
+
 # Force one block path for every block (tests, benchmarks): "flex", or "auto" / unset for ``block_path``'s table.
 FORCE_ENV = "DS_RING_KERNEL"
-_forced: str | None = None
+_forced = _Override()
 PATHS = ("cpu", "flash", "efficient", "flex")
 
 
-@contextlib.contextmanager
 def force_path(path: str | None):
     """Run every block on ``path`` ("flex"; None = the table) inside the block, in this process."""
-    global _forced
     if path is not None and path not in PATHS:
         raise ValueError(f"force_path: unknown block path {path!r}: use one of {PATHS} or None")
-    old, _forced = _forced, path
-    try:
-        yield
-    finally:
-        _forced = old
+    return _forced(path)
 
 
 def forced_path() -> str | None:
     """The forced path: ``force_path`` in this process, else the environment variable DS_RING_KERNEL."""
-    if _forced is not None:
-        return _forced
+    if _forced.value is not None:
+        return _forced.value
     env = os.environ.get(FORCE_ENV, "").strip().lower()
     if env in ("", "auto"):
         return None
@@ -59,30 +78,23 @@ def forced_path() -> str | None:
 # strided views and take max_rows) are cut into their two causal halves plus the dense off-diagonal quarter,
 # recursively while a half keeps at least min_rows rows. Measured at S=8192 (docs/performance.md, section 2).
 CPU_CAUSAL_CUT = (128, 1024, 512)
-_cut_override: tuple[tuple[int, int, int] | None] | None = None
+_cut_override = _Override()
 
 
-@contextlib.contextmanager
 def causal_cut(rows: tuple[int, ...] | None):
     """Use ``rows`` = (min_rows, max_rows[, max_gathered_rows = max_rows]) (None: no cut) instead of the table's
     causal cut inside the block, in this process (tests on small shapes)."""
-    global _cut_override
     if rows is not None and not (isinstance(rows, tuple) and len(rows) in (2, 3) and 1 <= rows[0] <= min(rows[1:])):
         raise ValueError(f"causal_cut: rows must be (min_rows, max_rows[, max_gathered_rows]) with 1 <= min_rows <= "
                          f"the maxima, got {rows!r}")
-    rows = None if rows is None else (rows + rows[1:])[:3]
-    old, _cut_override = _cut_override, (rows,)
-    try:
-        yield
-    finally:
-        _cut_override = old
+    return _cut_override(None if rows is None else (rows + rows[1:])[:3])
 
 
 def causal_cut_rows(device: torch.device | str) -> tuple[int, int, int] | None:
     """(min_rows, max_rows, max_gathered_rows) of the causal diagonal blocks the schedule cuts for the path that serves them on
     ``device``, or None: only the ``cpu`` path gains (block_path's table says why)."""
-    if _cut_override is not None:
-        return _cut_override[0]
+    if _cut_override.is_set:
+        return _cut_override.value
     forced = forced_path()
     if torch.device(device).type == "cpu" and forced in (None, "cpu"):
         return CPU_CAUSAL_CUT
@@ -98,20 +110,14 @@ def _flex_takes(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype != torch.float64 and head_dim in _FLEX_HEAD_DIMS
 
 
-_fuse_override: tuple[bool | None] | None = None
+_fuse_override = _Override()
 
 
-@contextlib.contextmanager
 def fuse_documents(enabled: bool | None):
     """Use ``enabled`` (True: one piece per packed chunk's diagonal block with the document ids as a term; False:
     one piece per document run; None: the table) instead of ``fused_documents``' choice inside the block, in this
     process (tests, benchmarks/gpu_check.py's A/B)."""
-    global _fuse_override
-    old, _fuse_override = _fuse_override, (enabled,)
-    try:
-        yield
-    finally:
-        _fuse_override = old
+    return _fuse_override(enabled)
 
 
 def fused_documents(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
@@ -122,8 +128,8 @@ def fused_documents(device: torch.device | str, dtype: torch.dtype, head_dim: in
     The ``cpu`` path keeps the per-document pieces (contiguous row ranges, read as views: no mask at all), as do
     ``flash`` and ``efficient`` when forced. Documents.schedule asks this once per forward, as the schedule asks
     ``causal_cut_rows``."""
-    if _fuse_override is not None and _fuse_override[0] is not None:
-        return _fuse_override[0]
+    if _fuse_override.value is not None:
+        return _fuse_override.value
     forced = forced_path()
     if forced is not None:
         return forced == "flex"
