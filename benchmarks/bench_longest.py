@@ -32,7 +32,7 @@ by real steps, each candidate in its own pair of processes: two calibration leng
 line through the two measured peaks nearest the cap, until a length that fits and one that does not are within
 ``--resolution`` (on a grid of ``--grid`` tokens). A second shape (``--planner-check``) is measured at two lengths per
 ds_ring candidate for the planner. Time per token: the ds_ring candidates in one pair of processes, steps interleaved
-(order rotated) at each of ``--time-seq-lens``, median of ``--repeat``; their first-step losses must agree. Exactness:
+(order rotated) at each of ``--time-seq-lens``, median of ``--repeat``; their first step's losses must agree. Exactness:
 the LM head and loss at the model's shape against float64, ds_ring's chunked loss, ``causal_lm_loss`` and ALST's.
 
     python benchmarks/bench_longest.py                         # CPU: searches, planner check, timing, exactness, plot
@@ -445,8 +445,9 @@ def search_worker(rank, world, payload):
 
 def time_worker(rank, world, payload):
     """Step time of each candidate at each of ``cfg['time_seq_lens']``: steps interleaved (order rotated), the
-    slowest rank's wall time, after ``cfg['warmup']`` steps each; also every step's loss (same weights, same
-    batches, so the first step's losses must agree)."""
+    slowest rank's wall time, after ``cfg['warmup']`` steps each; also every step's loss (same batches; the same
+    weights at the first length's first step only, so only those losses must agree: after it each candidate has taken
+    its own AdamW steps, which turn rounding differences between implementations into visible ones)."""
     import torch.distributed as dist
 
     cfg, names = payload
@@ -739,7 +740,8 @@ def main():
                              + [med[n] / med[b] for b in base_names]
                              + [f"{first:.6f}", f"{abs(first - t['losses'][time_names[0]][0]):.1e}"])
         time_md = C.print_table(
-            "Step time (slowest rank, median of interleaved steps) and first-step loss (same weights, same batch)",
+            "Step time (slowest rank, median of interleaved steps) and the first step's loss at each length (same "
+            "batch; same weights at the first length only: then each candidate's own AdamW steps)",
             ["S", "candidate", "step (s)", "us / token", "best (s)"] + [f"/ {b}" for b in base_names]
             + ["first-step loss", f"|diff| vs {time_names[0]}"], trows)
     exact_md = None

@@ -370,3 +370,40 @@ def test_lean_norms_leave_other_formulas_and_say_so():
     assert len(swapped) == 2 * llama.config.num_hidden_layers + 1  # two per layer and the final norm
     ds_ring.restore_memory(llama)
     assert not any("forward" in m.__dict__ for m in llama.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_tiled_mlp_skips_the_checkpoint_recompute_only_where_nothing_after_it_saves(arch):
+    """Under checkpointing, a Llama layer's recompute stops at the tiled MLP's saved input (the layer's last saved
+    tensor): each MLP tile runs twice a step (forward, backward), not three times as DeepSpeed's TiledMLP alone does.
+    Gemma2's post-feedforward norm saves the MLP's output, so there the recompute runs the tiles (three times).
+    Loss and every gradient equal the unpatched model's (float64) either way."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import ds_ring
+
+    common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "llama":
+        ref = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        ref = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=4, final_logit_softcapping=None,
+                                             attn_implementation="eager"))
+    ref = ref.double().train()
+    model = copy.deepcopy(ref)
+    # the lean norms' fp32 scale (transformers' formula upcasts to fp32) would blur a float64 comparison
+    ds_ring.optimize_memory(model, chunked_loss=False, lean_norms=False, mlp_chunk_tokens=5)
+    runs = []
+    for layer in model.model.layers:
+        layer.mlp.up_proj.register_forward_hook(lambda mod, args, out: runs.append(args[0].shape[-2]))
+    ids = torch.randint(0, VOCAB, (2, 23))
+    out = model(input_ids=ids, labels=ids)
+    forward_rows, forward_tiles = sum(runs), len(runs)
+    out.loss.backward()
+    assert forward_rows == 23 * 2 and forward_tiles == 5 * 2  # each layer's 23 positions once, in 5 tiles
+    assert len(runs) == forward_tiles * (2 if arch == "llama" else 3)  # (backward's tiles cut batch x positions)
+    want = ref(input_ids=ids, labels=ids)
+    want.loss.backward()
+    assert abs(out.loss.item() - want.loss.item()) < 1e-12
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-12, name

@@ -8,7 +8,8 @@ options cut them, each selectable alone:
 * ``chunked_loss``: the model's forward, given ``shift_labels``, returns ``ds_ring.chunked_causal_lm_loss`` of its
   final hidden states (no logits at all);
 * ``tiled_mlp``: every decoder layer's MLP runs through DeepSpeed's ``TiledMLP`` (ALST), ``mlp_chunk_tokens`` rows at
-  a time in forward and again in backward;
+  a time in forward and again in backward; with checkpointing, the layer's recompute stops before the tiles wherever
+  nothing after the MLP saves a tensor (Llama-like layers), so they run twice a step, not three times;
 * ``lean_norms``: every RMSNorm with transformers' Llama formula (Llama, Mistral, Qwen2/3, ...) keeps its input and
   one fp32 scale per row for backward instead of its fp32 upcast and normalised input (``training/norms.py``); the
   forward is bit-identical; norms with another formula are left as they are and named on rank 0;
@@ -281,13 +282,69 @@ def _plain_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
     state = state_of(self)
     tiles = state.mlp_tiles or math.ceil(x.shape[-2] / state.mlp_chunk_tokens)
     if tiles <= 1:
         return _plain_mlp(self, x)
-    return TiledMLP.apply(_plain_mlp, self, x, tiles, [p for p in self.parameters() if p.requires_grad])
+    # Two nodes where DeepSpeed's TiledMLP is one: _SaveInput keeps x, _TiledFromSaved computes the tiles. Why: a
+    # checkpointed layer's recompute (non-reentrant, early stop on) ends at the last tensor the layer saved. TiledMLP
+    # saves x after it has run every tile, so the recompute runs the whole MLP once more just to reach that save, and
+    # the MLP runs three times a step ("trice", in its docstring). Saved first, x is the layer's last saved tensor
+    # whenever nothing after the MLP saves one (Llama, Mistral, Qwen: a residual add), and the recompute stops before
+    # the tiles: the MLP runs twice, as in a step without checkpointing. Where something after it saves (Gemma's
+    # post-feedforward norm), the recompute goes on through the tiles as before, so the result is exact either way.
+    saved = _SaveInput.apply(x)
+    return _TiledFromSaved.apply(self, saved, tiles, [p for p in self.parameters() if p.requires_grad])
+
+
+class _SaveInput(torch.autograd.Function):
+    """Identity that saves its input for ``_TiledFromSaved``'s backward (which unpacks it, once); its own backward
+    passes the gradient through without touching what it saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _TiledFromSaved(torch.autograd.Function):
+    """DeepSpeed's ``TiledMLP`` forward and backward, run on the input ``_SaveInput`` saved just before (shape
+    (B, L, hidden) -> (B, L, hidden)). DeepSpeed's own code does the tiling and the ZeRO gradient bookkeeping; only
+    where x is saved differs (see ``_tiled_mlp_forward``)."""
+
+    @staticmethod
+    def forward(ctx, mlp: nn.Module, saved: torch.Tensor, tiles: int, params: list[torch.Tensor]) -> torch.Tensor:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+        ctx.saver, ctx.mlp, ctx.tiles, ctx.params = saved.grad_fn, mlp, tiles, params
+        return TiledMLP.forward(_TiledContext(), _plain_mlp, mlp, saved, tiles, params)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+        # the saver's node runs after this one and never reads what it saved: this is the one unpack
+        tiled = _TiledContext(ctx.saver.saved_tensors, _plain_mlp, ctx.mlp, ctx.tiles,
+                              [p for p in ctx.params if p.requires_grad])
+        x_grad = TiledMLP.backward(tiled, grad)[2]
+        return None, x_grad, None, None
+
+
+class _TiledContext:
+    """The attributes ``TiledMLP.forward`` / ``backward`` read from their ctx, for calling them outside their own
+    autograd node."""
+
+    def __init__(self, saved_tensors: tuple = (), fn=None, mlp: nn.Module | None = None, shards: int = 0,
+                 compute_params: list | None = None) -> None:
+        self.saved_tensors, self.fn, self.self, self.shards = saved_tensors, fn, mlp, shards
+        self.compute_params = compute_params
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:  # _SaveInput has saved x already
+        pass
 
 
 def _agree_on_tiles(base: nn.Module, args: tuple, kwargs: dict) -> None:
