@@ -407,3 +407,26 @@ def test_tiled_mlp_skips_the_checkpoint_recompute_only_where_nothing_after_it_sa
     assert abs(out.loss.item() - want.loss.item()) < 1e-12
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert _rel(p.grad, q.grad) < 1e-12, name
+
+
+def test_tiled_mlp_trains_its_weights_when_everything_before_it_is_frozen():
+    """Only the MLPs and the LM head trainable (embeddings, attention and norms frozen, no checkpointing): the MLP's
+    input needs no gradient, and the tiled MLP's weights still get the unpatched model's gradients (float64); without
+    care they would get none while the head trains, silently (DeepSpeed's TiledMLP sees the weights only through x)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ds_ring
+
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)).double().train()
+    for name, p in ref.named_parameters():
+        p.requires_grad_(".mlp." in name or name.startswith("lm_head"))
+    model = copy.deepcopy(ref)
+    ds_ring.optimize_memory(model, checkpointing=False, chunked_loss=False, lean_norms=False, mlp_chunk_tokens=5)
+    ids = torch.randint(0, VOCAB, (2, 23))
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    trained = [(n, p, q) for (n, p), q in zip(model.named_parameters(), ref.parameters()) if q.requires_grad]
+    assert len(trained) == 3 * 2 + 1
+    for name, p, q in trained:
+        assert p.grad is not None and _rel(p.grad, q.grad) < 1e-12, name

@@ -293,8 +293,13 @@ def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     # whenever nothing after the MLP saves one (Llama, Mistral, Qwen: a residual add), and the recompute stops before
     # the tiles: the MLP runs twice, as in a step without checkpointing. Where something after it saves (Gemma's
     # post-feedforward norm), the recompute goes on through the tiles as before, so the result is exact either way.
+    params = [p for p in self.parameters() if p.requires_grad]
+    if params and torch.is_grad_enabled() and not x.requires_grad:
+        # everything before the MLP frozen: autograd sees the weights only through x (they are not the Function's
+        # inputs), so without this the MLP's own trainable weights would silently get no gradient
+        x = x.detach().requires_grad_(True)
     saved = _SaveInput.apply(x)
-    return _TiledFromSaved.apply(self, saved, tiles, [p for p in self.parameters() if p.requires_grad])
+    return _TiledFromSaved.apply(self, saved, tiles, params)
 
 
 class _SaveInput(torch.autograd.Function):
