@@ -430,3 +430,29 @@ def test_tiled_mlp_trains_its_weights_when_everything_before_it_is_frozen():
     assert len(trained) == 3 * 2 + 1
     for name, p, q in trained:
         assert p.grad is not None and _rel(p.grad, q.grad) < 1e-12, name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_keeps_nothing_after_backward(checkpointing):
+    """While the step's output (and so every autograd node) is still held after backward, no MLP input is kept alive
+    by the tiled MLP's nodes: an (L, hidden) tensor per layer would otherwise outlive every step."""
+    import gc
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ds_ring
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).train()
+    ds_ring.optimize_memory(model, checkpointing=checkpointing, chunked_loss=False, lean_norms=False,
+                            mlp_chunk_tokens=5)
+    inputs = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda mod, args: inputs.append(weakref.ref(args[0])))
+    ids = torch.randint(0, VOCAB, (2, 23))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    gc.collect()
+    assert inputs and out.loss.grad_fn is not None
+    assert [r() is None for r in inputs] == [True] * len(inputs)

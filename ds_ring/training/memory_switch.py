@@ -325,28 +325,27 @@ class _TiledFromSaved(torch.autograd.Function):
     def forward(ctx, mlp: nn.Module, saved: torch.Tensor, tiles: int, params: list[torch.Tensor]) -> torch.Tensor:
         from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-        ctx.saver, ctx.mlp, ctx.tiles, ctx.params = saved.grad_fn, mlp, tiles, params
-        return TiledMLP.forward(_TiledContext(), _plain_mlp, mlp, saved, tiles, params)
+        ctx.saver, ctx.tiled = saved.grad_fn, _TiledContext()
+        return TiledMLP.forward(ctx.tiled, _plain_mlp, mlp, saved, tiles, params)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
         # the saver's node runs after this one and never reads what it saved: this is the one unpack
-        tiled = _TiledContext(ctx.saver.saved_tensors, _plain_mlp, ctx.mlp, ctx.tiles,
-                              [p for p in ctx.params if p.requires_grad])
-        x_grad = TiledMLP.backward(tiled, grad)[2]
+        ctx.tiled.saved_tensors = ctx.saver.saved_tensors
+        try:
+            x_grad = TiledMLP.backward(ctx.tiled, grad)[2]
+        finally:
+            ctx.tiled.saved_tensors = ()  # the node outlives its backward (out.grad_fn): it must not keep x alive
         return None, x_grad, None, None
 
 
 class _TiledContext:
-    """The attributes ``TiledMLP.forward`` / ``backward`` read from their ctx, for calling them outside their own
-    autograd node."""
+    """Stands in for the ctx that ``TiledMLP.forward`` fills (fn, self, shards, compute_params) and
+    ``TiledMLP.backward`` reads (those and saved_tensors), so that both run outside their own autograd node."""
 
-    def __init__(self, saved_tensors: tuple = (), fn=None, mlp: nn.Module | None = None, shards: int = 0,
-                 compute_params: list | None = None) -> None:
-        self.saved_tensors, self.fn, self.self, self.shards = saved_tensors, fn, mlp, shards
-        self.compute_params = compute_params
+    saved_tensors: tuple = ()
 
     def save_for_backward(self, *tensors: torch.Tensor) -> None:  # _SaveInput has saved x already
         pass
