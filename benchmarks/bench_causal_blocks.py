@@ -26,20 +26,25 @@ def fb(q, k, v, causal, mask=None):
     return bop(o, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=q.shape[-1] ** -0.5)
 
 
-def row_tiles(q, k, v, masks):
-    """Row tile a of a causal block: its t queries against keys [0, (a+1) t), the last t causal (lower right)."""
+def tiles_of(q, k, v, masks):
+    """Row tile a of a causal block: its t queries against keys [0, (a+1) t) and its mask (the last t causal, lower
+    right), as (q, k, v, mask) per tile."""
     t = q.shape[-2] // len(masks)
-    for a, mask in enumerate(masks):
-        end = (a + 1) * t
-        fb(q[..., a * t:end, :], k[..., :end, :], v[..., :end, :], False, mask)
+    return [(q[..., a * t:(a + 1) * t, :], k[..., :(a + 1) * t, :], v[..., :(a + 1) * t, :], mask)
+            for a, mask in enumerate(masks)]
+
+
+def row_tiles(q, k, v, masks):
+    for qa, ka, va, mask in tiles_of(q, k, v, masks):
+        fb(qa, ka, va, False, mask)
 
 
 def check_row_tiles(q, k, v, masks):
     """The row tiles' outputs are the causal block's (so the timing compares the same result)."""
-    t, scale = q.shape[-2] // len(masks), q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5
     want = op(q, k, v, 0.0, True, scale=scale)[0]
-    got = torch.cat([op(q[..., a * t:(a + 1) * t, :], k[..., :(a + 1) * t, :], v[..., :(a + 1) * t, :], 0.0, False,
-                        attn_mask=mask, scale=scale)[0] for a, mask in enumerate(masks)], dim=-2)
+    got = torch.cat([op(qa, ka, va, 0.0, False, attn_mask=mask, scale=scale)[0]
+                     for qa, ka, va, mask in tiles_of(q, k, v, masks)], dim=-2)
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-5, f"row tiles differ from the causal block: {err:.1e}"
 
