@@ -212,8 +212,8 @@ def gradient_factor(config: dict, sp: SequenceParallel) -> float:
 # use lies at most two layers' parameters ahead; a distance of 0 gathered every layer three times per step (forward,
 # recompute, backward) and the LM head once per loss chunk (1.21x the step time at 4k on the loaded 2-core box), two
 # layers gather a layer twice and the head once per pass, and hold at most the layer at work, as the release does
-# (the release's cost then below the noise; docs/performance.md section 11). A layer's forward and its backward (and the embedding's, and
-# between steps) are the whole model apart: released, as before.
+# (the release's cost then below the noise; docs/performance.md section 11). A layer's forward and its backward (and
+# the embedding's, and between steps) are the whole model apart: released, as before.
 def release_after_use(model: torch.nn.Module | None = None) -> dict[str, int]:
     """The ZeRO-3 settings of the memory switch for ``model``: ``stage3_max_reuse_distance`` = twice the parameter
     elements of its largest decoder layer (``integrations.transformers.unsplit_layers``; 0 when ``model`` names none

@@ -22,6 +22,7 @@ import torch
 from . import flex
 from .pairs import AllowedPairs
 
+
 class _Override:
     """A choice of this module that a ``with`` block replaces in this process (tests, benchmarks' A/B runs); outside
     every such block the tables below decide. Set (even to None) is told apart from unset: for ``causal_cut`` None
